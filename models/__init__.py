@@ -1,0 +1,1 @@
+"""Recipes that build the small X-LoRA checkpoints used by the README, the tests and the benchmarks."""

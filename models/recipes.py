@@ -1,0 +1,182 @@
+"""Deterministic recipes for tiny X-LoRA checkpoints (seconds on a CPU, no downloads).
+
+    python -m models.recipes                 # the default model: models/built/tiny-llama
+    python -m models.recipes --all           # also tiny-mistral and tiny-qwen2
+
+A built checkpoint folder holds (this project's format):
+    base/                 the base causal LM (transformers) and its tokenizer (made with `tokenizers`)
+    <expert>/             one PEFT LoRA folder per expert (random weights, `init_lora_weights=False`)
+    xlora_config.json     base_model_id = "base" (relative to the checkpoint)
+    xlora_classifier.safetensors, xlora_ordering.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "built")
+
+# A small corpus for the tokenizer: enough text that byte-level BPE learns a few hundred merges.
+_WORDS = ("the model mixes low rank experts per token with a small classifier that reads the hidden state "
+          "of a first pass and gates every adapter in the second pass protein design mechanics code math "
+          "chat story question answer export graph runtime cache key value attention layer norm rotary "
+          "position embedding softmax temperature top expert scaling weight training loss gradient batch").split()
+
+
+def _corpus() -> list[str]:
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for _ in range(400):
+        idx = torch.randint(0, len(_WORDS), (12,), generator=g).tolist()
+        lines.append(" ".join(_WORDS[i] for i in idx) + ".")
+    return lines
+
+
+def build_tokenizer(out_dir: str, vocab_size: int) -> int:
+    """Train a byte-level BPE tokenizer and save it as a transformers fast tokenizer; return its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   padding_side="left")
+    fast.save_pretrained(out_dir)
+    return tok.get_vocab_size()
+
+
+@dataclass
+class ExpertSpec:
+    name: str
+    r: int
+    alpha: float
+    targets: list[str]
+    rslora: bool = False
+
+
+@dataclass
+class Recipe:
+    """Sizes and experts of one tiny X-LoRA model."""
+
+    arch: str = "llama"
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 176  # differs from the vocab size on purpose
+    vocab: int = 384
+    max_positions: int = 256
+    tie_embeddings: bool = False
+    experts: list[ExpertSpec] = field(default_factory=lambda: [
+        ExpertSpec("alpha", 4, 16, ["q_proj", "v_proj"]),
+        ExpertSpec("beta", 8, 16, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        ExpertSpec("gamma", 6, 12, ["gate_proj", "up_proj", "down_proj", "q_proj"], rslora=True),
+    ])
+    xlora_depth: int = 2
+    xlora_size: int = 32
+    layerwise_scalings: bool = True
+    classifier_std: float = 0.2  # larger than nn.Linear's init so scalings differ between tokens
+    seed: int = 0
+
+
+def base_config(recipe: Recipe, vocab: int):
+    """The transformers config of the recipe's base model."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(hidden_size=recipe.hidden, num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
+                  num_key_value_heads=recipe.kv_heads, intermediate_size=recipe.intermediate, vocab_size=vocab,
+                  max_position_embeddings=recipe.max_positions, tie_word_embeddings=recipe.tie_embeddings,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if recipe.arch == "llama":
+        return LlamaConfig(**common)
+    if recipe.arch == "mistral":
+        return MistralConfig(sliding_window=None, **common)
+    if recipe.arch == "qwen2":
+        return Qwen2Config(use_sliding_window=False, **common)
+    raise ValueError(f"unknown recipe arch {recipe.arch!r}")
+
+
+def build_base(recipe: Recipe, out_dir: str) -> str:
+    """Random base model + tokenizer in `out_dir`; returns the folder."""
+    from transformers import AutoModelForCausalLM
+
+    os.makedirs(out_dir, exist_ok=True)
+    vocab = build_tokenizer(out_dir, recipe.vocab)
+    torch.manual_seed(recipe.seed)
+    model = AutoModelForCausalLM.from_config(base_config(recipe, vocab))
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_expert(base_dir: str, spec: ExpertSpec, out_dir: str, seed: int) -> str:
+    """A random LoRA expert (PEFT format) for the base model in `base_dir`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=spec.targets, use_rslora=spec.rslora,
+                     lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(base, cfg).save_pretrained(out_dir)
+    return out_dir
+
+
+def build(recipe: Recipe, out_dir: str) -> str:
+    """Build the whole checkpoint folder (see the module docstring); returns it."""
+    import xlora_export as xlora
+    from transformers import AutoModelForCausalLM
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    base_dir = build_base(recipe, os.path.join(out_dir, "base"))
+    staging = os.path.join(out_dir, ".experts")
+    adapters = {s.name: build_expert(base_dir, s, os.path.join(staging, s.name), recipe.seed + 1 + i)
+                for i, s in enumerate(recipe.experts)}
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = xlora.xLoRAConfig(recipe.hidden, base_model_id="base", adapters=adapters,
+                               xlora_depth=recipe.xlora_depth, xlora_size=recipe.xlora_size,
+                               layerwise_scalings=recipe.layerwise_scalings, xlora_dropout_p=0.0)
+    xmodel = xlora.add_xlora_to_model(model, config)
+    torch.manual_seed(recipe.seed + 100)
+    with torch.no_grad():
+        for p in xmodel.internal_xlora_classifier.parameters():
+            p.normal_(0.0, recipe.classifier_std)
+    xmodel.save_pretrained(out_dir)
+    shutil.rmtree(staging)
+    return out_dir
+
+
+RECIPES = {
+    "tiny-llama": Recipe(arch="llama"),
+    "tiny-mistral": Recipe(arch="mistral", seed=1),
+    "tiny-qwen2": Recipe(arch="qwen2", seed=2),
+}
+DEFAULT = "tiny-llama"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build the tiny X-LoRA checkpoints of models/.")
+    parser.add_argument("names", nargs="*", default=[DEFAULT], help=f"recipes to build (default {DEFAULT}); "
+                        f"known: {', '.join(RECIPES)}")
+    parser.add_argument("--all", action="store_true", help="build every recipe")
+    parser.add_argument("--out", default=ROOT, help="parent folder (default models/built)")
+    args = parser.parse_args(argv)
+    names = list(RECIPES) if args.all else args.names
+    for name in names:
+        if name not in RECIPES:
+            parser.error(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+        path = build(RECIPES[name], os.path.join(args.out, name))
+        print(f"built {name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

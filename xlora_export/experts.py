@@ -1,0 +1,132 @@
+"""Reading and writing the LoRA experts: PEFT LoRA folders (`adapter_config.json` +
+`adapter_model.safetensors`), one per expert.
+
+An expert is held as {module name -> (A (r, in), B (out, r))} plus its scale alpha/r
+(alpha/sqrt(r) with rsLoRA). Module names are those of the base model's `named_modules()`
+(e.g. `model.layers.0.self_attn.q_proj`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import XLoraError
+
+__all__ = ["Expert", "load_expert", "read_tensors", "save_expert"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME_BIN = "adapter_model.bin"
+_PREFIX = "base_model.model."
+# LoRA features this project does not implement: refused rather than silently ignored.
+_UNSUPPORTED = {
+    "use_dora": lambda v: bool(v),
+    "fan_in_fan_out": lambda v: bool(v),
+    "rank_pattern": lambda v: bool(v),
+    "alpha_pattern": lambda v: bool(v),
+    "layers_to_transform": lambda v: v is not None,
+    "bias": lambda v: v not in (None, "none"),
+}
+
+
+@dataclass
+class Expert:
+    """One LoRA expert: per-module low-rank factors and the LoRA scale."""
+
+    name: str
+    rank: int
+    scale: float  # alpha / r, or alpha / sqrt(r) with rsLoRA
+    dropout: float
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module -> (A, B)
+    adapter_config: dict[str, Any] = field(default_factory=dict)  # as read, written back on save
+
+
+def read_tensors(path: str, what: str) -> dict[str, torch.Tensor]:
+    """Read a `.safetensors` (or torch `.bin`/`.pt`) state dict; a missing or corrupt file is an XLoraError."""
+    if not os.path.isfile(path):
+        raise XLoraError(f"{what}: {path} is missing")
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as e:
+        raise XLoraError(f"{what}: cannot read {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def load_expert(name: str, path: str, from_safetensors: bool = True) -> Expert:
+    """Read a PEFT LoRA folder.
+
+    Raises:
+        XLoraError: missing folder or file, unsupported LoRA options, corrupt weights.
+    """
+    if not os.path.isdir(path):
+        raise XLoraError(f"expert '{name}': folder {path} does not exist")
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise XLoraError(f"expert '{name}': {cfg_path} is missing (expected a PEFT LoRA folder)")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise XLoraError(f"expert '{name}': {cfg_path} is not valid JSON ({e})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise XLoraError(f"expert '{name}': {cfg_path} has peft_type {cfg.get('peft_type')!r}, expected 'LORA'")
+    for key, bad in _UNSUPPORTED.items():
+        if bad(cfg.get(key)):
+            raise XLoraError(f"expert '{name}': {cfg_path} sets {key}={cfg[key]!r}, which is not supported")
+    try:
+        rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise XLoraError(f"expert '{name}': {cfg_path} needs integer 'r' and numeric 'lora_alpha'") from None
+    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+
+    weights_path = os.path.join(path, WEIGHTS_NAME if from_safetensors else WEIGHTS_NAME_BIN)
+    state = read_tensors(weights_path, f"expert '{name}'")
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if "lora_embedding_" in key:
+            raise XLoraError(f"expert '{name}': {weights_path} has embedding LoRA ({key}), which is not supported")
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in key:
+                module = key.split(marker)[0]
+                module = module[len(_PREFIX):] if module.startswith(_PREFIX) else module
+                pairs.setdefault(module, {})[part] = tensor
+                break
+        else:
+            raise XLoraError(f"expert '{name}': {weights_path} has an unexpected tensor {key!r}")
+    if not pairs:
+        raise XLoraError(f"expert '{name}': {weights_path} holds no LoRA weights")
+    weights = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise XLoraError(f"expert '{name}': {weights_path} lacks lora_A or lora_B for {module}")
+        a, b = ab["lora_A"], ab["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise XLoraError(
+                f"expert '{name}': {weights_path} {module}: expected A (r={rank}, in) and B (out, r={rank}), "
+                f"got {tuple(a.shape)} and {tuple(b.shape)}"
+            )
+        weights[module] = (a, b)
+    return Expert(name, rank, scale, float(cfg.get("lora_dropout", 0.0) or 0.0), weights, cfg)
+
+
+def save_expert(expert: Expert, path: str) -> None:
+    """Write `expert` as a PEFT LoRA folder at `path` (created)."""
+    os.makedirs(path, exist_ok=True)
+    state = {}
+    for module, (a, b) in expert.weights.items():
+        state[f"{_PREFIX}{module}.lora_A.weight"] = a.detach().contiguous().cpu()
+        state[f"{_PREFIX}{module}.lora_B.weight"] = b.detach().contiguous().cpu()
+    save_file(state, os.path.join(path, WEIGHTS_NAME))
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(expert.adapter_config, f, indent=2, sort_keys=True)

@@ -1,0 +1,106 @@
+"""The LoRA math of one wrapped Linear, for all experts at once.
+
+    y = W x + bias + g * sum_i s[b, t, l, i] * scale_i * B_i A_i x
+
+All experts targeting the module are concatenated along the rank dimension, so every
+module costs one down-projection and one up-projection whatever the number of experts:
+
+    A_cat (R, in) = [A_0; A_1; ...]      B_cat (out, R) = [B_0 | B_1 | ...]     R = sum r_i
+    z = (x A_cat^T) * (s[..., l, :] expanded over each expert's rank columns) * scale_col * g
+    y = base(x) + z B_cat^T
+
+Expanding the gates over rank columns uses `index_select` with a precomputed expert index
+per column (or unsqueeze/expand/flatten where every expert has the same rank); never
+`repeat_interleave`, which the TorchScript exporter mistranslates.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .experts import Expert
+
+__all__ = ["XLoraLinear"]
+
+
+class XLoraLinear(nn.Module):
+    """A base `nn.Linear` plus the LoRA experts that target it (module index `module_index`)."""
+
+    def __init__(self, base_layer: nn.Linear, module_name: str, module_index: int, experts: list[Expert],
+                 expert_indices: list[int], n_experts: int) -> None:
+        """
+        Args:
+            base_layer: the frozen Linear being wrapped.
+            module_name: its name in the base model (`model.layers.0.self_attn.q_proj`).
+            module_index: l, its index in the module ordering.
+            experts: the experts that target this module, in expert order.
+            expert_indices: each of those experts' class index (0..n-1).
+            n_experts: n, the total number of experts.
+        """
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.module_index = module_index
+        self.n_experts = n_experts
+        self.expert_names = [e.name for e in experts]
+        self.ranks = [e.rank for e in experts]
+        weight = base_layer.weight
+        a = torch.cat([e.weights[module_name][0] for e in experts], 0).to(weight.device, weight.dtype)
+        b = torch.cat([e.weights[module_name][1] for e in experts], 1).to(weight.device, weight.dtype)
+        self.lora_A = nn.Parameter(a, requires_grad=False)  # (R, in)
+        self.lora_B = nn.Parameter(b, requires_grad=False)  # (out, R)
+        col_expert = torch.cat([torch.full((e.rank,), i, dtype=torch.int64) for e, i in zip(experts, expert_indices)])
+        col_scale = torch.cat([torch.full((e.rank,), e.scale) for e in experts])
+        self.register_buffer("col_expert", col_expert, persistent=False)  # (R,) expert index of each column
+        self.register_buffer("col_scale", col_scale.to(weight.dtype), persistent=False)  # (R,) alpha/r
+        # Equal ranks over all n experts: the gates expand by a reshape instead of a gather.
+        self.uniform_rank = self.ranks[0] if len(experts) == n_experts and len(set(self.ranks)) == 1 else None
+        self.dropouts = [e.dropout for e in experts]
+
+    def forward(self, x: torch.Tensor, gates: torch.Tensor | float | None, global_weight: float) -> torch.Tensor:
+        """
+        Args:
+            x: (b, s, in).
+            gates: None (base layer only), a float (every expert weighted by it: the scaling
+                pass), or (b, s, L, n) per-token gates of the real pass.
+            global_weight: g, multiplies every expert's output.
+        Returns:
+            (b, s, out).
+        """
+        y = self.base_layer(x)
+        if gates is None:
+            return y
+        z = self._down(x)  # (b, s, R)
+        if isinstance(gates, torch.Tensor):
+            g = gates[:, :, self.module_index, :].to(z.dtype)  # (b, s, n)
+            if self.uniform_rank is not None:
+                cols = g.unsqueeze(-1).expand(*g.shape, self.uniform_rank).flatten(-2)  # (b, s, R)
+            else:
+                cols = g.index_select(-1, self.col_expert)  # (b, s, R)
+            z = z * (cols * (self.col_scale * global_weight))
+        else:
+            z = z * (self.col_scale * (global_weight * gates))
+        return y + F.linear(z, self.lora_B)
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        """x A_cat^T, (b, s, R); in training, each expert sees its own LoRA dropout of x."""
+        if not (self.training and any(self.dropouts)):
+            return F.linear(x, self.lora_A)
+        parts, start = [], 0
+        for rank, p in zip(self.ranks, self.dropouts):
+            parts.append(F.linear(F.dropout(x, p, True), self.lora_A[start:start + rank]))
+            start += rank
+        return torch.cat(parts, -1)
+
+    def expert_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per expert name, this module's (A (r, in), B (out, r)), sliced from the concatenation."""
+        out, start = {}, 0
+        for name, rank in zip(self.expert_names, self.ranks):
+            out[name] = (self.lora_A[start:start + rank], self.lora_B[:, start:start + rank])
+            start += rank
+        return out
+
+    def extra_repr(self) -> str:
+        return f"module_index={self.module_index}, experts={self.expert_names}, ranks={self.ranks}"
