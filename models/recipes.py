@@ -132,8 +132,9 @@ def build_expert(base_dir: str, spec: ExpertSpec, out_dir: str, seed: int) -> st
 
 def build(recipe: Recipe, out_dir: str) -> str:
     """Build the whole checkpoint folder (see the module docstring); returns it."""
-    import xlora_export as xlora
     from transformers import AutoModelForCausalLM
+
+    import xlora_export as xlora
 
     shutil.rmtree(out_dir, ignore_errors=True)
     base_dir = build_base(recipe, os.path.join(out_dir, "base"))

@@ -94,4 +94,11 @@ class xLoRAConfig:  # noqa: N801 - the seed's public name
         if "hidden_size" not in record:
             raise XLoraError(f"{source}: missing required field 'hidden_size'")
         kwargs = {k: v for k, v in record.items() if k in names and k not in _IGNORED_KEYS}
-        return cls(**kwargs)
+        # "enable_softmax_topk needs top_k_lora" holds at construction only: a model whose top-k was
+        # set to None (dense) at run time saves a config that must load.
+        softmax_topk_dense = kwargs.get("enable_softmax_topk") and kwargs.get("top_k_lora") is None
+        if softmax_topk_dense:
+            kwargs["enable_softmax_topk"] = False
+        config = cls(**kwargs)
+        config.enable_softmax_topk = config.enable_softmax_topk or bool(softmax_topk_dense)
+        return config

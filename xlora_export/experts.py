@@ -58,7 +58,8 @@ def read_tensors(path: str, what: str) -> dict[str, torch.Tensor]:
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as e:
-        raise XLoraError(f"{what}: cannot read {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise XLoraError(f"{what}: cannot read {path} ({reason})") from None
 
 
 def load_expert(name: str, path: str, from_safetensors: bool = True) -> Expert:
