@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from functools import cache
 
 import torch
@@ -11,8 +14,10 @@ from transformers import AutoModelForCausalLM
 import xlora_export as xlora
 from models.recipes import RECIPES, build
 
-BUILD_ROOT = os.environ.get("XLORA_TEST_MODELS", os.path.join(os.path.dirname(__file__), "..", "models", "built",
-                                                              "tests"))
+# Each pytest process builds its own copies (seconds), so that concurrent runs never share a folder.
+BUILD_ROOT = os.environ.get("XLORA_TEST_MODELS") or tempfile.mkdtemp(prefix="xlora-test-models-")
+if "XLORA_TEST_MODELS" not in os.environ:
+    atexit.register(shutil.rmtree, BUILD_ROOT, True)
 
 
 @cache

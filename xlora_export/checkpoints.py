@@ -222,6 +222,8 @@ def save_pretrained(xmodel: Any, save_directory: str) -> None:
     os.makedirs(save_directory, exist_ok=True)
     record = xmodel.xlora_config.to_dict()
     record["adapters"] = list(xmodel.adapter_names)
+    if record["scaling_pass_value"] is None:  # what the original writes for None, and its forward can use
+        record["scaling_pass_value"] = 1.0 / len(xmodel.adapter_names)
     with open(os.path.join(save_directory, CONFIG_FILE), "w") as f:
         json.dump(record, f, indent=2)
     state = {k: v.detach().contiguous().cpu() for k, v in xmodel.internal_xlora_classifier.state_dict().items()}

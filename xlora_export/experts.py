@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,10 +57,13 @@ def read_tensors(path: str, what: str) -> dict[str, torch.Tensor]:
     try:
         if path.endswith(".safetensors"):
             return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as e:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise XLoraError(f"{what}: cannot read {path} ({reason})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise XLoraError(f"{what}: {path} does not hold a state dict (name -> tensor)")
+    return state
 
 
 def load_expert(name: str, path: str, from_safetensors: bool = True) -> Expert:

@@ -86,7 +86,8 @@ class xLoRAModel(nn.Module):  # noqa: N801 - the seed's public name
                 position_ids: torch.Tensor | None = None, cache: XLoraCache | None = None,
                 use_cache: bool | None = None, labels: torch.Tensor | None = None,
                 scalings: torch.Tensor | None = None, top_k: int | torch.Tensor | None = None,
-                past_key_values: XLoraCache | None = None, **kwargs: Any) -> XLoraCausalLMOutput:
+                past_key_values: XLoraCache | None = None, num_items_in_batch: int | torch.Tensor | None = None,
+                **kwargs: Any) -> XLoraCausalLMOutput:
         """Both passes over the new tokens.
 
         Args:
@@ -98,6 +99,7 @@ class xLoRAModel(nn.Module):  # noqa: N801 - the seed's public name
             labels: (b, s) for the LM loss (HF convention: shifted inside, -100 ignored).
             scalings: (b, L, n) frozen scalings: skip the scaling pass (and its cache).
             top_k: override `top_k_lora` for this call (0 = dense); an int64 tensor when traced.
+            num_items_in_batch: HF Trainer's token count for the loss under gradient accumulation.
         Returns:
             XLoraCausalLMOutput(loss, logits (b, s, vocab), cache, scalings (b, s, L, n)).
         """
@@ -135,7 +137,8 @@ class xLoRAModel(nn.Module):  # noqa: N801 - the seed's public name
             self._log.append(self._latest)
         loss = None
         if labels is not None:
-            loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1])
+            loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1],
+                                            num_items_in_batch=num_items_in_batch)
         if use_cache is None:
             use_cache = not self.training
         new_cache = XLoraCache(present, scaling_present) if use_cache else None

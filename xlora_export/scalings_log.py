@@ -32,6 +32,7 @@ def flush_log_scalings(log: list[torch.Tensor], path: str) -> list[str]:
         raise XLoraError(f"flush_log_scalings: give the path without extension, got {path!r}")
     arrays = [_to_numpy(t) for t in log]
     shapes = list(dict.fromkeys(a.shape for a in arrays))
+    _remove_previous(path)  # a log flushed earlier to this path must not shadow this one
     if len(shapes) == 1:
         np.save(f"{path}.npy", np.stack(arrays))
         return [f"{path}.npy"]
@@ -45,6 +46,20 @@ def flush_log_scalings(log: list[torch.Tensor], path: str) -> list[str]:
     with open(f"{path}-mapping.json", "w") as f:
         json.dump(mapping, f)
     return files + [f"{path}-mapping.json"]
+
+
+def _remove_previous(path: str) -> None:
+    mapping_path = f"{path}-mapping.json"
+    if os.path.isfile(mapping_path):
+        with open(mapping_path) as f:
+            names = list(json.load(f))
+        for name in names:
+            old = os.path.join(os.path.dirname(path), os.path.basename(name))
+            if os.path.isfile(old):
+                os.remove(old)
+        os.remove(mapping_path)
+    if os.path.isfile(f"{path}.npy"):
+        os.remove(f"{path}.npy")
 
 
 def load_scalings_log(path: str, verbose: bool = False) -> list[torch.Tensor]:

@@ -1,0 +1,302 @@
+"""`export`: an X-LoRA checkpoint -> one ONNX graph holding both passes (SPEC section 6).
+
+    load checkpoint + base -> trace XLoraGraph (TorchScript exporter) -> metadata, onnx.checker
+    -> [frozen graph] -> tokenizer -> validate with ONNX Runtime -> TensorRT readiness -> rename into place
+
+Everything is written into a temporary folder beside OUT.onnx and renamed only after every
+check passed, so a failed or interrupted export leaves no OUT.onnx.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import onnx
+import torch
+import transformers
+
+from xlora_runtime import contract as C
+
+from . import __version__
+from .checkpoints import detect_format, resolve_base_model
+from .errors import XLoraError
+from .graph import XLoraGraph
+from .model import xLoRAModel
+from .trt_check import Finding, check_tensorrt, op_counts
+from .validate import ParityResult, compare_with_eager
+from .xlora_utils import load_model
+
+__all__ = ["DTYPES", "ExportOptions", "ExportReport", "export"]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TOLERANCES = {"fp32": {C.LOGITS: 1e-4, C.SCALINGS: 1e-5}, "fp16": {C.LOGITS: 5e-2, C.SCALINGS: 1e-2}}
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights above which the graph uses external data (2 GB limit)
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+@dataclass
+class ExportOptions:
+    """What `xlora-export` was asked for (defaults = the CLI's)."""
+
+    dtype: str = "fp32"
+    opset: int = 17
+    frozen_scalings: bool = False
+    atol: float | None = None  # logits tolerance; scalings use the dtype's default
+    validate: bool = True
+    force: bool = False
+    external_data: bool = False
+    base_model: str | None = None
+    validation_steps: int = 8
+    max_batch: int = 8  # TensorRT profile hint
+
+
+@dataclass
+class ExportReport:
+    """What was written and measured."""
+
+    files: list[str] = field(default_factory=list)
+    inputs: list[tuple[str, str, list]] = field(default_factory=list)
+    outputs: list[tuple[str, str, list]] = field(default_factory=list)
+    op_counts: dict[str, int] = field(default_factory=dict)
+    size_bytes: int = 0
+    parity: dict[str, ParityResult] = field(default_factory=dict)
+    validation_skipped: str | None = None
+    tensorrt_findings: list[Finding] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+
+def _say(progress: Callable[[str], None] | None, message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
+def _companions(out_path: str, options: ExportOptions) -> list[str]:
+    """Every file an export to `out_path` may write."""
+    return [out_path, out_path + ".data", C.frozen_path(out_path), C.frozen_path(out_path) + ".data",
+            C.tokenizer_path(out_path)]
+
+
+def _check_output(out_path: str, options: ExportOptions) -> None:
+    folder = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(folder):
+        raise XLoraError(f"{out_path}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise XLoraError(f"{out_path}: output folder {folder} is not writable")
+    if os.path.isdir(out_path):
+        raise XLoraError(f"{out_path}: is a directory, expected a file path such as model.onnx")
+    existing = [p for p in _companions(out_path, options) if os.path.exists(p)]
+    if existing and not options.force:
+        raise XLoraError(f"{existing[0]} already exists (use --force to overwrite)")
+
+
+def _load(model_dir: str, options: ExportOptions) -> tuple[xLoRAModel, object]:
+    detect_format(model_dir)
+    if options.base_model is not None and not os.path.isdir(options.base_model):
+        raise XLoraError(f"--base-model {options.base_model}: not a folder")
+    model, tokenizer = load_model(model_dir, dtype=DTYPES[options.dtype], base_model=options.base_model)
+    rope = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope in _DYNAMIC_ROPE:
+        raise XLoraError(f"{model_dir}: rope_type {rope!r} changes with the sequence length at run time and "
+                         f"cannot be fixed in a graph")
+    model.eval()
+    return model, tokenizer
+
+
+def _example_inputs(model: xLoRAModel, frozen: bool) -> tuple[torch.Tensor, ...]:
+    """Trace inputs: batch 2, 3 new tokens after 2 past positions (every axis distinct and > 1)."""
+    cfg = model.config
+    b, s, p = 2, 3, 2
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = model.model.lm_head.weight.dtype
+    ids = torch.randint(0, cfg.vocab_size, (b, s))
+    mask = torch.ones(b, p + s, dtype=torch.int64)
+    pos = torch.arange(p, p + s).expand(b, s).contiguous()
+    n_past = 2 * cfg.num_hidden_layers * (1 if frozen else 2)
+    past = [torch.zeros(b, cfg.num_key_value_heads, p, head_dim, dtype=dtype) for _ in range(n_past)]
+    extra = [torch.full((b, len(model.module_names), len(model.adapter_names)), 0.5, dtype=dtype)] if frozen else []
+    return (ids, mask, pos, *past, *extra, torch.tensor(0, dtype=torch.int64))
+
+
+def _metadata(model: xLoRAModel, options: ExportOptions, out_path: str, frozen: bool, tokenizer_file: str | None,
+              model_dir: str) -> dict:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    gen = getattr(model.model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    eos = cfg.eos_token_id if eos is None else eos
+    kv_shape = [C.BATCH, cfg.num_key_value_heads, C.PAST_SEQUENCE, head_dim]
+    kv_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[options.dtype]
+    caches = {"real": {"inputs": C.past_names(cfg.num_hidden_layers), "shape": kv_shape, "dtype": kv_dtype}}
+    if not frozen:
+        caches["scaling"] = {"inputs": C.past_names(cfg.num_hidden_layers, True), "shape": kv_shape,
+                             "dtype": kv_dtype}
+    return {
+        "format_version": C.FORMAT_VERSION,
+        "graph": "frozen" if frozen else "two_pass",
+        "producer": f"xlora-export {__version__}",
+        "versions": {"xlora_export": __version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "onnx": onnx.__version__},
+        "source": os.path.abspath(model_dir),
+        "architecture": cfg.model_type,
+        "dtype": options.dtype,
+        "opset": options.opset,
+        "num_layers": cfg.num_hidden_layers,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": head_dim,
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "n_modules": len(model.module_names),
+        "n_experts": len(model.adapter_names),
+        "modules": {name: i for i, name in enumerate(model.module_names)},
+        "adapters": {name: i for i, name in enumerate(model.adapter_names)},
+        "config": model.xlora_config.to_dict(),
+        "default_top_k": model.xlora_config.top_k_lora or 0,
+        "caches": caches,
+        "eos_token_id": [eos] if isinstance(eos, int) else list(eos or []),
+        "pad_token_id": cfg.pad_token_id,
+        "bos_token_id": cfg.bos_token_id,
+        "tensorrt_profile": {"max_batch": options.max_batch, "max_sequence": cfg.max_position_embeddings,
+                             "max_past": cfg.max_position_embeddings},
+        "files": {"frozen": os.path.basename(C.frozen_path(out_path)) if options.frozen_scalings else None,
+                  "tokenizer": tokenizer_file},
+    }
+
+
+def _trace(model: xLoRAModel, path: str, options: ExportOptions, frozen: bool, metadata: dict,
+           external: bool) -> onnx.ModelProto:
+    """Trace one graph to `path` (+ `path.data` when external), with metadata; checked."""
+    n = model.config.num_hidden_layers
+    raw_dir = tempfile.mkdtemp(dir=os.path.dirname(path))
+    raw = os.path.join(raw_dir, "raw.onnx")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings on shape checks, the TorchScript deprecation notice
+            torch.onnx.export(XLoraGraph(model, frozen=frozen), _example_inputs(model, frozen), raw,
+                              input_names=C.input_names(n, frozen), output_names=C.output_names(n, frozen),
+                              dynamic_axes=C.dynamic_axes(n, frozen), opset_version=options.opset, dynamo=False,
+                              do_constant_folding=True)
+        proto = onnx.load(raw)
+    finally:
+        shutil.rmtree(raw_dir, ignore_errors=True)
+    proto.producer_name, proto.producer_version = "xlora-export", __version__
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = C.METADATA_KEY, json.dumps(metadata)
+    if external:
+        onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=os.path.basename(path) + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, path)
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise XLoraError(f"onnx.checker rejected the traced graph: {str(e).splitlines()[0]}") from None
+    return proto
+
+
+def _tokenizer_source(model_dir: str, model: xLoRAModel, base_model: str | None) -> str | None:
+    base = base_model or resolve_base_model(model_dir, model.xlora_config.base_model_id)
+    for folder in (model_dir, base):
+        if folder and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            return os.path.join(folder, "tokenizer.json")
+    return None
+
+
+def _validate(model: xLoRAModel, report: ExportReport, paths: dict[str, str], options: ExportOptions,
+              progress: Callable[[str], None] | None) -> None:
+    if options.dtype == "bf16":
+        report.validation_skipped = ("bf16 graphs cannot run on ONNX Runtime's CPU provider (no bf16 MatMul); "
+                                     "validate on a GPU execution provider")
+        return
+    tolerances = dict(TOLERANCES[options.dtype])
+    if options.atol is not None:
+        tolerances[C.LOGITS] = options.atol
+    top_k = model.xlora_config.top_k_lora or 0
+    for kind, path in paths.items():
+        _say(progress, f"validating {kind} graph against the eager model (prefill + {options.validation_steps} "
+                       f"decode steps, batch 2, left padding, top_k={top_k})")
+        result = compare_with_eager(model, path, top_k, options.validation_steps, frozen=kind == "frozen")
+        report.parity[kind] = result
+        for name, diff in result.max_diff.items():
+            if not diff <= tolerances[name]:
+                raise XLoraError(f"validation failed: {kind} graph output '{name}' differs from the eager model by "
+                                 f"{diff:.3g} (tolerance {tolerances[name]:.1g}); no file was written")
+
+
+def _io(proto: onnx.ModelProto) -> tuple[list, list]:
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out.append((v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, dims))
+        return out
+
+    return describe(proto.graph.input), describe(proto.graph.output)
+
+
+def export(model_dir: str, out_path: str, options: ExportOptions | None = None,
+           progress: Callable[[str], None] | None = None) -> ExportReport:
+    """Export the X-LoRA checkpoint in `model_dir` to `out_path` (see the module docstring).
+
+    Raises:
+        XLoraError: bad input, unsupported model, failed check or validation (nothing is written then).
+    """
+    options = options or ExportOptions()
+    if options.dtype not in DTYPES:
+        raise XLoraError(f"--dtype {options.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if options.opset < 14:
+        raise XLoraError(f"--opset {options.opset}: expected 14 or newer (17 is the default)")
+    _check_output(out_path, options)
+    report = ExportReport()
+    t0 = time.perf_counter()
+    _say(progress, f"loading {model_dir} ({options.dtype})")
+    model, _ = _load(model_dir, options)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = options.external_data or weight_bytes > EXTERNAL_DATA_THRESHOLD
+    folder = os.path.dirname(os.path.abspath(out_path))
+    name = os.path.basename(out_path)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        staged = {"main": os.path.join(tmp, name)}
+        tokenizer = _tokenizer_source(model_dir, model, options.base_model)
+        tokenizer_file = os.path.basename(C.tokenizer_path(out_path)) if tokenizer else None
+        if tokenizer:
+            shutil.copyfile(tokenizer, os.path.join(tmp, tokenizer_file))
+        _say(progress, f"tracing the two-pass graph (opset {options.opset}, "
+                       f"{'external data' if external else 'weights inside'})")
+        main = _trace(model, staged["main"], options, False,
+                      _metadata(model, options, out_path, False, tokenizer_file, model_dir), external)
+        if options.frozen_scalings:
+            _say(progress, "tracing the frozen-scalings graph")
+            staged["frozen"] = os.path.join(tmp, os.path.basename(C.frozen_path(out_path)))
+            _trace(model, staged["frozen"], options, True,
+                   _metadata(model, options, out_path, True, tokenizer_file, model_dir), external)
+        report.inputs, report.outputs = _io(main)
+        report.op_counts = dict(op_counts(main).most_common())
+        report.metadata = _metadata(model, options, out_path, False, tokenizer_file, model_dir)
+        _say(progress, "checking TensorRT readiness")
+        report.tensorrt_findings = check_tensorrt(main)
+        if options.validate:
+            _validate(model, report, staged, options, progress)
+        else:
+            report.validation_skipped = "--no-validate"
+        staged_files = sorted(os.listdir(tmp), key=lambda f: f == name)  # OUT.onnx renamed last
+        for stale in _companions(out_path, options):  # with --force: an older export's other files
+            if os.path.basename(stale) not in staged_files and os.path.isfile(stale):
+                os.remove(stale)
+        for f in staged_files:
+            os.replace(os.path.join(tmp, f), os.path.join(folder, f))
+            report.files.append(os.path.join(folder, f))
+        report.size_bytes = sum(os.path.getsize(f) for f in report.files if not f.endswith(".json"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _say(progress, f"done in {time.perf_counter() - t0:.1f} s")
+    return report
