@@ -85,6 +85,7 @@ class Recipe:
     xlora_size: int = 32
     layerwise_scalings: bool = True
     classifier_std: float = 0.2  # larger than nn.Linear's init so scalings differ between tokens
+    train_steps: int = 0  # > 0: train the base on the tokenizer corpus, so its logits are clearly peaked
     seed: int = 0
 
 
@@ -113,8 +114,31 @@ def build_base(recipe: Recipe, out_dir: str) -> str:
     vocab = build_tokenizer(out_dir, recipe.vocab)
     torch.manual_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(base_config(recipe, vocab))
+    if recipe.train_steps:
+        _train_on_corpus(model, out_dir, recipe.train_steps)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def _train_on_corpus(model: torch.nn.Module, tokenizer_dir: str, steps: int) -> None:
+    """A few hundred AdamW steps of next-token prediction on a repeated word cycle (seconds on a CPU):
+    random tiny models are near ties between tokens; this one has clearly peaked logits."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = torch.tensor(tokenizer(" ".join(_WORDS * 40))["input_ids"])  # a cycle: every next token is predictable
+    block, batch = 32, 16
+    g = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - block, (batch,), generator=g)
+        x = torch.stack([ids[s:s + block] for s in starts.tolist()])
+        loss = model(input_ids=x, labels=x).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
 
 
 def build_expert(base_dir: str, spec: ExpertSpec, out_dir: str, seed: int) -> str:
@@ -159,6 +183,11 @@ RECIPES = {
     "tiny-llama": Recipe(arch="llama"),
     "tiny-mistral": Recipe(arch="mistral", seed=1),
     "tiny-qwen2": Recipe(arch="qwen2", seed=2),
+    # A trained base with gentler experts: clearly peaked logits, for greedy agreement of fp16 exports.
+    "tiny-llama-trained": Recipe(arch="llama", seed=3, train_steps=200, experts=[
+        ExpertSpec("alpha", 4, 2, ["q_proj", "v_proj"]),
+        ExpertSpec("beta", 8, 2, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        ExpertSpec("gamma", 6, 1.5, ["gate_proj", "up_proj", "down_proj", "q_proj"], rslora=True)]),
 }
 DEFAULT = "tiny-llama"
 

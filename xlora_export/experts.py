@@ -96,10 +96,11 @@ def load_expert(name: str, path: str, from_safetensors: bool = True) -> Expert:
     weights_path = os.path.join(path, WEIGHTS_NAME if from_safetensors else WEIGHTS_NAME_BIN)
     state = read_tensors(weights_path, f"expert '{name}'")
 
+    embedding = [key for key in state if "lora_embedding_" in key]
+    if embedding:
+        raise XLoraError(f"expert '{name}': {weights_path} has embedding LoRA ({embedding[0]}), which is not supported")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        if "lora_embedding_" in key:
-            raise XLoraError(f"expert '{name}': {weights_path} has embedding LoRA ({key}), which is not supported")
         for part in ("lora_A", "lora_B"):
             marker = f".{part}."
             if marker in key:

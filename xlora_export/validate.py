@@ -34,12 +34,12 @@ class ParityResult:
         self.max_diff[name] = max(self.max_diff.get(name, 0.0), diff)
 
 
-def ort_session(path: str, threads: int = 0) -> ort.InferenceSession:
-    """A CPU session that does not spin idle threads."""
+def ort_session(path: str, threads: int = 0, providers: list[str] | None = None) -> ort.InferenceSession:
+    """A session (CPU by default) that does not spin idle threads."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
 
 
 def _np_dtype(session: ort.InferenceSession, name: str) -> np.dtype:

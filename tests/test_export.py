@@ -1,0 +1,415 @@
+"""`xlora-export`: the graph contract, parity with the eager model, structure, precision, safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from functools import cache
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+import xlora_export as xlora
+from helpers import built, expert_paths, make_xlora, max_diff
+from xlora_export import cli
+from xlora_export.export import ExportOptions, export
+from xlora_export.trt_check import check_tensorrt
+from xlora_export.validate import compare_with_eager, ort_session
+from xlora_runtime import contract as C
+
+EXPORTS = tempfile.mkdtemp(prefix="xlora-test-exports-")
+PROMPTS3 = ([5, 17, 99, 230, 41, 8, 77], [300, 22, 9], [12, 250, 14, 140, 33])
+
+# name -> (recipe, config overrides, export options)
+VARIANTS = {
+    "llama": ("tiny-llama", {}, {"frozen_scalings": True}),
+    "llama-shared-depth1": ("tiny-llama", {"layerwise_scalings": False, "xlora_depth": 1}, {}),
+    "llama-depth3": ("tiny-llama", {"xlora_depth": 3}, {}),
+    "llama-softmaxtopk": ("tiny-llama", {"top_k_lora": 2, "enable_softmax_topk": True, "enable_softmax": False}, {}),
+    "llama-scalingpass": ("tiny-llama", {"scaling_pass_value": 0.5}, {}),
+    "llama-2experts": ("tiny-llama", {"adapters": "beta,gamma"}, {}),
+    "llama-4experts": ("tiny-llama", {"adapters": "alpha,beta,gamma,beta:beta2"}, {}),
+    "llama-external": ("tiny-llama", {}, {"external_data": True}),
+    "mistral": ("tiny-mistral", {}, {}),
+    "qwen2": ("tiny-qwen2", {}, {}),
+}
+
+
+def _adapters(recipe: str, spec: str) -> dict[str, str]:
+    paths, out = expert_paths(recipe), {}
+    for item in spec.split(","):
+        source, _, name = item.partition(":")
+        out[name or source] = paths[source]
+    return out
+
+
+@cache
+def checkpoint(name: str) -> str:
+    """The variant's checkpoint (this project's format), saved once per session."""
+    recipe, overrides, _ = VARIANTS[name]
+    overrides = dict(overrides)
+    if "adapters" in overrides:
+        overrides["adapters"] = _adapters(recipe, overrides["adapters"])
+    folder = os.path.join(EXPORTS, f"{name}-ckpt")
+    make_xlora(recipe, seed=11, **overrides).save_pretrained(folder)
+    return folder
+
+
+@cache
+def exported(name: str) -> str:
+    """The variant's graph, exported once per session (validation is what the tests below do)."""
+    options = ExportOptions(validate=False, **VARIANTS[name][2])
+    path = os.path.join(EXPORTS, f"{name}.onnx")
+    export(checkpoint(name), path, options)
+    return path
+
+
+@cache
+def eager(name: str) -> xlora.xLoRAModel:
+    return xlora.xlora_utils.load_model(checkpoint(name))[0]
+
+
+def metadata(path: str) -> dict:
+    props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    return json.loads(props[C.METADATA_KEY])
+
+
+# ----------------------------------------------------------------------------------------- contract
+@pytest.mark.parametrize("frozen", [False, True])
+def test_contract_names_dtypes_ranks_and_axes(frozen):
+    path = exported("llama")
+    path = C.frozen_path(path) if frozen else path
+    model = onnx.load(path)
+    meta = metadata(path)
+    n_layers = meta["num_layers"]
+    assert [i.name for i in model.graph.input] == C.input_names(n_layers, frozen)
+    assert [o.name for o in model.graph.output] == C.output_names(n_layers, frozen)
+    axes = C.dynamic_axes(n_layers, frozen)
+    float_type = onnx.TensorProto.FLOAT
+    expected_type = {C.INPUT_IDS: onnx.TensorProto.INT64, C.ATTENTION_MASK: onnx.TensorProto.INT64,
+                     C.POSITION_IDS: onnx.TensorProto.INT64, C.TOP_K: onnx.TensorProto.INT64}
+    ranks = {C.INPUT_IDS: 2, C.ATTENTION_MASK: 2, C.POSITION_IDS: 2, C.TOP_K: 0, C.LOGITS: 3,
+             C.SCALINGS: 3 if frozen else 4}
+    for value in list(model.graph.input) + list(model.graph.output):
+        t = value.type.tensor_type
+        assert t.elem_type == expected_type.get(value.name, float_type), value.name
+        dims = t.shape.dim
+        assert len(dims) == ranks.get(value.name, 4), value.name
+        for axis, symbol in axes.get(value.name, {}).items():
+            assert dims[axis].dim_param == symbol, (value.name, axis)
+        if "key_values" in value.name or "present" in value.name:
+            assert [dims[1].dim_value, dims[3].dim_value] == [meta["num_key_value_heads"], meta["head_dim"]]
+    logits = {o.name: o for o in model.graph.output}[C.LOGITS].type.tensor_type.shape.dim
+    assert logits[2].dim_value == meta["vocab_size"]
+
+
+def test_metadata_is_enough_to_drive_the_graph():
+    path = exported("llama")
+    meta = metadata(path)
+    assert meta["format_version"] == C.FORMAT_VERSION
+    assert list(meta["modules"].values()) == list(range(meta["n_modules"]))
+    assert meta["adapters"] == {"alpha": 0, "beta": 1, "gamma": 2}
+    assert meta["files"] == {"frozen": "llama.frozen.onnx", "tokenizer": "llama.tokenizer.json"}
+    assert {"torch", "transformers", "onnx", "xlora_export"} <= set(meta["versions"])
+    assert meta["eos_token_id"] == [2] and meta["pad_token_id"] == 0
+    assert set(meta["tensorrt_profile"]) == {"max_batch", "max_sequence", "max_past"}
+    assert os.path.isfile(os.path.join(EXPORTS, meta["files"]["tokenizer"]))
+    # Build every cache input from the metadata alone and run a prefill of batch 1.
+    session = ort_session(path)
+    feed = {C.INPUT_IDS: np.array([[5, 6, 7]]), C.ATTENTION_MASK: np.ones((1, 3), np.int64),
+            C.POSITION_IDS: np.array([[0, 1, 2]]), C.TOP_K: np.array(meta["default_top_k"], np.int64)}
+    for entry in meta["caches"].values():
+        shape = [1 if d == C.BATCH else 0 if d == C.PAST_SEQUENCE else d for d in entry["shape"]]
+        feed.update({name: np.zeros(shape, entry["dtype"]) for name in entry["inputs"]})
+    outs = session.run([C.SCALINGS], feed)
+    assert outs[0].shape == (1, 3, meta["n_modules"], meta["n_experts"])
+
+
+# ----------------------------------------------------------------------------------------- parity
+PARITY = [("llama", k) for k in range(4)] + [
+    ("llama-shared-depth1", 0), ("llama-shared-depth1", 2), ("llama-depth3", 0), ("llama-depth3", 1),
+    ("llama-softmaxtopk", 0), ("llama-softmaxtopk", 2), ("llama-scalingpass", 0), ("llama-scalingpass", 3),
+    ("mistral", 0), ("mistral", 2), ("qwen2", 0), ("qwen2", 1), ("llama-external", 0)]
+
+
+@pytest.mark.parametrize("name,top_k", PARITY, ids=[f"{n}-topk{k}" for n, k in PARITY])
+def test_graph_matches_eager(name, top_k):
+    """Prefill + 8 decode steps, batch 3, left padding; the graph fed its own presents."""
+    result = compare_with_eager(eager(name), exported(name), top_k=top_k, steps=8, prompts=PROMPTS3)
+    assert result.max_diff[C.LOGITS] < 1e-4, result.max_diff
+    assert result.max_diff[C.SCALINGS] < 1e-5, result.max_diff
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 3])
+def test_frozen_graph_matches_eager_with_the_same_scalings(top_k):
+    path = C.frozen_path(exported("llama"))
+    result = compare_with_eager(eager("llama"), path, top_k=top_k, steps=8, frozen=True, prompts=PROMPTS3)
+    assert result.max_diff[C.LOGITS] < 1e-4, result.max_diff
+
+
+def test_top_k_input_changes_the_graph_output():
+    """`top_k` is honoured at run time: the graph's outputs differ between 1 and dense, like the eager model."""
+    session, meta = ort_session(exported("llama")), metadata(exported("llama"))
+    feed = {C.INPUT_IDS: np.array([[5, 6, 7]]), C.ATTENTION_MASK: np.ones((1, 3), np.int64),
+            C.POSITION_IDS: np.array([[0, 1, 2]])}
+    for entry in meta["caches"].values():
+        feed.update({n: np.zeros((1, meta["num_key_value_heads"], 0, meta["head_dim"]), np.float32)
+                     for n in entry["inputs"]})
+    dense = session.run([C.LOGITS], {**feed, C.TOP_K: np.array(0)})[0]
+    sparse = session.run([C.LOGITS], {**feed, C.TOP_K: np.array(1)})[0]
+    clamped = session.run([C.LOGITS], {**feed, C.TOP_K: np.array(99)})[0]
+    assert np.abs(dense - sparse).max() > 1e-3
+    np.testing.assert_allclose(clamped, dense, atol=1e-6)  # clamped to n = dense
+
+
+# ----------------------------------------------------------------------------------------- structure
+def _initializer_bytes(path: str) -> int:
+    model = onnx.load(path)
+    return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+
+
+def test_weights_are_stored_once():
+    params = sum(p.numel() * p.element_size() for p in eager("llama").parameters())
+    stored = _initializer_bytes(exported("llama"))
+    assert abs(stored - params) <= 0.10 * params, (stored, params)
+
+
+def _matmuls(path: str) -> int:
+    return sum(n.op_type == "MatMul" for n in onnx.load(path).graph.node)
+
+
+def test_scaling_pass_lora_only_when_its_value_is_nonzero():
+    assert _matmuls(exported("llama-scalingpass")) > _matmuls(exported("llama"))
+
+
+def test_matmul_count_does_not_grow_with_experts():
+    two, four = _matmuls(exported("llama-2experts")), _matmuls(exported("llama-4experts"))
+    assert two == four, (two, four)
+
+
+def test_external_data_is_written_and_loaded():
+    path = exported("llama-external")
+    assert os.path.getsize(path + ".data") > 0.9 * _initializer_bytes(path)
+    assert os.path.getsize(path) < 0.5 * os.path.getsize(path + ".data")
+
+
+def test_default_graph_passes_the_tensorrt_check():
+    assert check_tensorrt(onnx.load(exported("llama"))) == []
+    assert check_tensorrt(onnx.load(C.frozen_path(exported("llama")))) == []
+
+
+def _graph_with(node: onnx.NodeProto, extra_inputs=(), initializers=()) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "crafted", [x, *extra_inputs], [y], list(initializers))
+    return helper.make_model(graph)
+
+
+def _branch(name: str) -> onnx.GraphProto:
+    out = helper.make_tensor_value_info(f"{name}_out", onnx.TensorProto.FLOAT, None)
+    return helper.make_graph([helper.make_node("Identity", ["x"], [f"{name}_out"])], name, [], [out])
+
+
+@pytest.mark.parametrize("kind", ["If", "Loop", "com.microsoft", "TopK-unsorted"])
+def test_tensorrt_check_flags_crafted_graphs(kind):
+    cond = helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])
+    if kind == "If":
+        model = _graph_with(helper.make_node("If", ["c"], ["y"], then_branch=_branch("a"), else_branch=_branch("b")),
+                            [cond])
+    elif kind == "Loop":
+        body = helper.make_graph(
+            [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Identity", ["x"], ["v"])],
+            "body", [helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+                     helper.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, [])],
+            [helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+             helper.make_tensor_value_info("v", onnx.TensorProto.FLOAT, None)])
+        trip = numpy_helper.from_array(np.array(2, np.int64), "trip")
+        model = _graph_with(helper.make_node("Loop", ["trip", "c"], ["y"], body=body), [cond], [trip])
+    elif kind == "com.microsoft":
+        model = _graph_with(helper.make_node("FusedMatMul", ["x", "x"], ["y"], domain="com.microsoft"))
+    else:
+        k = numpy_helper.from_array(np.array([2], np.int64), "k")
+        model = _graph_with(helper.make_node("TopK", ["x", "k"], ["y", "idx"], sorted=0), initializers=[k])
+    findings = check_tensorrt(model)
+    assert findings, f"{kind} was not flagged"
+    assert any(kind.split("-")[0] in (f.op_type + " " + f.reason) for f in findings) or kind == "com.microsoft"
+    if kind == "com.microsoft":
+        assert "com.microsoft" in findings[0].reason
+
+
+# ----------------------------------------------------------------------------------------- precision
+def _ort_greedy(path: str, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:
+    session, meta = ort_session(path), metadata(path)
+    ids = np.array([prompt])
+    mask = np.ones_like(ids)
+    kv = {"float16": np.float16, "float32": np.float32}[meta["caches"]["real"]["dtype"]]
+    feed = {n: np.zeros((1, meta["num_key_value_heads"], 0, meta["head_dim"]), kv)
+            for cache in meta["caches"].values() for n in cache["inputs"]}
+    feed[C.TOP_K] = np.array(meta["default_top_k"])
+    names = C.output_names(meta["num_layers"])
+    pasts = C.past_names(meta["num_layers"]) + C.past_names(meta["num_layers"], True)
+    presents = C.present_names(meta["num_layers"]) + C.present_names(meta["num_layers"], True)
+    tokens, logits = [], []
+    for _ in range(steps):
+        pos = mask.cumsum(-1)[:, -ids.shape[1]:] - 1
+        outs = dict(zip(names, session.run(None, {**feed, C.INPUT_IDS: ids, C.ATTENTION_MASK: mask,
+                                                   C.POSITION_IDS: pos})))
+        last = outs[C.LOGITS][0, -1].astype(np.float32)
+        logits.append(last)
+        tokens.append(int(last.argmax()))
+        ids = np.array([[tokens[-1]]])
+        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], 1)
+        feed.update({p: outs[q] for p, q in zip(pasts, presents)})
+    return tokens, np.stack(logits)
+
+
+def test_fp16_export_agrees_with_fp32_eager_greedy():
+    """On a recipe with clearly peaked logits (a trained base); documented tolerance: see README."""
+    folder = built("tiny-llama-trained")
+    path = os.path.join(EXPORTS, "trained16.onnx")
+    report = export(folder, path, ExportOptions(dtype="fp16"))
+    assert report.parity["main"].max_diff[C.LOGITS] < 5e-2  # fp16 graph vs fp16 eager
+    model = xlora.xlora_utils.load_model(folder)[0]
+    prompt = [5, 17, 99, 230, 41]
+    with torch.no_grad():
+        reference = model.generate(torch.tensor([prompt]), max_new_tokens=16, eos_token_id=None)[0, 5:].tolist()
+        ref_logits = model(torch.tensor([prompt + reference[:-1]])).logits[0, 4:]
+    tokens, logits = _ort_greedy(path, prompt, 16)
+    assert tokens == reference
+    assert max_diff(torch.from_numpy(logits), ref_logits) < 0.1
+
+
+def test_bf16_export_says_validation_was_skipped():
+    path = os.path.join(EXPORTS, "bf16.onnx")
+    report = export(checkpoint("llama"), path, ExportOptions(dtype="bf16"))
+    assert "bf16" in report.validation_skipped and "CPU" in report.validation_skipped
+    onnx.checker.check_model(path)
+    weights = [t for t in onnx.load(path).graph.initializer if "lm_head.weight" in t.name]
+    assert weights and weights[0].data_type == onnx.TensorProto.BFLOAT16
+
+
+# ----------------------------------------------------------------------------------------- CLI and safety
+def _run(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_exports_validates_and_reports(tmp_path, capsys):
+    out = str(tmp_path / "m.onnx")
+    code, stdout, _ = _run([built("tiny-llama"), out, "--frozen-scalings"], capsys)
+    assert code == 0
+    assert "parity (main graph vs eager" in stdout and "parity (frozen graph vs eager" in stdout
+    assert "TensorRT readiness: nothing flagged" in stdout
+    assert sorted(os.listdir(tmp_path)) == ["m.frozen.onnx", "m.onnx", "m.tokenizer.json"]
+    code, _, err = _run([built("tiny-llama"), out], capsys)  # exists, no --force
+    assert code == 1 and "already exists" in err and "--force" in err
+    code, _, _ = _run([built("tiny-llama"), out, "--force", "-q"], capsys)
+    assert code == 0 and sorted(os.listdir(tmp_path)) == ["m.onnx", "m.tokenizer.json"]  # stale frozen removed
+
+
+def test_help_documents_every_option():
+    parser = cli.build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        for flag in action.option_strings:
+            assert flag in text
+        assert action.help, action.dest
+
+
+def _tiny_other_base(folder: str, kind: str) -> str:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if kind == "gpt2":
+        GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100)).save_pretrained(folder)
+    else:
+        LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, intermediate_size=48, vocab_size=100)
+                         ).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["not-a-model-dir", "base-missing", "base-mismatched", "unsupported-arch",
+                                  "output-folder-missing", "output-is-a-directory"])
+def test_cli_bad_inputs(case, tmp_path, capsys):
+    out = str(tmp_path / "m.onnx")
+    argv = [built("tiny-llama"), out]
+    match = {"not-a-model-dir": "not an X-LoRA checkpoint", "base-missing": "not a local folder",
+             "base-mismatched": "hidden_size", "unsupported-arch": "unsupported architecture",
+             "output-folder-missing": "does not exist", "output-is-a-directory": "is a directory"}[case]
+    if case == "not-a-model-dir":
+        (tmp_path / "empty").mkdir()
+        argv[0] = str(tmp_path / "empty")
+    elif case == "base-missing":
+        ckpt = tmp_path / "ckpt"
+        shutil.copytree(built("tiny-llama"), ckpt, ignore=shutil.ignore_patterns("base"))
+        argv[0] = str(ckpt)
+    elif case in ("base-mismatched", "unsupported-arch"):
+        argv += ["--base-model", _tiny_other_base(str(tmp_path / "other"), "gpt2" if "arch" in case else "llama")]
+    elif case == "output-folder-missing":
+        argv[1] = str(tmp_path / "nowhere" / "m.onnx")
+    else:
+        os.mkdir(out)
+    code, _, err = _run(argv, capsys)
+    assert code == 1
+    assert err.startswith("xlora-export: error:") and match in err and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert not os.path.isfile(out)
+
+
+def test_validation_failure_leaves_no_file(tmp_path, capsys, monkeypatch):
+    """Corrupt one initializer after tracing: validation must fail and nothing may be left behind."""
+    import xlora_export.export as export_module
+
+    original = export_module._trace
+
+    def corrupting_trace(model, path, options, frozen, meta, external):
+        proto = original(model, path, options, frozen, meta, external)
+        for init in proto.graph.initializer:
+            if "lm_head.weight" in init.name:
+                array = numpy_helper.to_array(init) * 1.01
+                init.CopyFrom(numpy_helper.from_array(array, init.name))
+        onnx.save_model(proto, path)
+        return proto
+
+    monkeypatch.setattr(export_module, "_trace", corrupting_trace)
+    out = str(tmp_path / "m.onnx")
+    code, _, err = _run([built("tiny-llama"), out, "--frozen-scalings"], capsys)
+    assert code == 1 and "validation failed" in err and "logits" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_interrupted_export_leaves_no_file(tmp_path, capsys, monkeypatch):
+    import xlora_export.export as export_module
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "compare_with_eager", interrupt)
+    out = str(tmp_path / "m.onnx")
+    code, _, err = _run([built("tiny-llama"), out], capsys)
+    assert code == 130 and "not written" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_from_a_peft_checkpoint_matches(tmp_path):
+    """MODEL_DIR may be a PEFT X-LoRA checkpoint (complete classifier): the export validates."""
+    from safetensors.torch import save_file
+
+    from helpers import peft_oracle
+
+    model = make_xlora("tiny-llama", seed=5)
+    oracle = peft_oracle(model, "tiny-llama")
+    ckpt = tmp_path / "peft"
+    oracle.save_pretrained(str(ckpt))
+    state = {f"base_model.internal_xlora_classifier.{k}": v.contiguous()
+             for k, v in oracle.base_model.internal_xlora_classifier.state_dict().items()}
+    save_file(state, str(ckpt / "adapter_model.safetensors"), metadata={"format": "pt"})
+    report = export(str(ckpt), str(tmp_path / "p.onnx"),
+                    ExportOptions(base_model=os.path.join(built("tiny-llama"), "base")))
+    assert report.parity["main"].max_diff[C.LOGITS] < 1e-4
