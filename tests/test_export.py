@@ -281,7 +281,7 @@ def test_fp16_export_agrees_with_fp32_eager_greedy():
         ref_logits = model(torch.tensor([prompt + reference[:-1]])).logits[0, 4:]
     tokens, logits = _ort_greedy(path, prompt, 16)
     assert tokens == reference
-    assert max_diff(torch.from_numpy(logits), ref_logits) < 0.1
+    assert max_diff(torch.from_numpy(logits), ref_logits) < 2e-2  # measured 4.5e-3
 
 
 def test_bf16_export_says_validation_was_skipped():
