@@ -97,3 +97,15 @@ def left_padded(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, t
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     return ids, mask
+
+
+@cache
+def exported(name: str) -> str:
+    """A recipe's checkpoint exported once per test session (with the frozen graph), not validated here."""
+    from xlora_export.export import ExportOptions, export
+
+    folder = os.path.join(BUILD_ROOT, "exports")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.onnx")
+    export(built(name), path, ExportOptions(frozen_scalings=True, validate=False))
+    return path

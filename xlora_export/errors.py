@@ -1,15 +1,5 @@
-"""The one user-facing error type of xlora-export.
+"""The one user-facing error type, shared with the runtime package (see `xlora_runtime.errors`)."""
 
-Every mistake a caller can make (a bad config field, a missing expert folder, a checkpoint
-for another base model, an unsupported architecture) raises :class:`XLoraError` with a
-one-line message that names the file or field and what was expected. The CLI catches it
-once and prints it without a traceback.
-"""
-
-from __future__ import annotations
+from xlora_runtime.errors import XLoraError
 
 __all__ = ["XLoraError"]
-
-
-class XLoraError(ValueError):
-    """A user error: bad input, bad checkpoint, unsupported model. Printed as one line."""

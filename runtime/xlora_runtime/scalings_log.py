@@ -1,0 +1,86 @@
+"""The scalings log file format, shared by the eager model and the runtime (numpy only).
+
+`path` is given without extension.
+- every entry has one shape: `{path}.npy`, float32 (num_logged, b, s, L, n);
+- otherwise: one `{path}-{j}.npy` per distinct shape, each (num_of_that_shape, b, s, L, n),
+  and `{path}-mapping.json` mapping each file's basename to the log indices it holds, so
+  that loading restores the original order. (The original xlora stored full paths as keys;
+  those load too.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .errors import XLoraError
+
+__all__ = ["load_scalings_arrays", "save_scalings_arrays"]
+
+
+def save_scalings_arrays(arrays: list[np.ndarray], path: str) -> list[str]:
+    """Write a log (a list of (b, s, L, n) arrays, cast to float32); return the files written."""
+    if not arrays:
+        raise XLoraError("flush_log_scalings: the scalings log is empty (enable logging first?)")
+    if os.path.splitext(path)[1] == ".npy":
+        raise XLoraError(f"flush_log_scalings: give the path without extension, got {path!r}")
+    arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
+    shapes = list(dict.fromkeys(a.shape for a in arrays))
+    _remove_previous(path)  # a log flushed earlier to this path must not shadow this one
+    if len(shapes) == 1:
+        np.save(f"{path}.npy", np.stack(arrays))
+        return [f"{path}.npy"]
+    mapping, files = {}, []
+    for j, shape in enumerate(shapes):
+        indices = [i for i, a in enumerate(arrays) if a.shape == shape]
+        name = f"{path}-{j}.npy"
+        np.save(name, np.stack([arrays[i] for i in indices]))
+        mapping[os.path.basename(name)] = indices
+        files.append(name)
+    with open(f"{path}-mapping.json", "w") as f:
+        json.dump(mapping, f)
+    return files + [f"{path}-mapping.json"]
+
+
+def _remove_previous(path: str) -> None:
+    mapping_path = f"{path}-mapping.json"
+    if os.path.isfile(mapping_path):
+        with open(mapping_path) as f:
+            names = list(json.load(f))
+        for name in names:
+            old = os.path.join(os.path.dirname(path), os.path.basename(name))
+            if os.path.isfile(old):
+                os.remove(old)
+        os.remove(mapping_path)
+    if os.path.isfile(f"{path}.npy"):
+        os.remove(f"{path}.npy")
+
+
+def load_scalings_arrays(path: str, verbose: bool = False) -> list[np.ndarray]:
+    """Read a log written by `save_scalings_arrays`: the list of (b, s, L, n) arrays, in logged order."""
+    single = path if path.endswith(".npy") and os.path.isfile(path) else f"{path}.npy"
+    if os.path.isfile(single):
+        stacked = np.load(single)
+        if verbose:
+            print(f"Loaded {stacked.shape[0]} scalings of shape {stacked.shape[1:]} from {single}")
+        return list(stacked)
+    mapping_path = f"{path}-mapping.json"
+    if not os.path.isfile(mapping_path):
+        raise XLoraError(f"load_scalings_log: neither {path}.npy nor {mapping_path} exists")
+    with open(mapping_path) as f:
+        mapping = json.load(f)
+    entries: dict[int, np.ndarray] = {}
+    folder = os.path.dirname(path)
+    for name, indices in mapping.items():
+        stacked = np.load(os.path.join(folder, os.path.basename(name)))  # the original stored full paths
+        if len(stacked) != len(indices):
+            raise XLoraError(f"load_scalings_log: {name} holds {len(stacked)} entries, {mapping_path} lists "
+                             f"{len(indices)}")
+        entries.update(zip(indices, stacked))
+        if verbose:
+            print(f"Loaded {len(indices)} scalings of shape {stacked.shape[1:]} from {name}")
+    if sorted(entries) != list(range(len(entries))):
+        raise XLoraError(f"load_scalings_log: {mapping_path} does not cover indices 0..{len(entries) - 1}")
+    return [entries[i] for i in range(len(entries))]

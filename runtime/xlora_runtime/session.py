@@ -1,0 +1,197 @@
+"""Loading an exported X-LoRA graph: `GraphInfo` (its metadata record) and `XLoraSession`
+(the ONNX Runtime sessions of `OUT.onnx` and, on first use, `OUT.frozen.onnx`).
+
+Everything needed to drive the graph comes from the metadata record and the files beside the
+graph (SPEC section 6); nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from . import contract as C
+from .errors import XLoraError
+
+__all__ = ["PROVIDERS", "GraphInfo", "XLoraSession"]
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """What the metadata record says about a graph (see `xlora_export.export._metadata`)."""
+
+    path: str
+    record: dict[str, Any]
+
+    @property
+    def num_layers(self) -> int:
+        return self.record["num_layers"]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.record["num_key_value_heads"]
+
+    @property
+    def head_dim(self) -> int:
+        return self.record["head_dim"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.record["vocab_size"]
+
+    @property
+    def max_positions(self) -> int:
+        return self.record["max_position_embeddings"]
+
+    @property
+    def n_modules(self) -> int:
+        return self.record["n_modules"]
+
+    @property
+    def n_experts(self) -> int:
+        return self.record["n_experts"]
+
+    @property
+    def expert_names(self) -> list[str]:
+        return sorted(self.record["adapters"], key=self.record["adapters"].get)
+
+    @property
+    def module_names(self) -> list[str]:
+        return sorted(self.record["modules"], key=self.record["modules"].get)
+
+    @property
+    def default_top_k(self) -> int:
+        return self.record["default_top_k"]
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self.record.get("eos_token_id") or [])
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.record.get("pad_token_id")
+        return pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
+
+    @property
+    def kv_dtype(self) -> type:
+        dtype = self.record["caches"]["real"]["dtype"]
+        if dtype not in _DTYPES:
+            raise XLoraError(f"{self.path}: cache dtype {dtype} cannot be fed from numpy (bf16 needs a GPU runtime)")
+        return _DTYPES[dtype]
+
+    def _companion(self, key: str) -> str | None:
+        name = (self.record.get("files") or {}).get(key)
+        path = os.path.join(os.path.dirname(os.path.abspath(self.path)), name) if name else None
+        return path if path and os.path.isfile(path) else None
+
+    @property
+    def frozen_path(self) -> str | None:
+        """`OUT.frozen.onnx` when it was exported and is present."""
+        return self._companion("frozen")
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        """`OUT.tokenizer.json` when it travelled with the export."""
+        return self._companion("tokenizer")
+
+
+def _read_info(session: ort.InferenceSession, path: str) -> GraphInfo:
+    meta = session.get_modelmeta().custom_metadata_map
+    if C.METADATA_KEY not in meta:
+        raise XLoraError(f"{path}: not an X-LoRA export (no '{C.METADATA_KEY}' metadata record)")
+    try:
+        record = json.loads(meta[C.METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise XLoraError(f"{path}: the '{C.METADATA_KEY}' metadata record is not valid JSON ({e})") from None
+    if record.get("format_version") != C.FORMAT_VERSION:
+        raise XLoraError(f"{path}: metadata format_version {record.get('format_version')!r}; this runtime reads "
+                         f"{C.FORMAT_VERSION}")
+    return GraphInfo(path, record)
+
+
+class XLoraSession:
+    """ONNX Runtime sessions for an exported X-LoRA graph.
+
+    Args:
+        path: `OUT.onnx` written by `xlora-export`.
+        provider: "cpu", "cuda" or "tensorrt" (ONNX Runtime execution providers).
+        threads: intra-op threads (None: ONNX Runtime's default). Idle threads never spin, so that the
+            main and frozen sessions do not compete for cores.
+    Raises:
+        XLoraError: missing file, not an ONNX graph, not an X-LoRA export, unavailable provider.
+    """
+
+    def __init__(self, path: str, provider: str = "cpu", threads: int | None = None) -> None:
+        if not os.path.isfile(path):
+            raise XLoraError(f"{path}: no such file (expected an .onnx graph written by xlora-export)")
+        if provider not in PROVIDERS:
+            raise XLoraError(f"provider {provider!r}: expected one of {', '.join(PROVIDERS)}")
+        if PROVIDERS[provider] not in ort.get_available_providers():
+            raise XLoraError(f"provider {provider!r}: {PROVIDERS[provider]} is not available in this onnxruntime "
+                             f"(available: {', '.join(ort.get_available_providers())})")
+        self.provider = provider
+        self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
+        self.threads = threads
+        self.main = self._open(path)
+        self.info = _read_info(self.main, path)
+        if self.info.record.get("graph") != "two_pass":
+            raise XLoraError(f"{path}: this is the frozen-scalings graph; open the main graph (OUT.onnx) instead")
+        self._frozen: ort.InferenceSession | None = None
+        self._tokenizer: Any = None
+
+    def _open(self, path: str) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = [PROVIDERS[self.provider]] + (["CPUExecutionProvider"] if self.provider != "cpu" else [])
+        try:
+            return ort.InferenceSession(path, options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
+            reason = str(e).splitlines()[0][:200]
+            raise XLoraError(f"{path}: ONNX Runtime cannot load it ({reason})") from None
+
+    @property
+    def frozen(self) -> ort.InferenceSession:
+        """The frozen-scalings session (opened on first use)."""
+        if self._frozen is None:
+            path = self.info.frozen_path
+            if path is None:
+                raise XLoraError(f"{self.info.path}: frozen scalings need OUT.frozen.onnx beside the graph "
+                                 f"(export with --frozen-scalings)")
+            self._frozen = self._open(path)
+        return self._frozen
+
+    @property
+    def tokenizer(self) -> Any:
+        """The `tokenizers.Tokenizer` that travelled with the export (None when there is none)."""
+        if self._tokenizer is None and self.info.tokenizer_path:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(self.info.tokenizer_path)
+        return self._tokenizer
+
+    def check_top_k(self, top_k: int) -> int:
+        """`top_k` as the graph takes it: an int in 0..n (0 = dense)."""
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 0 <= top_k <= self.info.n_experts:
+            raise XLoraError(f"expert_top_k={top_k!r}: expected an int in 0..{self.info.n_experts} (0 = dense)")
+        return int(top_k)
+
+    def check_ids(self, ids: list[int], what: str = "prompt") -> list[int]:
+        """Validate one sequence of token ids against the vocabulary and the positions."""
+        if len(ids) == 0:
+            raise XLoraError(f"{what} is empty")
+        bad = [i for i in ids if not isinstance(i, (int, np.integer)) or not 0 <= i < self.info.vocab_size]
+        if bad:
+            raise XLoraError(f"{what}: token id {bad[0]!r} is outside the vocabulary 0..{self.info.vocab_size - 1}")
+        if len(ids) > self.info.max_positions:
+            raise XLoraError(f"{what} has {len(ids)} tokens; the model has {self.info.max_positions} positions")
+        return [int(i) for i in ids]
