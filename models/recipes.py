@@ -111,7 +111,7 @@ def build_base(recipe: Recipe, out_dir: str) -> str:
     from transformers import AutoModelForCausalLM
 
     os.makedirs(out_dir, exist_ok=True)
-    vocab = build_tokenizer(out_dir, recipe.vocab)
+    vocab = max(recipe.vocab, build_tokenizer(out_dir, recipe.vocab))  # a larger embedding than the tokenizer
     torch.manual_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(base_config(recipe, vocab))
     if recipe.train_steps:
@@ -188,6 +188,13 @@ RECIPES = {
         ExpertSpec("alpha", 4, 2, ["q_proj", "v_proj"]),
         ExpertSpec("beta", 8, 2, ["q_proj", "k_proj", "v_proj", "o_proj"]),
         ExpertSpec("gamma", 6, 1.5, ["gate_proj", "up_proj", "down_proj", "q_proj"], rslora=True)]),
+    # About 32M parameters (SPEC section 9's calibration size), for benchmarks/: the vocabulary is padded
+    # to 8192 rows beyond the tokenizer's few hundred tokens so that embedding and lm_head weigh what they would.
+    "llama-32m": Recipe(arch="llama", hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=8192,
+                        max_positions=512, tie_embeddings=False, seed=4, experts=[
+                            ExpertSpec(name, 16, 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"])
+                            for name in ("code", "math", "chat", "story")]),
 }
 DEFAULT = "tiny-llama"
 

@@ -20,6 +20,7 @@ from xlora_export import cli
 from xlora_export.export import ExportOptions, export
 from xlora_export.trt_check import check_tensorrt
 from xlora_export.validate import compare_with_eager, ort_session
+from xlora_runtime import Generator, XLoraSession
 from xlora_runtime import contract as C
 
 EXPORTS = tempfile.mkdtemp(prefix="xlora-test-exports-")
@@ -243,31 +244,6 @@ def test_tensorrt_check_flags_crafted_graphs(kind):
 
 
 # ----------------------------------------------------------------------------------------- precision
-def _ort_greedy(path: str, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:
-    session, meta = ort_session(path), metadata(path)
-    ids = np.array([prompt])
-    mask = np.ones_like(ids)
-    kv = {"float16": np.float16, "float32": np.float32}[meta["caches"]["real"]["dtype"]]
-    feed = {n: np.zeros((1, meta["num_key_value_heads"], 0, meta["head_dim"]), kv)
-            for cache in meta["caches"].values() for n in cache["inputs"]}
-    feed[C.TOP_K] = np.array(meta["default_top_k"])
-    names = C.output_names(meta["num_layers"])
-    pasts = C.past_names(meta["num_layers"]) + C.past_names(meta["num_layers"], True)
-    presents = C.present_names(meta["num_layers"]) + C.present_names(meta["num_layers"], True)
-    tokens, logits = [], []
-    for _ in range(steps):
-        pos = mask.cumsum(-1)[:, -ids.shape[1]:] - 1
-        outs = dict(zip(names, session.run(None, {**feed, C.INPUT_IDS: ids, C.ATTENTION_MASK: mask,
-                                                   C.POSITION_IDS: pos})))
-        last = outs[C.LOGITS][0, -1].astype(np.float32)
-        logits.append(last)
-        tokens.append(int(last.argmax()))
-        ids = np.array([[tokens[-1]]])
-        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], 1)
-        feed.update({p: outs[q] for p, q in zip(pasts, presents)})
-    return tokens, np.stack(logits)
-
-
 def test_fp16_export_agrees_with_fp32_eager_greedy():
     """On a recipe with clearly peaked logits (a trained base); documented tolerance: see README."""
     folder = built("tiny-llama-trained")
@@ -279,9 +255,10 @@ def test_fp16_export_agrees_with_fp32_eager_greedy():
     with torch.no_grad():
         reference = model.generate(torch.tensor([prompt]), max_new_tokens=16, eos_token_id=None)[0, 5:].tolist()
         ref_logits = model(torch.tensor([prompt + reference[:-1]])).logits[0, 4:]
-    tokens, logits = _ort_greedy(path, prompt, 16)
-    assert tokens == reference
-    assert max_diff(torch.from_numpy(logits), ref_logits) < 2e-2  # measured 4.5e-3
+    [result] = Generator(XLoraSession(path)).generate([prompt], max_new_tokens=16, stop_token_ids=[],
+                                                      return_logits=True)
+    assert result.tokens == reference
+    assert max_diff(torch.from_numpy(result.logits), ref_logits) < 2e-2  # measured 4.5e-3
 
 
 def test_bf16_export_says_validation_was_skipped():
