@@ -90,7 +90,8 @@ class Generator:
         return save_scalings_arrays(self.scalings_log, path)
 
     # ------------------------------------------------------------------------------------------- inputs
-    def _encode(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
+    def encode(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
+        """Prompts (a text, a list of ids, or a list of either) as validated id lists."""
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
                                         and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
@@ -142,7 +143,7 @@ class Generator:
             XLoraError: bad prompts or options (checked before anything runs).
         """
         info = self.session.info
-        encoded = self._encode(prompts)
+        encoded = self.encode(prompts)
         if max_new_tokens < 1:
             raise XLoraError(f"max_new_tokens={max_new_tokens}: expected >= 1")
         if do_sample and not temperature > 0:
@@ -249,7 +250,7 @@ class Generator:
 
     def generate(self, prompts: Prompt | Sequence[Prompt], **options) -> list[Generation]:
         """Generate to completion; one `Generation` per prompt (options as in `stream`)."""
-        encoded = self._encode(prompts)
+        encoded = self.encode(prompts)
         results = [Generation(prompt_ids=p) for p in encoded]
         steps: list[list[TokenEvent]] = [[] for _ in encoded]
         for event in self.stream(encoded, **options):

@@ -1,0 +1,299 @@
+"""Command-line tools of the runtime (no torch needed).
+
+`xlora-generate OUT.onnx PROMPT [PROMPT ...]`: generate with an exported graph (a thin command over `Generator`).
+`xlora-plot-scalings LOG_PATH OUT.png`: draw a generation's scalings log as a token-by-expert heatmap.
+
+Both print a user error (`XLoraError`) as one line on stderr and exit with code 1; `generate_main` and
+`plot_main` take `argv` and return the exit code, so tests call them in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .errors import XLoraError
+from .generation import Generation, Generator, TokenEvent
+from .scalings_log import load_scalings_arrays
+from .session import PROVIDERS, XLoraSession
+
+__all__ = ["build_generate_parser", "build_plot_parser", "generate_main", "plot_main", "tokens_record_path"]
+
+_STREAM_DEFAULTS = {name: p.default for name, p in inspect.signature(Generator.stream).parameters.items()}
+
+
+def tokens_record_path(log_path: str) -> str:
+    """`PATH-tokens.json`, written beside the scalings log `PATH` by `xlora-generate --log-scalings PATH`."""
+    return (log_path[:-len(".npy")] if log_path.endswith(".npy") else log_path) + "-tokens.json"
+
+
+def _run(prog: str, parser: argparse.ArgumentParser, command: Callable[[argparse.Namespace], int],
+         argv: list[str] | None) -> int:
+    """Parse, run, and turn a user error into one line on stderr and exit code 1."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) and usage errors (2): argparse has already printed
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return command(args)
+    except XLoraError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+# ----------------------------------------------------------------------------------------------- xlora-generate
+def build_generate_parser() -> argparse.ArgumentParser:
+    """The options of `xlora-generate`, grouped by concern."""
+    parser = argparse.ArgumentParser(
+        prog="xlora-generate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Generate with a graph exported by xlora-export (ONNX Runtime, no torch). Prints each "
+                    "prompt's generated text\n(token ids when no tokenizer travelled with the export), then "
+                    "tokens/s and peak cache memory.")
+    parser.add_argument("graph", metavar="OUT.onnx", help="main graph written by xlora-export")
+    parser.add_argument("prompts", metavar="PROMPT", nargs="+", help="prompt text (several prompts run as one "
+                        "left-padded batch)")
+    inp = parser.add_argument_group("input")
+    inp.add_argument("--ids", action="store_true", help="prompts are comma-separated token ids (e.g. 5,17,42) "
+                     "instead of text")
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--max-new-tokens", type=int, default=_STREAM_DEFAULTS["max_new_tokens"], metavar="N",
+                     help=f"new tokens per prompt (default {_STREAM_DEFAULTS['max_new_tokens']})")
+    gen.add_argument("--sample", action="store_true", help="sample the next token (default: greedy)")
+    gen.add_argument("--temperature", type=float, metavar="T", help="softmax temperature, with --sample "
+                     f"(default {_STREAM_DEFAULTS['temperature']})")
+    gen.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep the smallest set of tokens "
+                     f"whose probability reaches P, with --sample (default {_STREAM_DEFAULTS['top_p']})")
+    gen.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    gen.add_argument("--stop-id", type=int, action="append", default=[], metavar="ID", help="also stop a "
+                     "sequence at this token id (repeatable)")
+    gen.add_argument("--no-eos", action="store_true", help="never stop at the export's eos token ids")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop a sequence once its "
+                     "generated text contains TEXT (repeatable; needs the tokenizer)")
+    exp = parser.add_argument_group("experts")
+    exp.add_argument("--expert-top-k", type=int, metavar="K", help="experts kept per token and module, 0 = dense "
+                     "(default: the model's top_k_lora)")
+    exp.add_argument("--freeze-scalings-after", type=int, metavar="K", help="after K decode steps, freeze each "
+                     "sequence's scalings at its latest token and continue on OUT.frozen.onnx (0: the prompt's "
+                     "last token)")
+    rt = parser.add_argument_group("runtime")
+    rt.add_argument("--provider", choices=list(PROVIDERS), default="cpu", help="ONNX Runtime execution provider "
+                    "(default cpu)")
+    rt.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: ONNX Runtime's choice)")
+    out = parser.add_argument_group("output")
+    fmt = out.add_mutually_exclusive_group()
+    fmt.add_argument("--stream", action="store_true", help="print text as it is generated (several prompts: "
+                     "line by line, each prefixed [i])")
+    fmt.add_argument("--json", action="store_true", help="print one JSON object per prompt instead: tokens, "
+                     "text, finish_reason, scalings (tokens x modules x experts, 4 decimals)")
+    out.add_argument("--log-scalings", metavar="PATH", help="write the scalings log to PATH.npy (or PATH-*.npy "
+                     "+ PATH-mapping.json) and the generated tokens to PATH-tokens.json, for xlora-plot-scalings")
+    return parser
+
+
+def _prompts(args: argparse.Namespace) -> list[str] | list[list[int]]:
+    if not args.ids:
+        return list(args.prompts)
+    prompts = []
+    for i, text in enumerate(args.prompts):
+        try:
+            prompts.append([int(t) for t in text.replace(" ", "").split(",") if t])
+        except ValueError:
+            raise XLoraError(f"prompt {i}: {text!r} is not a comma-separated list of token ids (--ids)") from None
+    return prompts
+
+
+def _stream_options(args: argparse.Namespace, session: XLoraSession) -> dict[str, Any]:
+    """`Generator.stream` keyword arguments from the options (defaults stay `stream`'s own)."""
+    if not args.sample and (args.temperature is not None or args.top_p is not None):
+        raise XLoraError("--temperature and --top-p apply to sampling: add --sample")
+    options: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, seed=args.seed,
+                                   stop_strings=list(args.stop), expert_top_k=args.expert_top_k,
+                                   freeze_scalings_after=args.freeze_scalings_after)
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    if args.top_p is not None:
+        options["top_p"] = args.top_p
+    if args.no_eos or args.stop_id:
+        options["stop_token_ids"] = ([] if args.no_eos else session.info.eos_token_ids) + list(args.stop_id)
+    return options
+
+
+def _check_log_path(path: str) -> None:
+    if os.path.splitext(path)[1] == ".npy":
+        raise XLoraError(f"--log-scalings {path}: give the path without extension (PATH.npy is written)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise XLoraError(f"--log-scalings {path}: the folder {folder} does not exist")
+
+
+class _Printer:
+    """`--stream` output: one prompt prints its pieces as they come; several print whole lines, prefixed [i]."""
+
+    def __init__(self, count: int, has_text: bool) -> None:
+        self.several = count > 1
+        self.has_text = has_text
+        self.lines = [""] * count
+
+    def __call__(self, event: TokenEvent) -> None:
+        piece = event.text if self.has_text else f"{event.token}" + ("" if event.finish_reason else ",")
+        if not self.several:
+            sys.stdout.write(piece + ("\n" if event.finish_reason else ""))
+            sys.stdout.flush()
+            return
+        *done, self.lines[event.sequence] = (self.lines[event.sequence] + piece).split("\n")
+        if event.finish_reason:
+            done.append(self.lines[event.sequence])
+        for line in done:
+            print(f"[{event.sequence}] {line}", flush=True)
+
+
+def _tokens_record(session: XLoraSession, results: list[Generation], pieces: list[list[str]],
+                   freeze_scalings_after: int | None) -> dict[str, Any]:
+    """What `PATH-tokens.json` holds: per prompt its ids and generated tokens with their text, and the names."""
+    tokenizer = session.tokenizer
+    prompts = []
+    for i, r in enumerate(results):
+        prompt_pieces = [tokenizer.decode([t]) for t in r.prompt_ids] if tokenizer is not None else None
+        prompts.append(dict(prompt=i, prompt_ids=r.prompt_ids, prompt_pieces=prompt_pieces, tokens=r.tokens,
+                            pieces=pieces[i] if tokenizer is not None else None, finish_reason=r.finish_reason))
+    return dict(graph=os.path.abspath(session.info.path), expert_names=session.info.expert_names,
+                module_names=session.info.module_names, freeze_scalings_after=freeze_scalings_after, prompts=prompts)
+
+
+def _format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.log_scalings:
+        _check_log_path(args.log_scalings)
+    if args.threads is not None and args.threads < 1:
+        raise XLoraError(f"--threads {args.threads}: expected >= 1")
+    session = XLoraSession(args.graph, provider=args.provider, threads=args.threads)
+    generator = Generator(session)
+    generator.log_scalings = bool(args.log_scalings)
+    prompts, options = _prompts(args), _stream_options(args, session)
+    has_text = session.tokenizer is not None
+    encoded = generator.encode(prompts)  # validated before anything runs; `stream` takes the ids
+    results = [Generation(prompt_ids=ids) for ids in encoded]
+    events: list[list[TokenEvent]] = [[] for _ in encoded]
+    printer = _Printer(len(encoded), has_text) if args.stream else None
+    start = time.perf_counter()
+    for event in generator.stream(encoded, **options):
+        events[event.sequence].append(event)
+        if printer:
+            printer(event)
+    elapsed = time.perf_counter() - start
+    for result, steps in zip(results, events):
+        result.tokens = [e.token for e in steps]
+        result.text = "".join(e.text for e in steps) if has_text else None
+        result.scalings = np.stack([e.scalings for e in steps])
+        result.finish_reason = steps[-1].finish_reason
+    written = []
+    if args.log_scalings:
+        written = generator.flush_log_scalings(args.log_scalings)
+        record = _tokens_record(session, results, [[e.text for e in steps] for steps in events],
+                                args.freeze_scalings_after)
+        with open(tokens_record_path(args.log_scalings), "w") as f:
+            json.dump(record, f)
+        written.append(tokens_record_path(args.log_scalings))
+    if args.json:
+        for i, r in enumerate(results):
+            print(json.dumps(dict(prompt=i, tokens=r.tokens, text=r.text, finish_reason=r.finish_reason,
+                                  scalings=np.round(r.scalings.astype(np.float64), 4).tolist())))
+        return 0
+    if not args.stream:
+        for i, r in enumerate(results):
+            body = r.text if has_text else ",".join(map(str, r.tokens))
+            print(body if len(results) == 1 else f"[{i}] {body}")
+    count = sum(len(r.tokens) for r in results)
+    print(f"{count} tokens in {elapsed:.2f} s: {count / max(elapsed, 1e-9):.1f} tokens/s, peak cache "
+          f"{_format_bytes(generator.peak_cache_bytes)} ({session.provider})")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    """`xlora-generate`; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
+    return _run("xlora-generate", build_generate_parser(), _generate, argv)
+
+
+# ------------------------------------------------------------------------------------------ xlora-plot-scalings
+def build_plot_parser() -> argparse.ArgumentParser:
+    """The options of `xlora-plot-scalings`, grouped by concern."""
+    parser = argparse.ArgumentParser(
+        prog="xlora-plot-scalings", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Draw the scalings of one generated sequence as a heatmap (tokens across, experts down).\n\n"
+                    "LOG_PATH is a scalings log of one generate call (xlora-generate --log-scalings, or the eager\n"
+                    "model's flush_log_scalings): the prefill, then one entry per decode step. Each column is the\n"
+                    "scalings that chose the token it is labelled with: the prefill's last position, then the\n"
+                    "decode steps (--include-prompt: every prompt position first). Rows leave later entries when\n"
+                    "their sequence finishes (or, in the runtime, freezes). With LOG_PATH-tokens.json beside the\n"
+                    "log, --row is the prompt index and is followed exactly, and the labels are the tokens' text;\n"
+                    "without it, --row is the row index within each entry and the sequence stops at the first\n"
+                    "entry that no longer has that row.")
+    parser.add_argument("log", metavar="LOG_PATH", help="scalings log path, without extension")
+    parser.add_argument("out", metavar="OUT.png", help="PNG to write")
+    sel = parser.add_argument_group("selection")
+    sel.add_argument("--row", type=int, default=0, help="batch row (see above; default 0)")
+    sel.add_argument("--include-prompt", action="store_true", help="also plot the prompt's positions (left "
+                     "padding skipped when LOG_PATH-tokens.json gives the prompt)")
+    sel.add_argument("--module", type=int, metavar="I", help="plot scaled module I (0..L-1) only (default: the "
+                     "mean over modules)")
+    lab = parser.add_argument_group("labels")
+    lab.add_argument("--experts", metavar="A,B,C", help="expert names, comma separated (default: from "
+                     "LOG_PATH-tokens.json, else expert 0..n-1)")
+    lab.add_argument("--title", help="figure title (default: says which module, or the mean)")
+    return parser
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .plot import plot_scalings, row_scalings
+
+    log = load_scalings_arrays(args.log)
+    record = None
+    if os.path.isfile(tokens_record_path(args.log)):
+        try:
+            with open(tokens_record_path(args.log)) as f:
+                record = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise XLoraError(f"{tokens_record_path(args.log)}: cannot read it ({e})") from None
+    values, labels = row_scalings(log, args.row, args.include_prompt, record)
+    n_experts = values.shape[-1]
+    if args.experts is not None:
+        experts = [name.strip() for name in args.experts.split(",")]
+        if len(experts) != n_experts:
+            raise XLoraError(f"--experts {args.experts}: {len(experts)} names for {n_experts} experts")
+    else:
+        experts = (record or {}).get("expert_names") or [f"expert {j}" for j in range(n_experts)]
+    module_names = (record or {}).get("module_names") or []
+    module_name = module_names[args.module] if args.module is not None and 0 <= args.module < len(module_names) \
+        else None
+    path = plot_scalings(values, args.out, experts, labels, args.module, module_name, args.title)
+    print(path)
+    return 0
+
+
+def plot_main(argv: list[str] | None = None) -> int:
+    """`xlora-plot-scalings`; returns the exit code (0 ok, 1 user error, 2 usage error)."""
+    return _run("xlora-plot-scalings", build_plot_parser(), _plot, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(generate_main())

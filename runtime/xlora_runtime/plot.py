@@ -1,0 +1,201 @@
+"""Scalings as a picture: a token-by-expert heatmap, and the token sequence of one row of a scalings log.
+
+    log (list of (b, s, L, n)) --row_scalings--> (tokens, L, n) --plot_scalings--> PNG
+                                                 one module, or the mean over modules
+
+matplotlib is optional (`pip install xlora-runtime[plot]`) and imported only when a plot is drawn; the
+figure is built with matplotlib's object API on the Agg canvas, so pyplot's global state is never touched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from .errors import XLoraError
+
+__all__ = ["MAX_TOKEN_LABELS", "plot_scalings", "row_scalings", "tick_positions", "token_label"]
+
+MAX_TOKEN_LABELS = 64  # more tokens than this: only every k-th one is labelled
+
+
+def tick_positions(count: int, max_labels: int = MAX_TOKEN_LABELS) -> list[int]:
+    """Indices of the tokens that get a label: all of them, or every k-th so that at most `max_labels` remain."""
+    step = max(1, math.ceil(count / max_labels))
+    return list(range(0, count, step))
+
+
+def token_label(piece: str | None, token: int) -> str:
+    """A readable axis label for a token: its text with newlines and tabs escaped, else `#id`."""
+    if not piece:
+        return f"#{token}"
+    if not piece.strip():
+        return repr(piece)[1:-1].replace(" ", "\u2423")  # whitespace made visible
+    return piece.replace("\n", "\\n").replace("\t", "\\t")
+
+
+def plot_scalings(scalings: np.ndarray, path: str, expert_names: list[str], token_labels: list[str] | None = None,
+                  module: int | None = None, module_name: str | None = None, title: str | None = None) -> str:
+    """Draw the scalings of a token sequence as a heatmap PNG: tokens across, experts down.
+
+    Args:
+        scalings: (tokens, L, n): L scaled modules, n experts.
+        path: the PNG to write (written to a temporary file beside it, then renamed).
+        expert_names: n names for the y axis.
+        token_labels: one label per token for the x axis (default: the token indices); rotated, and thinned
+            to at most MAX_TOKEN_LABELS.
+        module: plot module `module` only (0..L-1); default: the mean over the L modules.
+        module_name: the module's name, for the default title.
+        title: the figure title (default: says which module, or the mean).
+    Returns:
+        `path`.
+    Raises:
+        XLoraError: shapes or names that do not match, a module out of range, an output folder that does not
+            exist, matplotlib missing.
+    """
+    scalings = np.asarray(scalings)
+    if scalings.ndim != 3 or 0 in scalings.shape:
+        raise XLoraError(f"scalings of shape {scalings.shape}: expected a non-empty (tokens, L modules, n experts)")
+    tokens, n_modules, n_experts = scalings.shape
+    if len(expert_names) != n_experts:
+        raise XLoraError(f"{len(expert_names)} expert names for {n_experts} experts")
+    if token_labels is not None and len(token_labels) != tokens:
+        raise XLoraError(f"{len(token_labels)} token labels for {tokens} tokens")
+    if module is not None and not 0 <= module < n_modules:
+        raise XLoraError(f"module {module}: expected 0..{n_modules - 1}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise XLoraError(f"{path}: the folder {folder} does not exist")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise XLoraError("plotting needs matplotlib: pip install xlora-runtime[plot]") from None
+
+    if module is None:
+        values, what = scalings.mean(axis=1), f"mean over {n_modules} modules"
+    else:
+        values, what = scalings[:, module], f"module {module}" + (f" ({module_name})" if module_name else "")
+    labels = [str(i) for i in range(tokens)] if token_labels is None else [str(t) for t in token_labels]
+    shown = tick_positions(tokens)
+
+    width = min(20.0, max(6.0, 2.5 + 0.2 * len(shown)))
+    height = min(12.0, max(3.0, 1.8 + 0.35 * n_experts))
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(values.T.astype(np.float32), aspect="auto", interpolation="nearest", cmap="viridis")
+    ax.set_xticks(shown, [labels[i] for i in shown], rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
+    ax.set_yticks(range(n_experts), expert_names, fontsize=9)
+    ax.set_xlabel("token")
+    ax.set_ylabel("expert")
+    ax.set_title(title or f"X-LoRA scalings, {what}", fontsize=10)
+    fig.colorbar(image, ax=ax, label="scaling", pad=0.01)
+    _save_png(fig, path)
+    return path
+
+
+def _save_png(fig: Any, path: str) -> None:
+    """Write the figure beside `path`, then rename: an interrupted save never leaves a half PNG at `path`."""
+    handle, tmp = tempfile.mkstemp(suffix=".png", prefix=".plot-", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(handle)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def row_scalings(log: list[np.ndarray], row: int = 0, include_prompt: bool = False,
+                 record: dict[str, Any] | None = None) -> tuple[np.ndarray, list[str]]:
+    """The scalings of one sequence of a generation's log, position by position, with axis labels.
+
+    A log of one `generate` call holds the prefill (b, s, L, n) and then one (b', 1, L, n) entry per decode
+    step. Each token is chosen by the scalings of the position before it: the prefill's last position chose the
+    first new token, decode entry k chose token k. Rows leave later entries when their sequence finishes (and,
+    in the runtime, when its scalings freeze), so b' shrinks and the rows after a departed one move up.
+
+    Args:
+        log: the arrays of `load_scalings_arrays`.
+        row: without `record`, the row index within each entry; the sequence stops at the first entry that has
+            no such row (or at the next prefill). With `record`, the prompt index: its row is followed exactly
+            through the entries as other sequences leave, and tokens generated after its scalings froze repeat
+            the frozen scalings.
+        include_prompt: also the prefill's positions (left padding skipped when `record` gives the prompt).
+        record: the `PATH-tokens.json` written by `xlora-generate --log-scalings PATH`.
+    Returns:
+        (tokens, L, n) scalings and one label per column: the token those scalings chose (its text from
+        `record`, else `#id`; without `record`, "p<j>" for prompt position j and the step number after).
+    Raises:
+        XLoraError: an empty or malformed log, a row that does not exist, a record that does not match the log.
+    """
+    if not log:
+        raise XLoraError("the scalings log is empty")
+    shapes = {a.shape[2:] for a in log}
+    if any(a.ndim != 4 for a in log) or len(shapes) != 1:
+        raise XLoraError(f"scalings log entries of shapes {sorted({a.shape for a in log})}: expected (b, s, L, n) "
+                         f"arrays with one L and n")
+    if row < 0:
+        raise XLoraError(f"row {row}: expected >= 0")
+    if record is not None:
+        return _recorded_row(log, row, include_prompt, record)
+    prefill = log[0]
+    if row >= prefill.shape[0]:
+        raise XLoraError(f"row {row}: the log's first entry has {prefill.shape[0]} rows")
+    steps = [prefill[row]] if include_prompt else [prefill[row, -1:]]
+    labels = [f"p{j}" for j in range(1, prefill.shape[1])] if include_prompt else []  # position chosen
+    for entry in log[1:]:
+        if entry.shape[1] != 1 or row >= entry.shape[0]:  # the next call's prefill, or the row has left
+            break
+        steps.append(entry[row])
+    values = np.concatenate(steps)
+    labels += [str(k) for k in range(len(values) - len(labels))]
+    return values, labels
+
+
+def _recorded_row(log: list[np.ndarray], row: int, include_prompt: bool,
+                  record: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
+    """`row_scalings` for a log whose tokens record says which sequences each entry holds."""
+    prompts = record.get("prompts") or []
+    if not 0 <= row < len(prompts):
+        raise XLoraError(f"row {row}: the tokens record has {len(prompts)} prompts")
+    lengths = [len(p["tokens"]) for p in prompts]
+    freeze = record.get("freeze_scalings_after")
+    frozen_after = [math.inf if freeze is None else freeze] * len(prompts)
+    width = max(len(p["prompt_ids"]) for p in prompts)
+    # entry k >= 1 holds, in prompt order, the sequences that chose a k-th token and had not frozen yet
+    members = [list(range(len(prompts)))]
+    for k in range(1, max(lengths)):
+        alive = [i for i in range(len(prompts)) if lengths[i] > k and frozen_after[i] >= k]
+        if not alive:
+            break
+        members.append(alive)
+    expected = [(len(members[0]), width)] + [(len(m), 1) for m in members[1:]]
+    actual = [a.shape[:2] for a in log]
+    if actual != expected:
+        raise XLoraError(f"the tokens record does not describe this log: its entries have (rows, positions) "
+                         f"{_brief(actual)}, the record implies {_brief(expected)}")
+    prompt = prompts[row]
+    values = [log[0][row, width - len(prompt["prompt_ids"]):] if include_prompt else log[0][row, -1:]]
+    values += [entry[rows.index(row)] for entry, rows in zip(log[1:], members[1:]) if row in rows]
+    values = np.concatenate(values)
+    generated = len(values) - (len(prompt["prompt_ids"]) - 1 if include_prompt else 0)
+    if generated < lengths[row]:  # frozen: the remaining tokens were chosen with the last scalings
+        values = np.concatenate([values, np.repeat(values[-1:], lengths[row] - generated, axis=0)])
+    labels = []
+    if include_prompt:
+        pieces = prompt.get("prompt_pieces") or [None] * len(prompt["prompt_ids"])
+        labels = [token_label(p, t) for p, t in zip(pieces[1:], prompt["prompt_ids"][1:])]
+    pieces = prompt.get("pieces") or [None] * lengths[row]
+    labels += [token_label(p, t) for p, t in zip(pieces, prompt["tokens"])]
+    return values, labels
+
+
+def _brief(shapes: list) -> str:
+    text = ", ".join(f"({b}, {s})" for b, s in shapes[:6])
+    return f"[{text}{', ...' if len(shapes) > 6 else ''}] ({len(shapes)} entries)"

@@ -1,0 +1,260 @@
+"""The runtime's command-line tools, called in-process: `xlora-generate` and `xlora-plot-scalings`, and the plot.
+
+Outputs are checked against `Generator` itself (text, tokens, scalings); the scalings log and its tokens record
+are read back with `load_scalings_log` and followed row by row; every bad input gives exit code 1 and one line.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import exported
+from xlora_export.xlora_utils import load_scalings_log
+from xlora_runtime import Generator, XLoraError, XLoraSession
+from xlora_runtime.cli import build_generate_parser, build_plot_parser, generate_main, plot_main, tokens_record_path
+from xlora_runtime.plot import MAX_TOKEN_LABELS, plot_scalings, row_scalings, tick_positions
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RUNTIME = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runtime", "xlora_runtime")
+
+
+@pytest.fixture(scope="module")
+def graph() -> str:
+    return exported("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def generator(graph) -> Generator:
+    return Generator(XLoraSession(graph, threads=1))
+
+
+@pytest.fixture(scope="module")
+def shape(generator) -> tuple[int, int]:
+    """(L modules, n experts)."""
+    return generator.session.info.n_modules, generator.session.info.n_experts
+
+
+def run(main, argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def json_lines(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def check_png(path: str) -> None:
+    from matplotlib.image import imread
+
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    height, width = imread(path).shape[:2]
+    assert height > 0 and width > 0
+
+
+# --------------------------------------------------------------------------------------------- xlora-generate
+def test_text_prompt(graph, generator, capsys):
+    code, out, err = run(generate_main, [graph, "the model mixes", "--max-new-tokens", "6", "--threads", "1"],
+                         capsys)
+    assert code == 0, err
+    [expected] = generator.generate("the model mixes", max_new_tokens=6)
+    assert expected.text and out.startswith(expected.text + "\n")
+    stats = out.splitlines()[-1]
+    assert "tokens/s" in stats and "peak cache" in stats and "KiB" in stats
+
+
+def test_ids_two_prompts(graph, generator, capsys):
+    code, out, err = run(generate_main, [graph, "5,6,7", "8, 9, 10, 11", "--ids", "--max-new-tokens", "4"], capsys)
+    assert code == 0, err
+    expected = generator.generate([[5, 6, 7], [8, 9, 10, 11]], max_new_tokens=4)
+    lines = out.splitlines()
+    assert lines[0] == f"[0] {expected[0].text}" and lines[1] == f"[1] {expected[1].text}"
+    assert "tokens/s" in lines[2]
+
+
+def test_json(graph, generator, shape, capsys):
+    code, out, err = run(generate_main, [graph, "the model mixes", "hello", "--json", "--max-new-tokens", "5",
+                                         "--no-eos"], capsys)
+    assert code == 0, err
+    records = json_lines(out)
+    expected = generator.generate(["the model mixes", "hello"], max_new_tokens=5, stop_token_ids=[])
+    assert len(records) == 2
+    for i, (record, want) in enumerate(zip(records, expected)):
+        assert set(record) >= {"tokens", "text", "finish_reason", "scalings"}
+        assert record["prompt"] == i and record["tokens"] == want.tokens and record["text"] == want.text
+        assert record["finish_reason"] == "length"
+        scalings = np.array(record["scalings"])
+        assert scalings.shape == (5, *shape)
+        np.testing.assert_allclose(scalings, want.scalings, atol=6e-5)
+
+
+def test_freeze_scalings_after_0(graph, capsys):
+    base = [graph, "the model mixes", "--json", "--max-new-tokens", "6", "--no-eos"]
+    code, out, err = run(generate_main, base + ["--freeze-scalings-after", "0"], capsys)
+    assert code == 0, err
+    [frozen] = json_lines(out)
+    [granular] = json_lines(run(generate_main, base, capsys)[1])
+    scalings = np.array(frozen["scalings"])
+    assert len(frozen["tokens"]) == 6 and (scalings == scalings[0]).all()  # frozen at the prompt's last token
+    assert frozen["scalings"][0] == granular["scalings"][0] and frozen["tokens"][0] == granular["tokens"][0]
+
+
+def test_stream_prints_the_same_text(graph, generator, capsys):
+    code, out, err = run(generate_main, [graph, "the model mixes", "--stream", "--max-new-tokens", "6"], capsys)
+    assert code == 0, err
+    [expected] = generator.generate("the model mixes", max_new_tokens=6)
+    assert out.startswith(expected.text + "\n") and "tokens/s" in out.splitlines()[-1]
+    code, out, err = run(generate_main, [graph, "the", "hello", "--stream", "--max-new-tokens", "4"], capsys)
+    assert code == 0, err
+    assert sorted(line[:3] for line in out.splitlines()[:-1]) == ["[0]", "[1]"]
+
+
+def test_stop_ids_and_sampling(graph, generator, capsys):
+    [greedy] = generator.generate("the model mixes", max_new_tokens=4, stop_token_ids=[])
+    code, out, err = run(generate_main, [graph, "the model mixes", "--json", "--stop-id", str(greedy.tokens[0])],
+                         capsys)
+    assert code == 0, err
+    [record] = json_lines(out)
+    assert record["tokens"] == greedy.tokens[:1] and record["finish_reason"] == "stop_token"
+    argv = [graph, "the model mixes", "--json", "--sample", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]
+    first, second = (json_lines(run(generate_main, argv, capsys)[1]) for _ in range(2))
+    assert first == second  # --seed makes sampling reproducible
+
+
+def test_log_scalings_and_plot(graph, shape, tmp_path, capsys):
+    log = str(tmp_path / "log")
+    code, out, err = run(generate_main, [graph, "the model mixes", "hi", "--max-new-tokens", "6", "--no-eos",
+                                         "--log-scalings", log], capsys)
+    assert code == 0, err
+    assert f"wrote {tokens_record_path(log)}" in out
+    entries = load_scalings_log(log)
+    assert len(entries) == 6 and entries[0].shape[0] == 2 and entries[0].shape[2:] == shape
+    assert all(tuple(e.shape) == (2, 1, *shape) for e in entries[1:])
+    with open(tokens_record_path(log)) as f:
+        record = json.load(f)
+    assert [len(p["tokens"]) for p in record["prompts"]] == [6, 6] and len(record["expert_names"]) == shape[1]
+    for extra in ([], ["--module", "1"], ["--row", "1", "--include-prompt"]):
+        png = str(tmp_path / f"plot{len(extra)}.png")
+        code, out, err = run(plot_main, [log, png] + extra, capsys)
+        assert code == 0, err
+        assert out.strip() == png
+        check_png(png)
+
+
+@pytest.mark.parametrize("freeze", [None, 2])
+def test_log_rows_match_the_tokens(graph, tmp_path, capsys, freeze):
+    """Rows leave the log as sequences stop (and freeze): the tokens record follows each prompt exactly."""
+    prompts = ["5,6,7", "8,9,10,11", "12,13"]
+    [_, middle, _] = json_lines(run(generate_main, [graph, *prompts, "--ids", "--json", "--no-eos"], capsys)[1])
+    log = str(tmp_path / "log")
+    argv = [graph, *prompts, "--ids", "--json", "--no-eos", "--max-new-tokens", "8", "--stop-id",
+            str(middle["tokens"][1]), "--log-scalings", log]
+    argv += [] if freeze is None else ["--freeze-scalings-after", str(freeze)]
+    code, out, err = run(generate_main, argv, capsys)
+    assert code == 0, err
+    records = json_lines(out)
+    assert records[1]["finish_reason"] == "stop_token" and len(records[1]["tokens"]) <= 2
+    with open(tokens_record_path(log)) as f:
+        record = json.load(f)
+    arrays = [e.numpy() for e in load_scalings_log(log)]
+    assert arrays[0].shape[0] == 3 and 0 < arrays[-1].shape[0] < 3  # rows left the log
+    for row, want in enumerate(records):
+        values, labels = row_scalings(arrays, row, record=record)
+        assert len(labels) == len(values) == len(want["tokens"])
+        np.testing.assert_allclose(values, np.array(want["scalings"]), atol=6e-5)
+        with_prompt, labels = row_scalings(arrays, row, include_prompt=True, record=record)
+        prompt_length = len(prompts[row].split(","))
+        assert len(with_prompt) == len(labels) == prompt_length - 1 + len(want["tokens"])
+    os.remove(tokens_record_path(log))  # without the record, --row is the row index within each entry
+    values, labels = row_scalings(arrays, 2)  # stops once prompt 1 has left: row 2 no longer exists
+    assert len(values) == len(labels) and 1 <= len(values) <= 2
+    np.testing.assert_allclose(values, np.array(records[2]["scalings"][:len(values)]), atol=6e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["missing.onnx", "hi"], "no such file"),
+    (["{graph}", "5,6,99999", "--ids"], "outside the vocabulary"),
+    (["{graph}", "hi", "--expert-top-k", "99"], "expert_top_k=99"),
+    (["{graph}", "5,x", "--ids"], "comma-separated list of token ids"),
+    (["{graph}", "hi", "--temperature", "0.5"], "add --sample"),
+    (["{graph}", "hi", "--log-scalings", "/no/such/folder/log"], "does not exist"),
+])
+def test_generate_user_errors(graph, capsys, argv, message):
+    code, out, err = run(generate_main, [a.replace("{graph}", graph) for a in argv], capsys)
+    assert code == 1
+    assert len(err.splitlines()) == 1 and err.startswith("xlora-generate: error:") and message in err
+    assert "Traceback" not in err + out
+
+
+def test_plot_user_errors(graph, tmp_path, capsys):
+    log = str(tmp_path / "log")
+    assert run(generate_main, [graph, "hi", "--max-new-tokens", "3", "--log-scalings", log], capsys)[0] == 0
+    png = str(tmp_path / "out.png")
+    for argv, message in [([str(tmp_path / "missing"), png], "neither"), ([log, png, "--module", "99"], "module 99"),
+                          ([log, png, "--experts", "a,b"], "2 names"), ([log, png, "--row", "4"], "row 4")]:
+        code, out, err = run(plot_main, argv, capsys)
+        assert code == 1
+        assert len(err.splitlines()) == 1 and err.startswith("xlora-plot-scalings: error:") and message in err
+        assert "Traceback" not in err + out
+    assert not os.path.exists(png)
+
+
+@pytest.mark.parametrize("main, parser", [(generate_main, build_generate_parser), (plot_main, build_plot_parser)])
+def test_help_lists_every_option(main, parser, capsys):
+    code, out, _ = run(main, ["--help"], capsys)
+    assert code == 0
+    flat = "".join(out.split())  # help lines wrap anywhere, even after a hyphen
+    for action in parser()._actions:
+        assert action.help, action.option_strings or action.dest
+        for option in action.option_strings:
+            assert option in out
+        assert "".join(action.help.split()) in flat
+
+
+# ------------------------------------------------------------------------------------------------------ plot
+def test_plot_function(shape, tmp_path):
+    scalings = np.random.default_rng(0).random((10, *shape)).astype(np.float32)
+    experts = [f"e{j}" for j in range(shape[1])]
+    labels = [f"tok{i}" for i in range(12)]
+    with pytest.raises(XLoraError, match="12 token labels for 10 tokens"):
+        plot_scalings(scalings, str(tmp_path / "bad.png"), experts, labels)
+    with pytest.raises(XLoraError, match="module 99"):
+        plot_scalings(scalings, str(tmp_path / "bad.png"), experts, module=99)
+    with pytest.raises(XLoraError, match="expert names"):
+        plot_scalings(scalings, str(tmp_path / "bad.png"), experts[:-1])
+    for module in (None, 1):
+        path = str(tmp_path / f"plot-{module}.png")
+        assert plot_scalings(scalings, path, experts, labels[:10], module=module, module_name="q_proj") == path
+        check_png(path)
+    assert sorted(os.listdir(tmp_path)) == ["plot-1.png", "plot-None.png"]  # no temporary file left behind
+
+
+def test_token_labels_are_thinned():
+    assert tick_positions(12) == list(range(12))
+    shown = tick_positions(500)
+    assert shown[0] == 0 and len(shown) <= MAX_TOKEN_LABELS and len(tick_positions(MAX_TOKEN_LABELS)) == 64
+
+
+def test_plot_without_matplotlib(shape, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(XLoraError, match=r"pip install xlora-runtime\[plot\]"):
+        plot_scalings(np.zeros((3, *shape)), str(tmp_path / "x.png"), [f"e{j}" for j in range(shape[1])])
+
+
+def test_runtime_imports_no_heavy_dependency():
+    for name in sorted(os.listdir(RUNTIME)):
+        if name.endswith(".py"):
+            with open(os.path.join(RUNTIME, name)) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                for module in modules:
+                    assert module.split(".")[0] not in {"torch", "transformers", "peft"}, f"{name} imports {module}"
