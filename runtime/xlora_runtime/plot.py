@@ -30,12 +30,13 @@ def tick_positions(count: int, max_labels: int = MAX_TOKEN_LABELS) -> list[int]:
 
 
 def token_label(piece: str | None, token: int) -> str:
-    """A readable axis label for a token: its text with newlines and tabs escaped, else `#id`."""
+    """A readable axis label for a token: its text with whitespace made visible and control characters
+    escaped, else `#id`."""
     if not piece:
         return f"#{token}"
     if not piece.strip():
         return repr(piece)[1:-1].replace(" ", "\u2423")  # whitespace made visible
-    return piece.replace("\n", "\\n").replace("\t", "\\t")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in piece)
 
 
 def plot_scalings(scalings: np.ndarray, path: str, expert_names: list[str], token_labels: list[str] | None = None,
