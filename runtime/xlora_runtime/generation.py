@@ -81,7 +81,7 @@ class Generator:
 
     def __init__(self, session: XLoraSession) -> None:
         self.session = session
-        self.log_scalings = False  # when True, every granular graph run appends its (g, s, L, n) scalings
+        self.log_scalings = False  # when True, every graph run appends its (g, s, L, n) scalings
         self.scalings_log: list[np.ndarray] = []
         self.peak_cache_bytes = 0  # largest cache memory held during the last call
 
@@ -115,7 +115,7 @@ class Generator:
         if len(values) != b:
             raise XLoraError(f"freeze_scalings_after: {len(values)} values for {b} prompts")
         for v in values:
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0):
                 raise XLoraError(f"freeze_scalings_after={v!r}: expected None or an int >= 0")
         if any(v is not None for v in values):
             self.session.frozen  # noqa: B018 - opens OUT.frozen.onnx, or raises the clear error now
@@ -140,7 +140,7 @@ class Generator:
                 sequence's scalings are frozen at its latest token and it continues on OUT.frozen.onnx.
             return_logits: include each step's logits in the events.
         Raises:
-            XLoraError: bad prompts or options (checked before anything runs).
+            XLoraError: bad prompts or options, raised by this call (before the iterator runs anything).
         """
         info = self.session.info
         encoded = self.encode(prompts)
@@ -153,15 +153,22 @@ class Generator:
         if stop_strings and self.session.tokenizer is None:
             raise XLoraError("stop_strings need the tokenizer, and none travelled with this export")
         top_k = self.session.check_top_k(info.default_top_k if expert_top_k is None else expert_top_k)
-        b = len(encoded)
-        freeze_at = self._freeze_steps(freeze_scalings_after, b)
+        freeze_at = self._freeze_steps(freeze_scalings_after, len(encoded))
         stops = np.array(info.eos_token_ids if stop_token_ids is None else list(stop_token_ids), dtype=np.int64)
+        width = max(len(p) for p in encoded)
+        # the last chosen token is never fed back: width + max_new_tokens - 1 positions are processed
+        max_new_tokens = min(max_new_tokens, info.max_positions - width + 1)
+        return self._run(encoded, max_new_tokens, do_sample, temperature, top_p, seed, stops, stop_strings, top_k,
+                         freeze_at, return_logits)
+
+    def _run(self, encoded: list[list[int]], max_new_tokens: int, do_sample: bool, temperature: float,
+             top_p: float, seed: int | None, stops: np.ndarray, stop_strings: Sequence[str], top_k: int,
+             freeze_at: np.ndarray, return_logits: bool) -> Iterator[TokenEvent]:
+        """The generation loop of `stream`, on validated inputs."""
+        info = self.session.info
+        b = len(encoded)
         lengths = np.array([len(p) for p in encoded])
         width = int(lengths.max())
-        max_new_tokens = min(max_new_tokens, info.max_positions - width)
-        if max_new_tokens < 1:
-            raise XLoraError(f"prompt of {width} tokens leaves no room in the model's {info.max_positions} positions")
-
         rng = np.random.default_rng(seed)
         mask = np.zeros((b, width + max_new_tokens), np.int64)  # preallocated; column t = position t
         ids = np.full((b, width), info.pad_token_id, np.int64)
@@ -209,8 +216,8 @@ class Generator:
             for group in runs:
                 rows = group.rows
                 out = group.run(last_token[rows, None], mask[rows, :total], next_position[rows, None], top_k)
-                if self.log_scalings and not group.frozen:
-                    self.scalings_log.append(out.scalings)
+                if self.log_scalings:  # a frozen group logs its fixed scalings, as the eager model does
+                    self.scalings_log.append(group.fixed_scalings[:, None] if group.frozen else out.scalings)
                 new_runs.append((group, out))
             runs = new_runs
             next_position += 1

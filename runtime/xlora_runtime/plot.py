@@ -118,15 +118,14 @@ def row_scalings(log: list[np.ndarray], row: int = 0, include_prompt: bool = Fal
 
     A log of one `generate` call holds the prefill (b, s, L, n) and then one (b', 1, L, n) entry per decode
     step. Each token is chosen by the scalings of the position before it: the prefill's last position chose the
-    first new token, decode entry k chose token k. Rows leave later entries when their sequence finishes (and,
-    in the runtime, when its scalings freeze), so b' shrinks and the rows after a departed one move up.
+    first new token, decode entry k chose token k. Rows leave later entries when their sequence finishes, so
+    b' shrinks and the rows after a departed one move up. (Frozen sequences log their fixed scalings.)
 
     Args:
         log: the arrays of `load_scalings_arrays`.
         row: without `record`, the row index within each entry; the sequence stops at the first entry that has
             no such row (or at the next prefill). With `record`, the prompt index: its row is followed exactly
-            through the entries as other sequences leave, and tokens generated after its scalings froze repeat
-            the frozen scalings.
+            through the entries as other sequences leave.
         include_prompt: also the prefill's positions (left padding skipped when `record` gives the prompt).
         record: the `PATH-tokens.json` written by `xlora-generate --log-scalings PATH`.
     Returns:
@@ -166,16 +165,11 @@ def _recorded_row(log: list[np.ndarray], row: int, include_prompt: bool,
     if not 0 <= row < len(prompts):
         raise XLoraError(f"row {row}: the tokens record has {len(prompts)} prompts")
     lengths = [len(p["tokens"]) for p in prompts]
-    freeze = record.get("freeze_scalings_after")
-    frozen_after = [math.inf if freeze is None else freeze] * len(prompts)
     width = max(len(p["prompt_ids"]) for p in prompts)
-    # entry k >= 1 holds, in prompt order, the sequences that chose a k-th token and had not frozen yet
+    # entry k >= 1 holds, in prompt order, the sequences that chose a k-th token (frozen ones log their
+    # fixed scalings; `xlora-generate` freezes every sequence after the same number of steps, so the order holds)
     members = [list(range(len(prompts)))]
-    for k in range(1, max(lengths)):
-        alive = [i for i in range(len(prompts)) if lengths[i] > k and frozen_after[i] >= k]
-        if not alive:
-            break
-        members.append(alive)
+    members += [[i for i in range(len(prompts)) if lengths[i] > k] for k in range(1, max(lengths))]
     expected = [(len(members[0]), width)] + [(len(m), 1) for m in members[1:]]
     actual = [a.shape[:2] for a in log]
     if actual != expected:
@@ -185,9 +179,6 @@ def _recorded_row(log: list[np.ndarray], row: int, include_prompt: bool,
     values = [log[0][row, width - len(prompt["prompt_ids"]):] if include_prompt else log[0][row, -1:]]
     values += [entry[rows.index(row)] for entry, rows in zip(log[1:], members[1:]) if row in rows]
     values = np.concatenate(values)
-    generated = len(values) - (len(prompt["prompt_ids"]) - 1 if include_prompt else 0)
-    if generated < lengths[row]:  # frozen: the remaining tokens were chosen with the last scalings
-        values = np.concatenate([values, np.repeat(values[-1:], lengths[row] - generated, axis=0)])
     labels = []
     if include_prompt:
         pieces = prompt.get("prompt_pieces") or [None] * len(prompt["prompt_ids"])

@@ -22,6 +22,8 @@ __all__ = ["PROVIDERS", "GraphInfo", "XLoraSession"]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 _DTYPES = {"float32": np.float32, "float16": np.float16}
+_REQUIRED = {"num_layers", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "n_modules",
+             "n_experts", "modules", "adapters", "default_top_k", "caches", "graph"}
 
 
 @dataclass(frozen=True)
@@ -111,9 +113,14 @@ def _read_info(session: ort.InferenceSession, path: str) -> GraphInfo:
         record = json.loads(meta[C.METADATA_KEY])
     except json.JSONDecodeError as e:
         raise XLoraError(f"{path}: the '{C.METADATA_KEY}' metadata record is not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise XLoraError(f"{path}: the '{C.METADATA_KEY}' metadata record is not a JSON object")
     if record.get("format_version") != C.FORMAT_VERSION:
         raise XLoraError(f"{path}: metadata format_version {record.get('format_version')!r}; this runtime reads "
                          f"{C.FORMAT_VERSION}")
+    missing = sorted(_REQUIRED - set(record))
+    if missing:
+        raise XLoraError(f"{path}: the '{C.METADATA_KEY}' metadata record lacks {missing}")
     return GraphInfo(path, record)
 
 
@@ -189,7 +196,10 @@ class XLoraSession:
         """Validate one sequence of token ids against the vocabulary and the positions."""
         if len(ids) == 0:
             raise XLoraError(f"{what} is empty")
-        bad = [i for i in ids if not isinstance(i, (int, np.integer)) or not 0 <= i < self.info.vocab_size]
+        not_ints = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+        if not_ints:
+            raise XLoraError(f"{what}: {not_ints[0]!r} is not a token id (expected ints)")
+        bad = [i for i in ids if not 0 <= i < self.info.vocab_size]
         if bad:
             raise XLoraError(f"{what}: token id {bad[0]!r} is outside the vocabulary 0..{self.info.vocab_size - 1}")
         if len(ids) > self.info.max_positions:

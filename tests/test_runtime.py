@@ -1,0 +1,561 @@
+"""xlora-runtime: torch-free generation over an exported graph (SPEC sections 3, 4, 6, 8).
+
+The runtime must reproduce the eager model: greedy tokens equal to the cached `generate` and to the no-cache
+recompute (the correctness definition of section 3), logits within 1e-4, scalings within 1e-5, for every
+top_k and for frozen scalings (per row); its scalings log must match the eager model's entry by entry and
+load with `load_scalings_log`; bad inputs raise one-line `XLoraError`s and leave the generator usable; and
+finished or frozen rows must release their caches.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from functools import cache
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import xlora_export as xlora
+from helpers import built, exported, left_padded
+from xlora_export.xlora_utils import load_scalings_log
+from xlora_runtime import Generator, XLoraError, XLoraSession
+from xlora_runtime import contract as C
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNTIME_PACKAGE = os.path.join(ROOT, "runtime", "xlora_runtime")
+RECIPES = ("tiny-llama", "tiny-mistral", "tiny-qwen2")
+PROMPTS = ([5, 17, 99, 230, 41, 8, 77], [300, 22, 9], [12, 250, 14, 140, 33])  # three lengths: left padding
+STEPS = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread and one ONNX Runtime thread: these models are tiny, and two thread pools taking
+    turns on two (possibly busy) cores made this file 30x slower under load than on a quiet machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@cache
+def session(name: str = "tiny-llama") -> XLoraSession:
+    return XLoraSession(exported(name), threads=1)
+
+
+@cache
+def eager(name: str = "tiny-llama") -> xlora.xLoRAModel:
+    return xlora.xlora_utils.load_model(built(name))[0].eval()
+
+
+def eager_generate(model: xlora.xLoRAModel, prompts, steps: int = STEPS, **kwargs) -> list[list[int]]:
+    """The eager model's cached greedy `generate`, new tokens only, one list per prompt."""
+    ids, mask = left_padded(list(prompts))
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, eos_token_id=None, **kwargs)
+    return out[:, ids.shape[1]:].tolist()
+
+
+@torch.no_grad()
+def recompute(model: xlora.xLoRAModel, prompts, steps: int = STEPS):
+    """The reference: the whole sequence through the model every step (no cache), argmax.
+
+    Returns (tokens (b, steps), logits (b, steps, vocab), scalings (b, steps, L, n)) at each step's last position.
+    """
+    ids, mask = left_padded(list(prompts))
+    tokens, logits, scalings = [], [], []
+    for _ in range(steps):
+        out = model(ids, attention_mask=mask, use_cache=False)
+        last = out.logits[:, -1]
+        nxt = last.argmax(-1)
+        tokens.append(nxt)
+        logits.append(last)
+        scalings.append(out.scalings[:, -1])
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return (torch.stack(tokens, 1).tolist(), torch.stack(logits, 1).double().numpy(),
+            torch.stack(scalings, 1).double().numpy())
+
+
+def tokens_of(results) -> list[list[int]]:
+    return [r.tokens for r in results]
+
+
+def expect_error(call, match: str) -> str:
+    """`call()` raises a one-line XLoraError whose message contains `match` (case-insensitive)."""
+    with pytest.raises(XLoraError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message, f"not one line: {message!r}"
+    assert match.lower() in message.lower(), f"{match!r} not in {message!r}"
+    return message
+
+
+def still_works(gen: Generator) -> None:
+    [result] = gen.generate([PROMPTS[0]], max_new_tokens=4, stop_token_ids=[])
+    assert len(result.tokens) == 4 and result.finish_reason == "length"
+
+
+def unit_bytes(info) -> int:
+    """Bytes one position of one row takes in ONE cache (key and value of every layer), computed from the
+    metadata independently of the runtime's bookkeeping."""
+    itemsize = {"float32": 4, "float16": 2}[info.record["caches"]["real"]["dtype"]]
+    return 2 * info.num_layers * info.kv_heads * info.head_dim * itemsize
+
+
+# ----------------------------------------------------------------------------------------------- torch-free
+_TORCH_FREE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    for name in ("torch", "transformers", "peft"):
+        sys.modules[name] = None  # `import torch` now raises ImportError
+    try:
+        import torch  # noqa
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("the torch block did not work")
+    from xlora_runtime import Generator, XLoraSession
+    gen = Generator(XLoraSession(sys.argv[1]))
+    [text] = gen.generate("the model mixes", max_new_tokens=6, stop_token_ids=[])
+    ids = gen.generate([[5, 17, 99, 230], [300, 22, 9]], max_new_tokens=5, stop_token_ids=[])
+    assert sys.modules.get("torch") is None, "xlora_runtime imported torch"
+    loaded = sorted(m for m in sys.modules if sys.modules[m] is not None
+                    and m.split(".")[0] in ("torch", "transformers", "peft"))
+    print(json.dumps({"text_tokens": text.tokens, "text": text.text, "id_tokens": [r.tokens for r in ids],
+                      "loaded": loaded}))
+""")
+
+
+def test_runtime_runs_with_torch_unimportable():
+    path = exported("tiny-llama")
+    runtime_root = os.path.dirname(RUNTIME_PACKAGE)  # this checkout's runtime, installed or not
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [runtime_root, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", _TORCH_FREE_SCRIPT, path], capture_output=True, text=True,
+                            cwd=os.path.dirname(path), env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["loaded"] == [], f"imported without being asked: {report['loaded']}"
+    assert len(report["text_tokens"]) == 6 and isinstance(report["text"], str)
+    assert [len(t) for t in report["id_tokens"]] == [5, 5]
+    # the same tokens as the runtime in this (torch-importing) process
+    gen = Generator(session())
+    assert report["text_tokens"] == gen.generate("the model mixes", max_new_tokens=6, stop_token_ids=[])[0].tokens
+    assert report["id_tokens"] == tokens_of(gen.generate([[5, 17, 99, 230], [300, 22, 9]], max_new_tokens=5,
+                                                         stop_token_ids=[]))
+
+
+_FORBIDDEN = {"torch", "transformers", "peft"}
+
+
+def _imports(tree: ast.AST) -> list[tuple[int, str]]:
+    """Every module a file imports: import statements anywhere (functions included), `from . import`
+    excluded, plus `importlib.import_module("x")` / `__import__("x")` with a literal name."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", None)
+            if name in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+                found.append((node.lineno, node.args[0].value))
+    return found
+
+
+def test_runtime_sources_never_import_torch():
+    files = [os.path.join(folder, f) for folder, _, names in os.walk(RUNTIME_PACKAGE) for f in names
+             if f.endswith(".py")]
+    assert len(files) >= 6, files
+    offenders, seen = [], set()
+    for path in sorted(files):
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        for line, module in _imports(tree):
+            seen.add(module.split(".")[0])
+            if module.split(".")[0] in _FORBIDDEN:
+                offenders.append(f"{os.path.relpath(path, ROOT)}:{line} imports {module}")
+    assert not offenders, offenders
+    assert "onnxruntime" in seen and "numpy" in seen  # the walk did find the imports
+
+
+def test_static_check_catches_a_function_level_import():
+    source = "def f():\n    import torch.nn\n    from peft import x\n    importlib.import_module('transformers')\n"
+    tree = ast.parse(source)
+    assert {m.split(".")[0] for _, m in _imports(tree)} == _FORBIDDEN
+
+
+# ----------------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("name", RECIPES)
+def test_greedy_equals_eager_generate_and_no_cache_recompute(name):
+    model = eager(name)
+    results = Generator(session(name)).generate(list(PROMPTS), max_new_tokens=STEPS, stop_token_ids=[],
+                                                return_logits=True)
+    ref_tokens, ref_logits, ref_scalings = recompute(model, PROMPTS)
+    cached = eager_generate(model, PROMPTS)
+    assert cached == ref_tokens, "eager cached generate differs from the no-cache recompute"
+    assert tokens_of(results) == ref_tokens
+    info = session(name).info
+    for i, r in enumerate(results):
+        assert r.prompt_ids == list(PROMPTS[i])
+        assert r.finish_reason == "length"
+        assert r.logits.shape == (STEPS, info.vocab_size)
+        assert r.scalings.shape == (STEPS, info.n_modules, info.n_experts)
+        logit_diff = np.abs(r.logits - ref_logits[i]).max()
+        scaling_diff = np.abs(r.scalings - ref_scalings[i]).max()
+        assert logit_diff <= 1e-4, f"row {i}: logits differ by {logit_diff:.3g}"
+        assert scaling_diff <= 1e-5, f"row {i}: scalings differ by {scaling_diff:.3g}"
+    # not vacuous: the scalings change from token to token
+    assert np.abs(np.diff(results[0].scalings, axis=0)).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------- sampling, top-k
+def test_sampling_reproducible_with_seed():
+    gen = Generator(session())
+    options = dict(max_new_tokens=16, do_sample=True, temperature=1.5, top_p=0.95, stop_token_ids=[])
+    first = tokens_of(gen.generate(list(PROMPTS), seed=7, **options))
+    again = tokens_of(gen.generate(list(PROMPTS), seed=7, **options))
+    other = tokens_of(gen.generate(list(PROMPTS), seed=8, **options))
+    greedy = tokens_of(gen.generate(list(PROMPTS), max_new_tokens=16, stop_token_ids=[]))
+    assert first == again
+    assert first != other
+    assert first != greedy
+
+
+def test_top_k_matches_eager_set_topk_lora():
+    model, info = eager(), session().info
+    gen = Generator(session())
+    before = model.get_topk_lora()
+    outputs = {}
+    try:
+        for k in range(info.n_experts + 1):
+            model.set_topk_lora(None if k == 0 else k)
+            runtime = tokens_of(gen.generate(list(PROMPTS), max_new_tokens=STEPS, stop_token_ids=[],
+                                             expert_top_k=k))
+            assert runtime == eager_generate(model, PROMPTS), f"top_k={k}"
+            outputs[k] = runtime
+    finally:
+        model.set_topk_lora(before)
+    assert outputs[info.n_experts] == outputs[0]  # keeping every expert is dense
+    assert any(outputs[k] != outputs[0] for k in range(1, info.n_experts)), "top-k never changed the tokens"
+
+
+# ----------------------------------------------------------------------------------------------- frozen scalings
+def test_frozen_scalings_equal_eager_frozen_generate():
+    model, gen = eager(), Generator(session())
+    granular = tokens_of(gen.generate(list(PROMPTS), max_new_tokens=STEPS, stop_token_ids=[]))
+    differs = []
+    for k in (0, 1, 3):
+        runtime = gen.generate(list(PROMPTS), max_new_tokens=STEPS, stop_token_ids=[], freeze_scalings_after=k)
+        assert tokens_of(runtime) == eager_generate(model, PROMPTS, freeze_scalings_after=k), f"k={k}"
+        for r in runtime:  # the reported scalings stop changing once frozen
+            assert np.array_equal(r.scalings[k:], np.broadcast_to(r.scalings[k], r.scalings[k:].shape))
+        differs.append(tokens_of(runtime) != granular)
+    assert any(differs), "freezing never changed the tokens (the test would be vacuous)"
+
+
+def test_frozen_scalings_with_top_k():
+    """The frozen graph applies the same top_k input to its fixed scalings as the eager model does."""
+    model, gen = eager(), Generator(session())
+    before = model.get_topk_lora()
+    try:
+        for k in (1, 2):
+            model.set_topk_lora(k)
+            runtime = gen.generate(list(PROMPTS), max_new_tokens=16, stop_token_ids=[], expert_top_k=k,
+                                   freeze_scalings_after=1)
+            assert tokens_of(runtime) == eager_generate(model, PROMPTS, steps=16, freeze_scalings_after=1), f"k={k}"
+    finally:
+        model.set_topk_lora(before)
+
+
+def test_per_row_freezing():
+    model, gen = eager(), Generator(session())
+    ks = [0, None, 2]
+    results = gen.generate(list(PROMPTS), max_new_tokens=STEPS, stop_token_ids=[], freeze_scalings_after=ks)
+    for i, (prompt, k) in enumerate(zip(PROMPTS, ks)):
+        [alone] = eager_generate(model, [prompt], freeze_scalings_after=k)
+        assert results[i].tokens == alone, f"row {i} (freeze after {k})"
+    granular = gen.generate(list(PROMPTS), max_new_tokens=STEPS, stop_token_ids=[])
+    assert results[1].tokens == granular[1].tokens  # never frozen
+    assert np.abs(results[1].scalings - granular[1].scalings).max() <= 1e-6
+    assert np.abs(np.diff(results[1].scalings, axis=0)).max() > 1e-3
+    for i, k in ((0, 0), (2, 2)):
+        s = results[i].scalings
+        assert np.array_equal(s[k:], np.broadcast_to(s[k], s[k:].shape)), f"row {i} kept changing after freezing"
+        assert np.abs(s[:k + 1] - granular[i].scalings[:k + 1]).max() <= 1e-6  # granular up to the freeze
+
+
+# ----------------------------------------------------------------------------------------------- stopping, streaming
+def test_stop_token_ends_only_its_row():
+    gen = Generator(session())
+    free = tokens_of(gen.generate(list(PROMPTS), max_new_tokens=STEPS, stop_token_ids=[]))
+    stop = free[0][3]
+    # preconditions of the test (checked, not assumed): the token is new at step 3 and no other row makes it
+    assert stop not in free[0][:3] and all(stop not in row for row in free[1:]), free
+    results = gen.generate(list(PROMPTS), max_new_tokens=STEPS, stop_token_ids=[stop])
+    assert results[0].tokens == free[0][:4]
+    assert results[0].finish_reason == "stop_token"
+    assert results[0].scalings.shape[0] == 4
+    for i in (1, 2):
+        assert results[i].tokens == free[i]
+        assert results[i].finish_reason == "length"
+
+
+def test_default_stop_ids_are_the_exports_eos():
+    info = session().info
+    assert info.eos_token_ids == [eager().model.generation_config.eos_token_id]
+
+
+def _stop_string_in(pieces: list[str]) -> tuple[str, int] | None:
+    """A substring of the generated text that ends mid-way through token j's text and first appears there."""
+    text = "".join(pieces)
+    ends = np.cumsum([len(p) for p in pieces])  # text length after each token
+    for j in range(2, len(pieces)):
+        if len(pieces[j]) < 2:
+            continue
+        end = int(ends[j]) - 1  # one character before the piece's end
+        for start in range(max(0, end - 6), end - 2):
+            candidate = text[start:end]
+            if text.find(candidate) + len(candidate) == end and "\ufffd" not in candidate:
+                return candidate, j
+    return None
+
+
+def test_stop_string_stops_at_the_token_completing_it():
+    gen = Generator(session())
+    for prompt in ("a small classifier that reads", "the model mixes low rank experts", "the model mixes"):
+        events = list(gen.stream(prompt, max_new_tokens=STEPS, stop_token_ids=[]))
+        pieces = [e.text for e in events]
+        found = _stop_string_in(pieces)
+        if found:
+            break
+    else:
+        pytest.fail(f"no usable stop string in {''.join(pieces)!r}")
+    stop, at = found
+    [result] = gen.generate(prompt, max_new_tokens=STEPS, stop_token_ids=[], stop_strings=["never-seen", stop])
+    assert result.tokens == [e.token for e in events][:at + 1], (stop, at, pieces)
+    assert result.finish_reason == "stop_string"
+    assert result.text == "".join(pieces[:at + 1])
+    assert stop in result.text and stop not in result.text[:-len(pieces[at])]
+
+
+def test_stream_yields_generates_tokens_in_step_order():
+    gen = Generator(session())
+    options = dict(max_new_tokens=12, stop_token_ids=[], return_logits=True)
+    events = list(gen.stream(list(PROMPTS), **options))
+    steps = [e.step for e in events]
+    assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == 11
+    results = gen.generate(list(PROMPTS), **options)
+    for i, r in enumerate(results):
+        mine = [e for e in events if e.sequence == i]
+        assert [e.step for e in mine] == list(range(12))
+        assert [e.token for e in mine] == r.tokens
+        assert np.array_equal(np.stack([e.logits for e in mine]), r.logits)
+        assert [e.finish_reason for e in mine] == [None] * 11 + ["length"]
+
+
+# ----------------------------------------------------------------------------------------------- scalings log
+def test_scalings_log_round_trip_and_matches_eager(tmp_path):
+    info = session().info
+    gen = Generator(session())
+    gen.log_scalings = True
+    steps = 6
+    gen.generate(list(PROMPTS), max_new_tokens=steps, stop_token_ids=[])
+    log = gen.scalings_log
+    b, width = len(PROMPTS), max(len(p) for p in PROMPTS)
+    assert len(log) == steps  # the prefill and steps - 1 decode runs
+    assert log[0].shape == (b, width, info.n_modules, info.n_experts)
+    assert all(entry.shape == (b, 1, info.n_modules, info.n_experts) for entry in log[1:])
+    path = str(tmp_path / "log")
+    gen.flush_log_scalings(path)
+    loaded = load_scalings_log(path)
+    assert len(loaded) == len(log)
+    for a, t in zip(log, loaded):
+        assert isinstance(t, torch.Tensor) and np.array_equal(t.numpy(), a)
+
+    model = eager()
+    model.clear_scalings_log()
+    model.enable_scalings_logging()
+    try:
+        eager_generate(model, PROMPTS, steps=steps)
+        eager_log = model.get_scalings_log()
+    finally:
+        model.disable_scalings_logging()
+        model.clear_scalings_log()
+    assert [tuple(t.shape) for t in eager_log] == [a.shape for a in log]
+    _, mask = left_padded(list(PROMPTS))
+    real = mask.bool().numpy()  # compare real tokens only (SPEC 8)
+    assert np.abs(eager_log[0].numpy()[real] - log[0][real]).max() <= 1e-5
+    for j, (t, a) in enumerate(zip(eager_log[1:], log[1:]), 1):
+        assert np.abs(t.numpy() - a).max() <= 1e-5, f"log entry {j}"
+
+
+def test_frozen_scalings_log_matches_eager():
+    """Frozen steps log their fixed scalings (b, 1, L, n), as the eager model's frozen forward does."""
+    gen = Generator(session())
+    gen.log_scalings = True
+    gen.generate(list(PROMPTS), max_new_tokens=6, stop_token_ids=[], freeze_scalings_after=2)
+    model = eager()
+    model.clear_scalings_log()
+    model.enable_scalings_logging()
+    try:
+        eager_generate(model, PROMPTS, steps=6, freeze_scalings_after=2)
+        eager_log = model.get_scalings_log()
+    finally:
+        model.disable_scalings_logging()
+        model.clear_scalings_log()
+    log = gen.scalings_log
+    assert [tuple(t.shape) for t in eager_log] == [a.shape for a in log]
+    for j, (t, a) in enumerate(zip(eager_log[1:], log[1:]), 1):
+        assert np.abs(t.numpy() - a).max() <= 1e-5, f"log entry {j}"
+    np.testing.assert_array_equal(log[-1], log[-2])  # frozen: the same scalings every step
+
+
+def test_scalings_log_with_a_finished_row_round_trips(tmp_path):
+    gen = Generator(session())
+    free = tokens_of(gen.generate(list(PROMPTS), max_new_tokens=8, stop_token_ids=[]))
+    # the earliest token that is new to its row and that no other row makes: one row stops there
+    step, row = next((t, i) for t in range(1, 6) for i in range(3)
+                     if free[i][t] not in free[i][:t] and all(free[i][t] not in free[o] for o in range(3) if o != i))
+    gen.log_scalings = True
+    results = gen.generate(list(PROMPTS), max_new_tokens=8, stop_token_ids=[free[row][step]])
+    assert [len(r.tokens) for r in results] == [step + 1 if i == row else 8 for i in range(3)]
+    shapes = [a.shape[:2] for a in gen.scalings_log]
+    assert shapes == [(3, 7)] + [(3, 1)] * step + [(2, 1)] * (7 - step), shapes  # the row leaves after `step`
+    files = gen.flush_log_scalings(str(tmp_path / "log"))
+    assert any(f.endswith("-mapping.json") for f in files)
+    loaded = load_scalings_log(str(tmp_path / "log"))
+    assert len(loaded) == len(gen.scalings_log)
+    assert all(np.array_equal(t.numpy(), a) for t, a in zip(loaded, gen.scalings_log))
+
+
+# ----------------------------------------------------------------------------------------------- bad inputs
+def test_bad_graph_files(tmp_path):
+    gen = Generator(session())
+    expect_error(lambda: XLoraSession(str(tmp_path / "missing.onnx")), "no such file")
+    still_works(gen)
+
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\x01this is not a protobuf\xff" * 50)
+    expect_error(lambda: XLoraSession(str(garbage)), "cannot load")
+    still_works(gen)
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [x], [y])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    other = tmp_path / "identity.onnx"
+    onnx.save(proto, str(other))
+    assert ort.InferenceSession(str(other), providers=["CPUExecutionProvider"]).run(None, {"x": np.ones(1, np.float32)})
+    expect_error(lambda: XLoraSession(str(other)), "not an X-LoRA export")
+    still_works(gen)
+
+    frozen = C.frozen_path(exported("tiny-llama"))
+    assert os.path.isfile(frozen)
+    expect_error(lambda: XLoraSession(frozen), "frozen")
+    still_works(gen)
+
+
+def test_bad_ids_and_prompts():
+    gen = Generator(session())
+    info = session().info
+    expect_error(lambda: gen.generate([[5, -1, 7]], max_new_tokens=2), "vocabulary")
+    still_works(gen)
+    expect_error(lambda: gen.generate([[5, 6], [info.vocab_size]], max_new_tokens=2), "vocabulary")
+    still_works(gen)
+    expect_error(lambda: gen.generate([5] * (info.max_positions + 1), max_new_tokens=2), "positions")
+    still_works(gen)
+    [longest] = gen.generate([5] * (info.max_positions - 1), max_new_tokens=8, stop_token_ids=[])
+    assert 1 <= len(longest.tokens) <= 2 and longest.finish_reason == "length"  # capped by the positions
+    expect_error(lambda: gen.generate([[]], max_new_tokens=2), "empty")
+    expect_error(lambda: gen.generate([[5, 6], []], max_new_tokens=2), "empty")
+    expect_error(lambda: gen.generate("", max_new_tokens=2), "empty")
+    expect_error(lambda: gen.generate([], max_new_tokens=2), "prompts")
+    still_works(gen)
+
+
+def test_bad_options():
+    gen = Generator(session())
+    n = session().info.n_experts
+    expect_error(lambda: gen.generate([PROMPTS[0]], max_new_tokens=2, expert_top_k=n + 1), "expert_top_k")
+    still_works(gen)
+    expect_error(lambda: gen.generate([PROMPTS[0]], max_new_tokens=2, expert_top_k=-1), "expert_top_k")
+    still_works(gen)
+    expect_error(lambda: gen.generate([PROMPTS[0]], max_new_tokens=2, freeze_scalings_after=-1), "freeze")
+    expect_error(lambda: gen.generate(list(PROMPTS), max_new_tokens=2, freeze_scalings_after=[0, 1]), "freeze")
+    still_works(gen)
+
+
+def test_freezing_without_the_frozen_graph(tmp_path):
+    source = exported("tiny-llama")
+    lonely = tmp_path / os.path.basename(source)
+    shutil.copyfile(source, lonely)
+    alone = XLoraSession(str(lonely))
+    assert alone.info.frozen_path is None
+    gen = Generator(alone)
+    expect_error(lambda: gen.generate([PROMPTS[0]], max_new_tokens=3, freeze_scalings_after=1), "frozen.onnx")
+    [result] = gen.generate([PROMPTS[0]], max_new_tokens=4, stop_token_ids=[])  # still works, ids need no tokenizer
+    assert result.tokens == Generator(session()).generate([PROMPTS[0]], max_new_tokens=4, stop_token_ids=[])[0].tokens
+
+
+def test_unavailable_provider():
+    gen = Generator(session())
+    missing = [p for p, ep in (("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider"))
+               if ep not in ort.get_available_providers()]
+    for provider in missing:
+        expect_error(lambda p=provider: XLoraSession(exported("tiny-llama"), provider=p), "not available")
+        still_works(gen)
+    expect_error(lambda: XLoraSession(exported("tiny-llama"), provider="tpu"), "provider")
+    still_works(gen)
+    if not missing:
+        pytest.skip("CUDA and TensorRT providers are both installed: nothing unavailable to ask for")
+
+
+# ----------------------------------------------------------------------------------------------- cache memory
+def test_peak_cache_bytes_granular_and_frozen():
+    info = session().info
+    gen = Generator(session())
+    b, width, new = len(PROMPTS), max(len(p) for p in PROMPTS), 16
+    gen.generate(list(PROMPTS), max_new_tokens=new, stop_token_ids=[])
+    # the last run holds width + new - 1 positions (the last token is never fed back)
+    granular = 2 * unit_bytes(info) * b * (width + new - 1)
+    assert granular == 2 * 2 * info.num_layers * b * info.kv_heads * (width + new - 1) * info.head_dim * 4
+    assert gen.peak_cache_bytes == granular
+
+    gen.generate(list(PROMPTS), max_new_tokens=new, stop_token_ids=[], freeze_scalings_after=0)
+    # the prefill holds both caches of `width` positions; from the first decode step only the real cache
+    frozen = max(2 * unit_bytes(info) * b * width, unit_bytes(info) * b * (width + new - 1))
+    assert gen.peak_cache_bytes == frozen == granular // 2
+
+
+def test_finished_rows_free_their_caches():
+    info = session().info
+    gen = Generator(session())
+    new = 16
+    # two prompts of one width; the first stops at its first token, the other runs to the end
+    pairs = [([5, 17, 99, 230, 41], [12, 250, 14, 140, 33]), ([300, 22, 9, 41, 8], [77, 6, 120, 7, 200])]
+    for pair in pairs:
+        free = tokens_of(gen.generate(list(pair), max_new_tokens=new, stop_token_ids=[]))
+        if free[0][0] not in free[1]:
+            break
+    else:
+        pytest.fail(f"no prompt pair where the first row's first token is absent from the second row: {free}")
+    width = len(pair[0])
+    results = gen.generate(list(pair), max_new_tokens=new, stop_token_ids=[free[0][0]])
+    assert results[0].tokens == free[0][:1] and results[0].finish_reason == "stop_token"
+    assert results[1].tokens == free[1] and results[1].finish_reason == "length"
+    unit = 2 * unit_bytes(info)  # both caches, one row, one position
+    assert gen.peak_cache_bytes == unit * max(2 * width, width + new - 1)  # not 2 rows x (width + new - 1)
+    gen.generate([pair[1]], max_new_tokens=new, stop_token_ids=[])
+    assert gen.peak_cache_bytes == unit * (width + new - 1)  # the survivor alone holds as much as running alone
