@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -206,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="build every recipe")
     parser.add_argument("--out", default=ROOT, help="parent folder (default models/built)")
     args = parser.parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices
     names = list(RECIPES) if args.all else args.names
     for name in names:
         if name not in RECIPES:

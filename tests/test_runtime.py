@@ -476,8 +476,11 @@ def test_bad_ids_and_prompts():
     still_works(gen)
     expect_error(lambda: gen.generate([5] * (info.max_positions + 1), max_new_tokens=2), "positions")
     still_works(gen)
+    # capped by the positions: the last chosen token is never fed back, so a full-length prompt still gets one
     [longest] = gen.generate([5] * (info.max_positions - 1), max_new_tokens=8, stop_token_ids=[])
-    assert 1 <= len(longest.tokens) <= 2 and longest.finish_reason == "length"  # capped by the positions
+    assert len(longest.tokens) == 2 and longest.finish_reason == "length"
+    [full] = gen.generate([5] * info.max_positions, max_new_tokens=8, stop_token_ids=[])
+    assert len(full.tokens) == 1 and full.finish_reason == "length"
     expect_error(lambda: gen.generate([[]], max_new_tokens=2), "empty")
     expect_error(lambda: gen.generate([[5, 6], []], max_new_tokens=2), "empty")
     expect_error(lambda: gen.generate("", max_new_tokens=2), "empty")

@@ -13,10 +13,9 @@ from torch import nn
 
 from .errors import XLoraError
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "TARGETABLE", "check_architecture"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "check_architecture"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-TARGETABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def check_architecture(model: nn.Module) -> None:

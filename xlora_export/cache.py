@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .decoder import KV
 
 __all__ = ["XLoraCache"]
@@ -28,14 +26,6 @@ class XLoraCache:
     def get_seq_length(self) -> int:
         """past: the number of positions (padding included) held."""
         return self.real[0][0].shape[2] if self.real else 0
-
-    def select(self, rows: torch.Tensor) -> XLoraCache:
-        """The cache of a subset of the batch rows (e.g. to drop finished sequences)."""
-
-        def pick(kvs: list[KV] | None) -> list[KV] | None:
-            return None if kvs is None else [(k[rows], v[rows]) for k, v in kvs]
-
-        return XLoraCache(pick(self.real), pick(self.scaling))
 
     def nbytes(self) -> int:
         """Memory held by both caches, in bytes."""

@@ -32,7 +32,7 @@ from .graph import XLoraGraph
 from .model import xLoRAModel
 from .trt_check import Finding, check_tensorrt, op_counts
 from .validate import ParityResult, compare_with_eager
-from .xlora_utils import load_model
+from .xlora_utils import find_tokenizer, load_model
 
 __all__ = ["DTYPES", "ExportOptions", "ExportReport", "export"]
 
@@ -228,11 +228,8 @@ def _name_initializers(proto: onnx.ModelProto, model: xLoRAModel) -> None:
 
 
 def _tokenizer_source(model_dir: str, model: xLoRAModel, base_model: str | None) -> str | None:
-    base = base_model or resolve_base_model(model_dir, model.xlora_config.base_model_id)
-    for folder in (model_dir, base):
-        if folder and os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            return os.path.join(folder, "tokenizer.json")
-    return None
+    folder = find_tokenizer(model_dir, base_model or resolve_base_model(model_dir, model.xlora_config.base_model_id))
+    return os.path.join(folder, "tokenizer.json") if folder else None
 
 
 def _validate(model: xLoRAModel, report: ExportReport, paths: dict[str, str], options: ExportOptions,

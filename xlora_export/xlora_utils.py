@@ -11,21 +11,26 @@ from .checkpoints import detect_format, from_pretrained, read_checkpoint, resolv
 from .errors import XLoraError
 from .scalings_log import load_scalings_log
 
-__all__ = ["load_model", "load_scalings_log", "load_tokenizer"]
+__all__ = ["find_tokenizer", "load_model", "load_scalings_log", "load_tokenizer"]
+
+
+def find_tokenizer(*folders: str | None) -> str | None:
+    """The first folder (checkpoint first, then base model) that has a `tokenizer.json`, or None."""
+    return next((f for f in folders if f and os.path.isfile(os.path.join(f, "tokenizer.json"))), None)
 
 
 def load_tokenizer(*folders: str | None) -> Any:
-    """The tokenizer of the first folder that has one (checkpoint first, then base model), or None."""
+    """The tokenizer of the first folder that has one (see `find_tokenizer`), left padding; or None."""
     from transformers import AutoTokenizer
 
-    for folder in folders:
-        if folder and os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-            tokenizer.padding_side = "left"  # the generation convention of this project
-            return tokenizer
-    return None
+    folder = find_tokenizer(*folders)
+    if folder is None:
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # the generation convention of this project
+    return tokenizer
 
 
 def load_model(model_name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
