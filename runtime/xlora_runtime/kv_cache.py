@@ -4,7 +4,8 @@ Sequences that advance together (same total length: prompts left padded to one w
 token per step) form a `CacheGroup`. Each step binds the group's pasts to the graph's inputs and
 its outputs to fresh device buffers with ONNX Runtime IO binding, and the `present.*` /
 `scaling_present.*` buffers become the next step's pasts as they are: no host round trip, no
-per-step Python work that grows with the sequence (the concat inside the graph is the contract's).
+per-step Python work that grows with the sequence (the concat inside the graph is the contract's; the
+attention-mask input is one (g, total) int64 copy per step, which the contract's mask input implies).
 Rows leave a group (a finished sequence: its caches are freed) or move to the frozen group (its
 scaling cache is dropped) by one gather on the host: rare events, not per step.
 
