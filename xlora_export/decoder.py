@@ -44,8 +44,8 @@ def _proj(layer: nn.Module, x: torch.Tensor, gates: torch.Tensor | float | None,
     return layer(x, gates, g) if isinstance(layer, XLoraLinear) else layer(x)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
+def _rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
+    """RoPE's rotation; `half` = head_dim // 2 from the config (a constant in the graph, not a Shape op)."""
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
@@ -57,8 +57,8 @@ def _attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     k = _proj(attn.k_proj, x, gates, g).view(b, s, -1, hd).transpose(1, 2)  # (b, kv_heads, s, hd)
     v = _proj(attn.v_proj, x, gates, g).view(b, s, -1, hd).transpose(1, 2)  # (b, kv_heads, s, hd)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (b, 1, s, hd)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    q = q * cos + _rotate_half(q, hd // 2) * sin
+    k = k * cos + _rotate_half(k, hd // 2) * sin
     if past is not None:
         k = torch.cat([past[0], k], dim=2)  # (b, kv_heads, past + s, hd)
         v = torch.cat([past[1], v], dim=2)
