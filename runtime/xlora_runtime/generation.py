@@ -180,7 +180,7 @@ class Generator:
         finished = np.zeros(b, bool)
         last_token = np.zeros(b, np.int64)
         latest_scalings = np.zeros((b, info.n_modules, info.n_experts), np.float32)
-        decoders, texts = self._text_state(b)
+        decoders, tails = self._text_state(b)  # tails: the last generated characters, for stop strings
         max_stop = max((len(s) for s in stop_strings), default=0)
 
         group = CacheGroup(self.session, np.arange(b))
@@ -196,11 +196,12 @@ class Generator:
                     token = int(tokens[j])
                     last_token[row], latest_scalings[row] = token, row_scalings[j]
                     piece = self._decode(decoders, row, token)
-                    texts[row] += piece
+                    if max_stop:  # bounded: no per-step work that grows with the sequence
+                        tails[row] = (tails[row] + piece)[-(max_stop + len(piece)):]
                     reason = None
                     if token in stops:
                         reason = "stop_token"
-                    elif max_stop and any(s in texts[row][-(max_stop + len(piece)):] for s in stop_strings):
+                    elif max_stop and any(s in tails[row] for s in stop_strings):
                         reason = "stop_string"
                     elif step == max_new_tokens - 1:
                         reason = "length"
