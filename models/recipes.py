@@ -1,7 +1,7 @@
 """Deterministic recipes for tiny X-LoRA checkpoints (seconds on a CPU, no downloads).
 
     python -m models.recipes                 # the default model: models/built/tiny-llama
-    python -m models.recipes --all           # also tiny-mistral and tiny-qwen2
+    python -m models.recipes --all           # every recipe (one per supported family, the trained and 32M ones)
 
 A built checkpoint folder holds (this project's format):
     base/                 the base causal LM (transformers) and its tokenizer (made with `tokenizers`)
@@ -64,11 +64,15 @@ class ExpertSpec:
     rslora: bool = False
 
 
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+
+
 @dataclass
 class Recipe:
     """Sizes and experts of one tiny X-LoRA model."""
 
-    arch: str = "llama"
+    arch: str = "llama"  # a key of ARCHS
     hidden: int = 64
     layers: int = 2
     heads: int = 4
@@ -77,34 +81,62 @@ class Recipe:
     vocab: int = 384
     max_positions: int = 256
     tie_embeddings: bool = False
+    sliding_window: int | None = None  # shorter than the tests' prompts where set, so the window matters
+    config: dict = field(default_factory=dict)  # further HF config fields of the family (soft caps, head_dim...)
     experts: list[ExpertSpec] = field(default_factory=lambda: [
         ExpertSpec("alpha", 4, 16, ["q_proj", "v_proj"]),
-        ExpertSpec("beta", 8, 16, ["q_proj", "k_proj", "v_proj", "o_proj"]),
-        ExpertSpec("gamma", 6, 12, ["gate_proj", "up_proj", "down_proj", "q_proj"], rslora=True),
+        ExpertSpec("beta", 8, 16, ATTN),
+        ExpertSpec("gamma", 6, 12, [*MLP, "q_proj"], rslora=True),
     ])
     xlora_depth: int = 2
     xlora_size: int = 32
     layerwise_scalings: bool = True
     classifier_std: float = 0.2  # larger than nn.Linear's init so scalings differ between tokens
+    randomize_norms: bool = True  # norm weights and Linear biases random (a fresh init has 1s and 0s: blind tests)
     train_steps: int = 0  # > 0: train the base on the tokenizer corpus, so its logits are clearly peaked
     seed: int = 0
 
 
+def _config_classes() -> dict[str, type]:
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+            "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig, "phi3": Phi3Config}
+
+
 def base_config(recipe: Recipe, vocab: int):
     """The transformers config of the recipe's base model."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
-
-    common = dict(hidden_size=recipe.hidden, num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
+    classes = _config_classes()
+    if recipe.arch not in classes:
+        raise ValueError(f"unknown recipe arch {recipe.arch!r}; known: {', '.join(classes)}")
+    fields = dict(hidden_size=recipe.hidden, num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
                   num_key_value_heads=recipe.kv_heads, intermediate_size=recipe.intermediate, vocab_size=vocab,
                   max_position_embeddings=recipe.max_positions, tie_word_embeddings=recipe.tie_embeddings,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if recipe.arch == "llama":
-        return LlamaConfig(**common)
-    if recipe.arch == "mistral":
-        return MistralConfig(sliding_window=None, **common)
-    if recipe.arch == "qwen2":
-        return Qwen2Config(use_sliding_window=False, **common)
-    raise ValueError(f"unknown recipe arch {recipe.arch!r}")
+    if recipe.arch != "llama":
+        fields["sliding_window"] = recipe.sliding_window
+    fields.update(recipe.config)
+    return classes[recipe.arch](**fields)
+
+
+def _randomize_norms(model: torch.nn.Module, seed: int) -> None:
+    """Random norm weights (around the init) and Linear biases, so that a swapped norm or a dropped bias
+    changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower():
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+            elif name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def build_base(recipe: Recipe, out_dir: str) -> str:
@@ -115,6 +147,8 @@ def build_base(recipe: Recipe, out_dir: str) -> str:
     vocab = max(recipe.vocab, build_tokenizer(out_dir, recipe.vocab))  # a larger embedding than the tokenizer
     torch.manual_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(base_config(recipe, vocab))
+    if recipe.randomize_norms:
+        _randomize_norms(model, recipe.seed + 50)
     if recipe.train_steps:
         _train_on_corpus(model, out_dir, recipe.train_steps)
     model.save_pretrained(out_dir)
@@ -180,23 +214,45 @@ def build(recipe: Recipe, out_dir: str) -> str:
     return out_dir
 
 
+PHI3_EXPERTS = [
+    ExpertSpec("alpha", 4, 16, ["qkv_proj"]),
+    ExpertSpec("beta", 8, 16, ["qkv_proj", "o_proj", "gate_up_proj"]),
+    ExpertSpec("gamma", 6, 12, ["gate_up_proj", "down_proj"], rslora=True),
+]
 RECIPES = {
     "tiny-llama": Recipe(arch="llama"),
-    "tiny-mistral": Recipe(arch="mistral", seed=1),
-    "tiny-qwen2": Recipe(arch="qwen2", seed=2),
+    # zephyr-7b-beta's attention (Mistral with sliding_window on every layer), the window shorter than prompts
+    "tiny-mistral": Recipe(arch="mistral", seed=1, sliding_window=6),
+    # Qwen2 with q/k/v biases; use_sliding_window from layer max_window_layers=1 on (layer 0 full, layer 1 window 5)
+    "tiny-qwen2": Recipe(arch="qwen2", seed=2, sliding_window=5,
+                         config=dict(use_sliding_window=True, max_window_layers=1)),
+    # Qwen3: q_norm/k_norm, head_dim (24) not hidden/heads, tied embeddings
+    "tiny-qwen3": Recipe(arch="qwen3", seed=5, tie_embeddings=True, config=dict(head_dim=24)),
+    # Gemma 2: (1+w) norms, four per block, scaled embedding, query_pre_attn_scalar, both soft caps (small enough
+    # to bite on a tiny model), alternating sliding (window 4) / full layers, attention biases, tied embeddings
+    "tiny-gemma2": Recipe(arch="gemma2", seed=6, layers=3, tie_embeddings=True, sliding_window=4,
+                          config=dict(head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=1.0,
+                                      final_logit_softcapping=2.0, attention_bias=True)),
+    # Gemma 3 text: gemma2's norms + q_norm/k_norm, RoPE per layer type, sliding window 4 on layers 0 and 1
+    "tiny-gemma3": Recipe(arch="gemma3", seed=7, layers=3, tie_embeddings=True, sliding_window=4,
+                          config=dict(head_dim=16, query_pre_attn_scalar=16,
+                                      layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
+    # Phi-3: fused qkv_proj and gate_up_proj (experts target the fused modules), partial RoPE, window 6
+    "tiny-phi3": Recipe(arch="phi3", seed=8, sliding_window=6, config=dict(partial_rotary_factor=0.5),
+                        experts=PHI3_EXPERTS),
     # A trained base with gentler experts: clearly peaked logits, for greedy agreement of fp16 exports.
     "tiny-llama-trained": Recipe(arch="llama", seed=3, train_steps=200, experts=[
         ExpertSpec("alpha", 4, 2, ["q_proj", "v_proj"]),
-        ExpertSpec("beta", 8, 2, ["q_proj", "k_proj", "v_proj", "o_proj"]),
-        ExpertSpec("gamma", 6, 1.5, ["gate_proj", "up_proj", "down_proj", "q_proj"], rslora=True)]),
+        ExpertSpec("beta", 8, 2, ATTN),
+        ExpertSpec("gamma", 6, 1.5, [*MLP, "q_proj"], rslora=True)]),
     # About 32M parameters (SPEC section 9's calibration size), for benchmarks/: the vocabulary is padded
     # to 8192 rows beyond the tokenizer's few hundred tokens so that embedding and lm_head weigh what they would.
     "llama-32m": Recipe(arch="llama", hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=8192,
                         max_positions=512, tie_embeddings=False, seed=4, experts=[
-                            ExpertSpec(name, 16, 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                      "up_proj", "down_proj"])
-                            for name in ("code", "math", "chat", "story")]),
+                            ExpertSpec(name, 16, 16, ATTN + MLP) for name in ("code", "math", "chat", "story")]),
 }
+# The families the parity tests cover, one recipe each (hidden cases add other sizes and configurations).
+FAMILY_RECIPES = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3")
 DEFAULT = "tiny-llama"
 
 

@@ -38,6 +38,10 @@ VARIANTS = {
     "llama-external": ("tiny-llama", {}, {"external_data": True}),
     "mistral": ("tiny-mistral", {}, {}),
     "qwen2": ("tiny-qwen2", {}, {}),
+    "qwen3": ("tiny-qwen3", {}, {}),
+    "gemma2": ("tiny-gemma2", {}, {"frozen_scalings": True}),
+    "gemma3": ("tiny-gemma3", {}, {}),
+    "phi3": ("tiny-phi3", {}, {"frozen_scalings": True}),
 }
 
 
@@ -135,7 +139,8 @@ def test_metadata_is_enough_to_drive_the_graph():
 PARITY = [("llama", k) for k in range(4)] + [
     ("llama-shared-depth1", 0), ("llama-shared-depth1", 2), ("llama-depth3", 0), ("llama-depth3", 1),
     ("llama-softmaxtopk", 0), ("llama-softmaxtopk", 2), ("llama-scalingpass", 0), ("llama-scalingpass", 3),
-    ("mistral", 0), ("mistral", 2), ("qwen2", 0), ("qwen2", 1), ("llama-external", 0)]
+    ("mistral", 0), ("mistral", 2), ("qwen2", 0), ("qwen2", 1), ("llama-external", 0), ("qwen3", 0), ("qwen3", 2),
+    ("gemma2", 0), ("gemma2", 1), ("gemma3", 0), ("gemma3", 3), ("phi3", 0), ("phi3", 2)]
 
 
 @pytest.mark.parametrize("name,top_k", PARITY, ids=[f"{n}-topk{k}" for n, k in PARITY])

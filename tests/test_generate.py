@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import left_padded, make_xlora, max_diff
+from models.recipes import FAMILY_RECIPES
 from xlora_export import XLoraError
 
 PROMPTS = [[5, 17, 99, 230, 41, 8, 77], [300, 22, 9], [12, 250, 14, 140, 33]]
@@ -44,7 +45,7 @@ def cached(model, ids, mask, steps=STEPS, share_one_cache=False):
     return ids, torch.stack(logits, 1), torch.stack(scalings, 1)
 
 
-@pytest.mark.parametrize("recipe", ["tiny-llama", "tiny-mistral", "tiny-qwen2"])
+@pytest.mark.parametrize("recipe", FAMILY_RECIPES)
 def test_cached_generate_equals_recompute(recipe):
     model = make_xlora(recipe, seed=3)
     ids, mask = left_padded(PROMPTS)

@@ -11,7 +11,7 @@ import torch
 
 from helpers import make_xlora, max_diff
 from xlora_export.classifier import top_k_gates
-from xlora_export.decoder import allowed_keys, decoder_pass
+from xlora_export.decoder import attention_masks, decoder_pass, lm_logits
 
 STEPS = 20
 
@@ -144,15 +144,16 @@ def manual_grads(model, ids: torch.Tensor, scaling_pass_graph: bool) -> tuple[fl
     b, s = ids.shape
     mask = torch.ones(b, s, dtype=torch.int64)
     pos = torch.arange(s).expand(b, s)
-    allowed = allowed_keys(mask, s)
+    masks = attention_masks(mask, s, model.spec.windows)
     g = model.xlora_config.global_scaling_weight
     value = model.xlora_config.scaling_pass_value
     with contextlib.nullcontext() if scaling_pass_graph else torch.no_grad():
-        hidden, _ = decoder_pass(model.model, ids, pos, allowed, None, None if value == 0 else float(value), g)
+        hidden, _ = decoder_pass(model.model, model.spec, ids, pos, masks, None,
+                                 None if value == 0 else float(value), g)
     scalings = model.internal_xlora_classifier(hidden)
     gates = top_k_gates(scalings, model.xlora_config.top_k_lora, model.xlora_config.enable_softmax_topk)
-    h, _ = decoder_pass(model.model, ids, pos, allowed, None, gates, g)
-    logits = model.model.lm_head(h)
+    h, _ = decoder_pass(model.model, model.spec, ids, pos, masks, None, gates, g)
+    logits = lm_logits(model.model, model.spec, h)
     loss = model.model.loss_function(logits=logits, labels=ids, vocab_size=logits.shape[-1])
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -1,11 +1,23 @@
 """One pass of the base decoder with LoRA-wrapped Linears: the only forward in the project.
 
 The X-LoRA model (`model.py`) calls it twice per step, once per pass, each with its own
-KV cache; the eager model, training and the ONNX exporter all run this code.
+KV cache; the eager model, training and the ONNX exporter all run this code. The family
+differences (`architectures.DecoderSpec`) apply at the few places marked below.
 
-    input_ids (b, s) -> embed -> [block i: norm -> attn(q,k,v; RoPE; past_i ++ new) -> o
-                                  -> + -> norm -> down(act(gate) * up) -> +] x N -> norm
-    -> hidden (b, s, H), presents [(k, v)_i] each (b, kv_heads, past + s, head_dim)
+    input_ids (b, s) -> embed (HF module: Gemma scales it)
+      -> [block i: x = norm(h)
+                   q, k, v = proj(x)                  (Phi-3: one fused qkv_proj, split)
+                   q, k = q_norm(q), k_norm(k)        (Qwen3, Gemma 3)
+                   q, k = RoPE(q, k)                  (partial RoPE: first rotary_dim features;
+                                                       Gemma 3: the table of the layer's type)
+                   k, v = past_i ++ (k, v)
+                   a = o(softmax(softcap(q k^T * scaling) | mask_i) v)   (mask_i: causal, padding,
+                                                                          the layer's sliding window)
+                   h = h + attn_out_norm(a)           (Gemma: sandwich norm)
+                   m = down(act(gate(y)) * up(y)), y = mlp_in_norm(h)    (Phi-3: fused gate_up_proj)
+                   h = h + mlp_out_norm(m)            (Gemma: sandwich norm)] x N
+      -> norm -> hidden (b, s, H), presents [(k, v)_i] each (b, kv_heads, past + s, head_dim)
+    logits = softcap(lm_head(hidden))                 (Gemma 2: final soft-capping)
 
 Masks are boolean and applied with the dtype's minimum (never -inf), so fully padded rows
 stay finite.
@@ -17,75 +29,125 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .architectures import DecoderSpec
 from .lora import XLoraLinear
 
-__all__ = ["KV", "allowed_keys", "decoder_pass"]
+__all__ = ["KV", "Masks", "attention_masks", "decoder_pass", "lm_logits"]
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (key, value), each (b, kv_heads, t, head_dim)
+Masks = dict[int | None, torch.Tensor]  # sliding window (None: full attention) -> allowed keys (b, 1, s, t)
 
 
-def allowed_keys(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Which keys each new query may attend to.
+def attention_masks(attention_mask: torch.Tensor, seq_len: int, windows: tuple[int | None, ...]) -> Masks:
+    """Which keys each new query may attend to, per distinct window of the model's layers.
+
+    A query at real position i attends to keys at real positions j with i - w < j <= i (w = the
+    layer's window, none for full attention) that are not padding. Positions count real tokens
+    (`cumsum(attention_mask) - 1`), so left padding changes nothing.
 
     Args:
         attention_mask: (b, past + s), 1 for real tokens, 0 for padding.
         seq_len: s, the number of new tokens (the last s positions).
+        windows: the per-layer windows of `DecoderSpec`.
     Returns:
-        bool (b, 1, s, past + s): causal and not padding.
+        window -> bool (b, 1, s, past + s).
     """
     total = attention_mask.shape[1]
-    k_pos = torch.arange(total, device=attention_mask.device)  # (t,)
-    q_pos = k_pos[total - seq_len:]  # (s,)
-    causal = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # (s, t)
-    return causal.unsqueeze(0).unsqueeze(0) & attention_mask.bool().unsqueeze(1).unsqueeze(2)
+    k_idx = torch.arange(total, device=attention_mask.device)  # (t,)
+    q_idx = k_idx[total - seq_len:]  # (s,)
+    causal = k_idx.unsqueeze(0) <= q_idx.unsqueeze(1)  # (s, t)
+    full = causal.unsqueeze(0).unsqueeze(0) & attention_mask.bool().unsqueeze(1).unsqueeze(2)  # (b, 1, s, t)
+    masks: Masks = {None: full}
+    if any(w is not None for w in windows):
+        k_pos = attention_mask.long().cumsum(-1) - 1  # (b, t) real position of every key
+        distance = k_pos[:, total - seq_len:].unsqueeze(-1) - k_pos.unsqueeze(1)  # (b, s, t) = i - j
+        for w in sorted({w for w in windows if w is not None}):
+            masks[w] = full & (distance < w).unsqueeze(1)
+    return masks
 
 
 def _proj(layer: nn.Module, x: torch.Tensor, gates: torch.Tensor | float | None, g: float) -> torch.Tensor:
     return layer(x, gates, g) if isinstance(layer, XLoraLinear) else layer(x)
 
 
-def _rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
-    """RoPE's rotation; `half` = head_dim // 2 from the config (a constant in the graph, not a Shape op)."""
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: DecoderSpec) -> torch.Tensor:
+    """RoPE on the first `spec.rotary_dim` features of x (b, heads, s, head_dim); cos, sin (b, 1, s, rotary_dim).
+
+    The widths come from the config (constants in the graph, not Shape ops)."""
+    rot, rest = (x, None) if spec.rotary_dim == spec.head_dim else x.split(
+        [spec.rotary_dim, spec.head_dim - spec.rotary_dim], dim=-1)
+    half = spec.rotary_dim // 2
+    rot = rot * cos + torch.cat((-rot[..., half:], rot[..., :half]), dim=-1) * sin
+    return rot if rest is None else torch.cat((rot, rest), dim=-1)
 
 
-def _attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor,
-               past: KV | None, gates: torch.Tensor | float | None, g: float) -> tuple[torch.Tensor, KV]:
+def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap) (Gemma 2's soft-capping); x unchanged without a cap."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def _attention(attn: nn.Module, spec: DecoderSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               allowed: torch.Tensor, past: KV | None, gates: torch.Tensor | float | None,
+               g: float) -> tuple[torch.Tensor, KV]:
     b, s, _ = x.shape
-    hd = attn.head_dim
-    q = _proj(attn.q_proj, x, gates, g).view(b, s, -1, hd).transpose(1, 2)  # (b, heads, s, hd)
-    k = _proj(attn.k_proj, x, gates, g).view(b, s, -1, hd).transpose(1, 2)  # (b, kv_heads, s, hd)
-    v = _proj(attn.v_proj, x, gates, g).view(b, s, -1, hd).transpose(1, 2)  # (b, kv_heads, s, hd)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (b, 1, s, hd)
-    q = q * cos + _rotate_half(q, hd // 2) * sin
-    k = k * cos + _rotate_half(k, hd // 2) * sin
+    hd, heads, kvh = spec.head_dim, spec.num_heads, spec.kv_heads
+    if spec.fused_projections:
+        q, k, v = _proj(attn.qkv_proj, x, gates, g).split([heads * hd, kvh * hd, kvh * hd], dim=-1)
+    else:
+        q, k, v = (_proj(attn.q_proj, x, gates, g), _proj(attn.k_proj, x, gates, g), _proj(attn.v_proj, x, gates, g))
+    q = q.view(b, s, heads, hd).transpose(1, 2)  # (b, heads, s, hd)
+    k = k.view(b, s, kvh, hd).transpose(1, 2)  # (b, kv_heads, s, hd)
+    v = v.view(b, s, kvh, hd).transpose(1, 2)  # (b, kv_heads, s, hd)
+    if spec.qk_norm:  # RMSNorm over head_dim, per head
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (b, 1, s, rotary_dim)
+    q, k = _rope(q, cos, sin, spec), _rope(k, cos, sin, spec)
     if past is not None:
         k = torch.cat([past[0], k], dim=2)  # (b, kv_heads, past + s, hd)
         v = torch.cat([past[1], v], dim=2)
     present = (k, v)
-    groups = attn.num_key_value_groups
+    groups = heads // kvh
     if groups > 1:  # grouped-query attention: repeat each kv head by expand + reshape
-        kvh, t = k.shape[1], k.shape[2]
-        k = k.unsqueeze(2).expand(b, kvh, groups, t, hd).reshape(b, kvh * groups, t, hd)
-        v = v.unsqueeze(2).expand(b, kvh, groups, t, hd).reshape(b, kvh * groups, t, hd)
-    scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling  # (b, heads, s, t)
+        t = k.shape[2]
+        k = k.unsqueeze(2).expand(b, kvh, groups, t, hd).reshape(b, heads, t, hd)
+        v = v.unsqueeze(2).expand(b, kvh, groups, t, hd).reshape(b, heads, t, hd)
+    scores = _softcap(torch.matmul(q, k.transpose(2, 3)) * attn.scaling, spec.attn_softcap)  # (b, heads, s, t)
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     probs = F.dropout(probs, attn.attention_dropout, attn.training)
-    out = torch.matmul(probs, v).transpose(1, 2).reshape(b, s, -1)  # (b, s, heads * hd)
+    out = torch.matmul(probs, v).transpose(1, 2).reshape(b, s, heads * hd)  # (b, s, heads * hd)
     return _proj(attn.o_proj, out, gates, g), present
 
 
-def decoder_pass(lm: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor,
-                 past: list[KV] | None, gates: torch.Tensor | float | None,
+def _mlp(mlp: nn.Module, spec: DecoderSpec, x: torch.Tensor, gates: torch.Tensor | float | None,
+         g: float) -> torch.Tensor:
+    if spec.fused_projections:  # Phi-3: gate and up in one Linear, gate first
+        gate, up = _proj(mlp.gate_up_proj, x, gates, g).chunk(2, dim=-1)
+        return _proj(mlp.down_proj, up * mlp.activation_fn(gate), gates, g)
+    act = mlp.act_fn(_proj(mlp.gate_proj, x, gates, g)) * _proj(mlp.up_proj, x, gates, g)
+    return _proj(mlp.down_proj, act, gates, g)
+
+
+def _rotary(base: nn.Module, spec: DecoderSpec, h: torch.Tensor,
+            position_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(cos, sin), each (b, s, rotary_dim), per layer type (one shared table except in Gemma 3)."""
+    if spec.rope_per_layer_type:
+        return {t: base.rotary_emb(h, position_ids, t) for t in sorted(set(spec.layer_types))}
+    table = base.rotary_emb(h, position_ids)
+    return dict.fromkeys(set(spec.layer_types), table)
+
+
+def decoder_pass(lm: nn.Module, spec: DecoderSpec, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 masks: Masks, past: list[KV] | None, gates: torch.Tensor | float | None,
                  global_weight: float) -> tuple[torch.Tensor, list[KV]]:
     """Run the base decoder once.
 
     Args:
         lm: a supported `*ForCausalLM` whose targeted Linears are `XLoraLinear`.
+        spec: its `DecoderSpec`.
         input_ids: (b, s) int64.
         position_ids: (b, s) int64.
-        allowed: (b, 1, s, past + s) bool, from `allowed_keys`.
+        masks: from `attention_masks`, each (b, 1, s, past + s) bool.
         past: per block (key, value) of this pass's cache, or None (no past).
         gates: None (no LoRA at all), a float (every expert weighted equally), or (b, s, L, n).
         global_weight: g.
@@ -94,14 +156,19 @@ def decoder_pass(lm: nn.Module, input_ids: torch.Tensor, position_ids: torch.Ten
     """
     base = lm.model
     h = base.embed_tokens(input_ids)  # (b, s, H)
-    cos, sin = base.rotary_emb(h, position_ids)  # (b, s, hd) each
+    rope = _rotary(base, spec, h, position_ids)
     presents = []
     for i, block in enumerate(base.layers):
-        a, kv = _attention(block.self_attn, block.input_layernorm(h), cos, sin, allowed,
+        cos, sin = rope[spec.layer_types[i]]
+        a, kv = _attention(block.self_attn, spec, block.input_layernorm(h), cos, sin, masks[spec.windows[i]],
                            None if past is None else past[i], gates, global_weight)
-        h = h + a
+        h = h + (block.post_attention_layernorm(a) if spec.sandwich_norm else a)
         presents.append(kv)
-        mlp, x = block.mlp, block.post_attention_layernorm(h)
-        act = mlp.act_fn(_proj(mlp.gate_proj, x, gates, global_weight)) * _proj(mlp.up_proj, x, gates, global_weight)
-        h = h + _proj(mlp.down_proj, act, gates, global_weight)
+        m = _mlp(block.mlp, spec, getattr(block, spec.mlp_in_norm)(h), gates, global_weight)
+        h = h + (block.post_feedforward_layernorm(m) if spec.sandwich_norm else m)
     return base.norm(h), presents
+
+
+def lm_logits(lm: nn.Module, spec: DecoderSpec, hidden: torch.Tensor) -> torch.Tensor:
+    """logits (b, s, vocab) from the final hidden states (b, s, H): lm_head, then Gemma 2's final soft-cap."""
+    return _softcap(lm.lm_head(hidden), spec.final_softcap)

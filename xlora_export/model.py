@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .architectures import check_architecture
+from .architectures import DecoderSpec, decoder_spec
 from .cache import XLoraCache
 from .classifier import XLoraClassifier, top_k_gates
 from .config import xLoRAConfig
-from .decoder import allowed_keys, decoder_pass
+from .decoder import attention_masks, decoder_pass, lm_logits
 from .errors import XLoraError
 from .experts import Expert, load_expert
 from .lora import XLoraLinear
@@ -55,7 +55,7 @@ class xLoRAModel(nn.Module):  # noqa: N801 - the seed's public name
 
     def __init__(self, model: nn.Module, config: xLoRAConfig, experts: list[Expert], verbose: bool = False) -> None:
         super().__init__()
-        check_architecture(model)
+        self.spec: DecoderSpec = decoder_spec(model)  # what differs between base-model families
         if config.hidden_size != model.config.hidden_size:
             raise XLoraError(f"xLoRAConfig.hidden_size={config.hidden_size} does not match the base model's "
                              f"hidden_size={model.config.hidden_size}")
@@ -110,15 +110,15 @@ class xLoRAModel(nn.Module):  # noqa: N801 - the seed's public name
             attention_mask = torch.ones(b, past + s, dtype=torch.int64, device=input_ids.device)
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -s:]
-        allowed = allowed_keys(attention_mask, s)  # (b, 1, s, past + s)
+        masks = attention_masks(attention_mask, s, self.spec.windows)  # window -> (b, 1, s, past + s)
         g = self.xlora_config.global_scaling_weight
         n_modules, n_experts = len(self.module_names), len(self.adapter_names)
 
         if scalings is None:
             with torch.no_grad():  # the scaling pass carries no gradient
                 hidden, scaling_present = decoder_pass(
-                    self.model, input_ids, position_ids, allowed, cache.scaling if cache is not None else None,
-                    self._scaling_pass_gates(), g)
+                    self.model, self.spec, input_ids, position_ids, masks,
+                    cache.scaling if cache is not None else None, self._scaling_pass_gates(), g)
             scalings = self.internal_xlora_classifier(hidden)  # (b, s, L, n)
         else:
             if scalings.shape != (b, n_modules, n_experts):
@@ -128,9 +128,9 @@ class xLoRAModel(nn.Module):  # noqa: N801 - the seed's public name
             scaling_present = None
         k = self.xlora_config.top_k_lora if top_k is None else top_k
         gates = top_k_gates(scalings, k, self.xlora_config.enable_softmax_topk)
-        hidden, present = decoder_pass(self.model, input_ids, position_ids, allowed,
+        hidden, present = decoder_pass(self.model, self.spec, input_ids, position_ids, masks,
                                        cache.real if cache is not None else None, gates, g)
-        logits = self.model.lm_head(hidden)  # (b, s, vocab)
+        logits = lm_logits(self.model, self.spec, hidden)  # (b, s, vocab)
 
         self._latest = scalings.detach()
         if self._logging:
@@ -280,6 +280,6 @@ def add_xlora_to_model(model: nn.Module, xlora_config: xLoRAConfig, verbose: boo
     if not isinstance(xlora_config.adapters, dict):
         raise XLoraError("xLoRAConfig.adapters: expected a dict name -> expert folder (a list of names only "
                          "works with from_pretrained, which finds the folders in the checkpoint)")
-    check_architecture(model)
+    decoder_spec(model)  # refuse an unsupported base before reading the experts
     experts = [load_expert(name, os.fspath(path), from_safetensors) for name, path in xlora_config.adapters.items()]
     return xLoRAModel(model, xlora_config, experts, verbose)
