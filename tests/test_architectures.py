@@ -159,3 +159,29 @@ def test_dora_expert_is_refused(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps(record))
     with pytest.raises(XLoraError, match="use_dora=True"):
         xlora.add_xlora_to_model(load_base("tiny-llama"), xlora.xLoRAConfig(64, adapters={"d": str(folder)}))
+
+
+def _peft_expert(folder: str, **lora) -> str:
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(built("tiny-llama"), "base"))
+    get_peft_model(base, LoraConfig(init_lora_weights=False, **lora)).save_pretrained(folder)
+    return folder
+
+
+def test_lm_head_expert_is_refused(tmp_path):
+    folder = _peft_expert(str(tmp_path / "head"), r=4, target_modules=["lm_head", "q_proj"])
+    with pytest.raises(XLoraError, match=r"expert 'head' targets lm_head: X-LoRA experts may target only the "
+                                         r"Linears of the decoder blocks"):
+        xlora.add_xlora_to_model(load_base("tiny-llama"), xlora.xLoRAConfig(64, adapters={"head": folder}))
+
+
+def test_lora_bias_expert_is_refused(tmp_path):
+    folder = _peft_expert(str(tmp_path / "b"), r=4, target_modules=["q_proj"], lora_bias=True)
+    with pytest.raises(XLoraError, match=r"expert 'b': .*adapter_config.json sets lora_bias=True"):
+        xlora.add_xlora_to_model(load_base("tiny-llama"), xlora.xLoRAConfig(64, adapters={"b": folder}))
+    record = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    record["lora_bias"] = False  # a config that hides the bias tensors it ships
+    (tmp_path / "b" / "adapter_config.json").write_text(json.dumps(record))
+    with pytest.raises(XLoraError, match=r"expert 'b': .*has a LoRA bias \(.*lora_B\.bias\)"):
+        xlora.add_xlora_to_model(load_base("tiny-llama"), xlora.xLoRAConfig(64, adapters={"b": folder}))

@@ -64,3 +64,30 @@ def test_to_dict_has_the_original_key_set():
     record = xLoRAConfig(64, adapters={"a": "/abs/a"}).to_dict()
     assert record["adapters"] == ["a"]
     assert "device" not in record and "stop_token_id" not in record
+
+
+def test_softmax_with_softmax_topk_warns_once(monkeypatch):
+    import warnings
+
+    from xlora_export import config as config_module
+
+    monkeypatch.setattr(config_module, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        xLoRAConfig(64, enable_softmax=True, enable_softmax_topk=True, top_k_lora=1)
+        xLoRAConfig(64, enable_softmax=True, enable_softmax_topk=True, top_k_lora=2)
+        xLoRAConfig(64, enable_softmax=False, enable_softmax_topk=True, top_k_lora=1)
+    messages = [str(w.message) for w in caught if "mutually exclusive" in str(w.message)]
+    assert len(messages) == 1, messages
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("enable_softmax", "yes", "expected bool"), ("enable_softmax", 1, "expected bool"),
+    ("softmax_temperature", "1.0", "expected float or int"), ("softmax_temperature", float("nan"), "expected a finite number"),
+    ("global_scaling_weight", float("inf"), "expected a finite number"), ("global_scaling_weight", True, "expected float or int"),
+    ("top_k_lora", 1.5, "expected int or null"), ("xlora_depth", None, "expected int"),
+    ("scaling_pass_value", [0.5], "expected float or int or null"), ("base_model_id", 3, "expected str or null"),
+])
+def test_field_types_are_checked(field, value, expected):
+    with pytest.raises(XLoraError, match=rf"xLoRAConfig\.{field}: {expected}"):
+        xLoRAConfig.from_dict({"hidden_size": 64, field: value})

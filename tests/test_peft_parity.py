@@ -100,3 +100,37 @@ def test_top_k_changes_the_output():
         model.set_topk_lora(1)
         sparse = model(ids, attention_mask=mask).logits
     assert max_diff(dense, sparse) > 1e-3
+
+
+@pytest.mark.parametrize("recipe", ["tiny-llama", "tiny-phi3"])
+def test_scaling_pass_has_no_top_k(recipe):
+    """SPEC section 2: with a non-zero scaling_pass_value and top-k on, the scaling pass still weights every
+    targeting expert by g * value. Reference: the plain HF base with those LoRA terms merged into its weights
+    (W + g * value * sum_i scale_i B_i A_i), whose final hidden state feeds the same classifier."""
+    value, g = 0.5, 1.5
+    model = _model(recipe, dict(scaling_pass_value=value, global_scaling_weight=g, top_k_lora=1))
+    merged = load_base(recipe)
+    modules = dict(merged.named_modules())
+    with torch.no_grad():
+        for layer in model.lora_layers():
+            delta = (layer.lora_B * layer.col_scale) @ layer.lora_A  # sum_i scale_i B_i A_i, (out, in)
+            modules[layer.module_name].weight += g * value * delta
+    ids, mask = left_padded(PROMPTS)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        hidden = merged(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True
+                        ).hidden_states[-1]
+        expected = model.internal_xlora_classifier(hidden)
+        got = model(ids, attention_mask=mask).scalings
+    real = mask.bool()
+    assert max_diff(got[real], expected[real]) < 1e-5
+    # not vacuous: top-1 applied in the scaling pass to its all-equal values (PEFT's quirk; ties keep expert 0)
+    quirk = load_base(recipe)
+    modules = dict(quirk.named_modules())
+    with torch.no_grad():
+        for layer in model.lora_layers():
+            keep = (layer.col_expert == 0).to(layer.col_scale.dtype)
+            modules[layer.module_name].weight += g * value * (layer.lora_B * layer.col_scale * keep) @ layer.lora_A
+        quirk_hidden = quirk(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True
+                             ).hidden_states[-1]
+    assert max_diff(model.internal_xlora_classifier(quirk_hidden)[real], expected[real]) > 1e-3

@@ -7,6 +7,8 @@ original xlora's flat `xlora_config.json` key set (`to_dict`/`from_dict`).
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,24 @@ _IGNORED_KEYS = {"device"}
 # Fields not written: the device is the loader's choice; stop_token_id was removed from the
 # original's config, whose loader would reject it.
 _NOT_SAVED = {"device", "stop_token_id"}
+
+
+# Scalar fields and the types they accept (bool only where listed; int wherever float is).
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {
+    "hidden_size": (int,), "base_model_id": (str, type(None)), "enable_softmax": (bool,),
+    "enable_softmax_topk": (bool,), "softmax_temperature": (float, int), "layerwise_scalings": (bool,),
+    "top_k_lora": (int, type(None)), "xlora_depth": (int,), "xlora_size": (int,), "enable_relu_and_dropout": (bool,),
+    "use_bias": (bool,), "xlora_dropout_p": (float, int), "stop_token_id": (int, type(None)),
+    "use_trainable_adapters": (bool,), "scaling_pass_value": (float, int, type(None)),
+    "global_scaling_weight": (float, int),
+}
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, UserWarning, stacklevel=4)
 
 
 @dataclass
@@ -45,6 +65,7 @@ class xLoRAConfig:  # noqa: N801 - the seed's public name
     global_scaling_weight: float = 1.0  # multiplies every LoRA expert's output
 
     def __post_init__(self) -> None:
+        self._check_types()
         if not isinstance(self.hidden_size, int) or self.hidden_size < 1:
             raise XLoraError(f"xLoRAConfig.hidden_size: expected a positive int, got {self.hidden_size!r}")
         if self.enable_softmax_topk and self.top_k_lora is None:
@@ -64,6 +85,23 @@ class xLoRAConfig:  # noqa: N801 - the seed's public name
         if not isinstance(self.adapters, (dict, list)):
             raise XLoraError(f"xLoRAConfig.adapters: expected a dict name -> path or a list of names, "
                              f"got {type(self.adapters).__name__}")
+        if self.enable_softmax and self.enable_softmax_topk:
+            _warn_once("xLoRAConfig: enable_softmax and enable_softmax_topk are both on; the seed calls them "
+                       "mutually exclusive. Computing what PEFT computes: softmax over experts, top-k, then a "
+                       "softmax over the kept probabilities.")
+
+    def _check_types(self) -> None:
+        """Each scalar field has its annotated type (bools are not numbers here; ints are accepted as floats)."""
+        for name, kinds in _SCALAR_TYPES.items():
+            value = getattr(self, name)
+            if value is None and type(None) in kinds:
+                continue
+            ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+            if not ok:
+                expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+                raise XLoraError(f"xLoRAConfig.{name}: expected {expected}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise XLoraError(f"xLoRAConfig.{name}: expected a finite number, got {value!r}")
 
     @property
     def n_experts(self) -> int:

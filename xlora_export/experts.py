@@ -27,6 +27,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_BIN = "adapter_model.bin"
 _PREFIX = "base_model.model."
+_BLOCKS = "model.layers."  # every supported family keeps its decoder blocks here (architectures.py)
 # LoRA features this project does not implement: refused rather than silently ignored.
 _UNSUPPORTED = {
     "use_dora": lambda v: bool(v),
@@ -35,6 +36,8 @@ _UNSUPPORTED = {
     "alpha_pattern": lambda v: bool(v),
     "layers_to_transform": lambda v: v is not None,
     "bias": lambda v: v not in (None, "none"),
+    # PEFT adds lora_B's bias after the X-LoRA gate (ungated, in both passes): refused rather than half supported.
+    "lora_bias": lambda v: bool(v),
 }
 
 
@@ -101,6 +104,13 @@ def load_expert(name: str, path: str, from_safetensors: bool = True) -> Expert:
         raise XLoraError(f"expert '{name}': {weights_path} has embedding LoRA ({embedding[0]}), which is not supported")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
+        module = key.split(".lora_")[0].split(".base_layer.")[0]
+        module = module[len(_PREFIX):] if module.startswith(_PREFIX) else module
+        if not module.startswith(_BLOCKS):
+            raise XLoraError(f"expert '{name}' targets {module}: X-LoRA experts may target only the Linears of the "
+                             f"decoder blocks ({_BLOCKS}*), not the embedding or lm_head")
+        if key.endswith(".bias"):
+            raise XLoraError(f"expert '{name}': {weights_path} has a LoRA bias ({key}), which is not supported")
         for part in ("lora_A", "lora_B"):
             marker = f".{part}."
             if marker in key:
