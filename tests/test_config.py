@@ -83,8 +83,10 @@ def test_softmax_with_softmax_topk_warns_once(monkeypatch):
 
 @pytest.mark.parametrize("field,value,expected", [
     ("enable_softmax", "yes", "expected bool"), ("enable_softmax", 1, "expected bool"),
-    ("softmax_temperature", "1.0", "expected float or int"), ("softmax_temperature", float("nan"), "expected a finite number"),
-    ("global_scaling_weight", float("inf"), "expected a finite number"), ("global_scaling_weight", True, "expected float or int"),
+    ("softmax_temperature", "1.0", "expected float or int"),
+    ("softmax_temperature", float("nan"), "expected a finite number"),
+    ("global_scaling_weight", float("inf"), "expected a finite number"),
+    ("global_scaling_weight", True, "expected float or int"),
     ("top_k_lora", 1.5, "expected int or null"), ("xlora_depth", None, "expected int"),
     ("scaling_pass_value", [0.5], "expected float or int or null"), ("base_model_id", 3, "expected str or null"),
 ])

@@ -30,6 +30,7 @@ from .checkpoints import detect_format, resolve_base_model
 from .errors import XLoraError
 from .graph import XLoraGraph
 from .model import xLoRAModel
+from .onnx_passes import store_tied_embedding_once
 from .trt_check import Finding, check_tensorrt, op_counts
 from .validate import ParityResult, compare_with_eager
 from .xlora_utils import find_tokenizer, load_model
@@ -188,6 +189,7 @@ def _trace(model: xLoRAModel, path: str, options: ExportOptions, frozen: bool, m
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
     _name_initializers(proto, model)
+    store_tied_embedding_once(proto)
     proto.producer_name, proto.producer_version = "xlora-export", __version__
     entry = proto.metadata_props.add()
     entry.key, entry.value = C.METADATA_KEY, json.dumps(metadata)
