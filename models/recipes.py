@@ -250,6 +250,11 @@ RECIPES = {
     "llama-32m": Recipe(arch="llama", hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=8192,
                         max_positions=512, tie_embeddings=False, seed=4, experts=[
                             ExpertSpec(name, 16, 16, ATTN + MLP) for name in ("code", "math", "chat", "story")]),
+    # TinyLlama-1.1B's shape (random weights, 4.4 GB in fp32), for the export-at-scale benchmark; never built by the
+    # tests. The vocabulary is the tokenizer's few hundred tokens padded to 32000 rows.
+    "tinyllama-1.1b": Recipe(arch="llama", hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632,
+                             vocab=32000, max_positions=2048, seed=9, xlora_size=2048, classifier_std=0.02, experts=[
+                                 ExpertSpec(name, 16, 16, ATTN + MLP) for name in ("code", "math", "chat")]),
 }
 # The families the parity tests cover, one recipe each (hidden cases add other sizes and configurations).
 FAMILY_RECIPES = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3")

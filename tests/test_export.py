@@ -291,7 +291,8 @@ def test_cli_exports_validates_and_reports(tmp_path, capsys):
     assert code == 0
     assert "parity (main graph vs eager" in stdout and "parity (frozen graph vs eager" in stdout
     assert "TensorRT readiness: nothing flagged" in stdout
-    assert sorted(os.listdir(tmp_path)) == ["m.frozen.onnx", "m.onnx", "m.tokenizer.json"]
+    # both graphs reference one weights file
+    assert sorted(os.listdir(tmp_path)) == ["m.frozen.onnx", "m.onnx", "m.onnx.data", "m.tokenizer.json"]
     code, _, err = _run([built("tiny-llama"), out], capsys)  # exists, no --force
     assert code == 1 and "already exists" in err and "--force" in err
     code, _, _ = _run([built("tiny-llama"), out, "--force", "-q"], capsys)
@@ -348,21 +349,15 @@ def test_cli_bad_inputs(case, tmp_path, capsys):
 
 
 def test_validation_failure_leaves_no_file(tmp_path, capsys, monkeypatch):
-    """Corrupt one initializer after tracing: validation must fail and nothing may be left behind."""
-    import xlora_export.export as export_module
+    """Corrupt one weight as it is written: validation must fail and nothing may be left behind."""
+    from xlora_export.onnx_passes import WeightStore
 
-    original = export_module._trace
+    original = WeightStore.tensor
 
-    def corrupting_trace(model, path, options, frozen, meta, external):
-        proto = original(model, path, options, frozen, meta, external)
-        for init in proto.graph.initializer:
-            if "lm_head.weight" in init.name:
-                array = numpy_helper.to_array(init) * 1.01
-                init.CopyFrom(numpy_helper.from_array(array, init.name))
-        onnx.save_model(proto, path)
-        return proto
+    def corrupting_tensor(self, name, value):
+        return original(self, name, value * 1.01 if "lm_head.weight" in name else value)
 
-    monkeypatch.setattr(export_module, "_trace", corrupting_trace)
+    monkeypatch.setattr(WeightStore, "tensor", corrupting_tensor)
     out = str(tmp_path / "m.onnx")
     code, _, err = _run([built("tiny-llama"), out, "--frozen-scalings"], capsys)
     assert code == 1 and "validation failed" in err and "logits" in err

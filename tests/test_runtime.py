@@ -507,6 +507,7 @@ def test_freezing_without_the_frozen_graph(tmp_path):
     source = exported("tiny-llama")
     lonely = tmp_path / os.path.basename(source)
     shutil.copyfile(source, lonely)
+    shutil.copyfile(source + ".data", str(lonely) + ".data")  # the weights file it shares with the frozen graph
     alone = XLoraSession(str(lonely))
     assert alone.info.frozen_path is None
     gen = Generator(alone)

@@ -9,7 +9,6 @@ check passed, so a failed or interrupted export leaves no OUT.onnx.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from .checkpoints import detect_format, resolve_base_model
 from .errors import XLoraError
 from .graph import XLoraGraph
 from .model import xLoRAModel
-from .onnx_passes import store_tied_embedding_once
+from .onnx_passes import WeightStore, attach_weights, fold_constants
 from .trt_check import Finding, check_tensorrt, op_counts
 from .validate import ParityResult, compare_with_eager
 from .xlora_utils import find_tokenizer, load_model
@@ -173,60 +172,36 @@ def _metadata(model: xLoRAModel, options: ExportOptions, out_path: str, frozen: 
 
 
 def _trace(model: xLoRAModel, path: str, options: ExportOptions, frozen: bool, metadata: dict,
-           external: bool) -> onnx.ModelProto:
-    """Trace one graph to `path` (+ `path.data` when external), with metadata; checked."""
+           store: WeightStore) -> onnx.ModelProto:
+    """Trace one graph to `path`, its weights attached from `store` (see `onnx_passes`), with metadata; checked."""
     n = model.config.num_hidden_layers
+    wrapper = XLoraGraph(model, frozen=frozen)
     raw_dir = tempfile.mkdtemp(dir=os.path.dirname(path))
     raw = os.path.join(raw_dir, "raw.onnx")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings on shape checks, the TorchScript deprecation notice
-            torch.onnx.export(XLoraGraph(model, frozen=frozen), _example_inputs(model, frozen), raw,
+            torch.onnx.export(wrapper, _example_inputs(model, frozen), raw,
                               input_names=C.input_names(n, frozen), output_names=C.output_names(n, frozen),
                               dynamic_axes=C.dynamic_axes(n, frozen), opset_version=options.opset, dynamo=False,
-                              do_constant_folding=True)
+                              export_params=False, do_constant_folding=False)
         proto = onnx.load(raw)
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
-    _name_initializers(proto, model)
-    store_tied_embedding_once(proto)
+    fold_constants(proto)
+    weights = dict(wrapper.named_buffers(remove_duplicate=False))
+    weights.update(wrapper.named_parameters(remove_duplicate=False))
+    # names as in xLoRAModel.named_parameters() (the wrapper adds one "model." level)
+    attach_weights(proto, weights, store, rename={name: name.removeprefix("model.") for name in weights})
     proto.producer_name, proto.producer_version = "xlora-export", __version__
     entry = proto.metadata_props.add()
     entry.key, entry.value = C.METADATA_KEY, json.dumps(metadata)
-    if external:
-        onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=os.path.basename(path) + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(proto, path)
+    onnx.save_model(proto, path)
     try:
         onnx.checker.check_model(path, full_check=True)
     except onnx.checker.ValidationError as e:
         raise XLoraError(f"onnx.checker rejected the traced graph: {str(e).splitlines()[0]}") from None
     return proto
-
-
-def _name_initializers(proto: onnx.ModelProto, model: xLoRAModel) -> None:
-    """Give the weights that constant folding transposed (`onnx::MatMul_123`) their parameter's name
-    plus `.T`, so that a graph reads like its model (and TensorRT refit can find its weights)."""
-    by_content = {}
-    for name, p in model.named_parameters():
-        data = p.detach()
-        if data.dim() == 2:
-            raw = data.t().contiguous().flatten().view(torch.uint8).numpy().tobytes()
-            by_content[hashlib.blake2b(raw).digest()] = f"{name}.T"
-    taken = {init.name for init in proto.graph.initializer}
-    renames = {}
-    for init in proto.graph.initializer:
-        if init.name.startswith("onnx::") and init.raw_data:
-            name = by_content.get(hashlib.blake2b(init.raw_data).digest())
-            if name and name not in taken:
-                renames[init.name] = name
-                taken.add(name)
-                init.name = name
-    for node in proto.graph.node:
-        for i, value in enumerate(node.input):
-            if value in renames:
-                node.input[i] = renames[value]
 
 
 def _tokenizer_source(model_dir: str, model: xLoRAModel, base_model: str | None) -> str | None:
@@ -287,7 +262,8 @@ def export(model_dir: str, out_path: str, options: ExportOptions | None = None,
     _say(progress, f"loading {model_dir} ({options.dtype})")
     model, _ = _load(model_dir, options)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    external = options.external_data or weight_bytes > EXTERNAL_DATA_THRESHOLD
+    # the frozen graph shares the main graph's weights file, so both are then external
+    external = options.external_data or options.frozen_scalings or weight_bytes > EXTERNAL_DATA_THRESHOLD
     folder = os.path.dirname(os.path.abspath(out_path))
     name = os.path.basename(out_path)
     tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
@@ -299,13 +275,18 @@ def export(model_dir: str, out_path: str, options: ExportOptions | None = None,
             shutil.copyfile(tokenizer, os.path.join(tmp, tokenizer_file))
         _say(progress, f"tracing the two-pass graph (opset {options.opset}, "
                        f"{'external data' if external else 'weights inside'})")
-        main = _trace(model, staged["main"], options, False,
-                      _metadata(model, options, out_path, False, tokenizer_file, model_dir), external)
-        if options.frozen_scalings:
-            _say(progress, "tracing the frozen-scalings graph")
-            staged["frozen"] = os.path.join(tmp, os.path.basename(C.frozen_path(out_path)))
-            _trace(model, staged["frozen"], options, True,
-                   _metadata(model, options, out_path, True, tokenizer_file, model_dir), external)
+        # one weights file for both graphs (same offsets), or the weights inside the single graph
+        store = WeightStore(os.path.join(tmp, name + ".data") if external else None)
+        try:
+            main = _trace(model, staged["main"], options, False,
+                          _metadata(model, options, out_path, False, tokenizer_file, model_dir), store)
+            if options.frozen_scalings:
+                _say(progress, "tracing the frozen-scalings graph (sharing the weights file)")
+                staged["frozen"] = os.path.join(tmp, os.path.basename(C.frozen_path(out_path)))
+                _trace(model, staged["frozen"], options, True,
+                       _metadata(model, options, out_path, True, tokenizer_file, model_dir), store)
+        finally:
+            store.close()
         report.inputs, report.outputs = _io(main)
         report.op_counts = dict(op_counts(main).most_common())
         report.metadata = _metadata(model, options, out_path, False, tokenizer_file, model_dir)
