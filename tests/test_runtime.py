@@ -422,21 +422,42 @@ def test_frozen_scalings_log_matches_eager():
 
 
 def test_scalings_log_with_a_finished_row_round_trips(tmp_path):
+    """A finished row keeps its place in every entry, NaN from the step after its last token; the other rows
+    match the eager model's log (which keeps feeding the finished row padding)."""
     gen = Generator(session())
     free = tokens_of(gen.generate(list(PROMPTS), max_new_tokens=8, stop_token_ids=[]))
     # the earliest token that is new to its row and that no other row makes: one row stops there
     step, row = next((t, i) for t in range(1, 6) for i in range(3)
                      if free[i][t] not in free[i][:t] and all(free[i][t] not in free[o] for o in range(3) if o != i))
+    stop = free[row][step]
     gen.log_scalings = True
-    results = gen.generate(list(PROMPTS), max_new_tokens=8, stop_token_ids=[free[row][step]])
+    results = gen.generate(list(PROMPTS), max_new_tokens=8, stop_token_ids=[stop])
     assert [len(r.tokens) for r in results] == [step + 1 if i == row else 8 for i in range(3)]
-    shapes = [a.shape[:2] for a in gen.scalings_log]
-    assert shapes == [(3, 7)] + [(3, 1)] * step + [(2, 1)] * (7 - step), shapes  # the row leaves after `step`
+    log = gen.scalings_log
+    assert [a.shape[:2] for a in log] == [(3, 7)] + [(3, 1)] * 7
+    for k, entry in enumerate(log[1:], 1):
+        assert np.isnan(entry[row]).all() == (k > step), f"entry {k}"
+        assert np.isfinite(np.delete(entry, row, axis=0)).all(), f"entry {k}"
+    model = eager()
+    model.clear_scalings_log()
+    model.enable_scalings_logging()
+    try:
+        ids, mask = left_padded(list(PROMPTS))
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[stop])
+        eager_log = [t.numpy() for t in model.get_scalings_log()]
+    finally:
+        model.disable_scalings_logging()
+        model.clear_scalings_log()
+    assert [a.shape for a in eager_log] == [a.shape for a in log]
+    for k, (want, got) in enumerate(zip(eager_log[1:], log[1:]), 1):
+        running = [i for i in range(3) if i != row or k <= step]
+        assert np.abs(want[running] - got[running]).max() <= 1e-5, f"log entry {k}"
     files = gen.flush_log_scalings(str(tmp_path / "log"))
-    assert any(f.endswith("-mapping.json") for f in files)
+    assert sorted(os.path.basename(f) for f in files) == ["log-0.npy", "log-1.npy", "log-mapping.json",
+                                                          "log-tokens.json"]
     loaded = load_scalings_log(str(tmp_path / "log"))
-    assert len(loaded) == len(gen.scalings_log)
-    assert all(np.array_equal(t.numpy(), a) for t, a in zip(loaded, gen.scalings_log))
+    assert len(loaded) == len(log)
+    assert all(np.array_equal(t.numpy(), a, equal_nan=True) for t, a in zip(loaded, log))
 
 
 # ----------------------------------------------------------------------------------------------- bad inputs
@@ -478,9 +499,11 @@ def test_bad_ids_and_prompts():
     still_works(gen)
     # capped by the positions: the last chosen token is never fed back, so a full-length prompt still gets one
     [longest] = gen.generate([5] * (info.max_positions - 1), max_new_tokens=8, stop_token_ids=[])
-    assert len(longest.tokens) == 2 and longest.finish_reason == "length"
+    assert len(longest.tokens) == 2 and longest.finish_reason == "max_positions"
     [full] = gen.generate([5] * info.max_positions, max_new_tokens=8, stop_token_ids=[])
-    assert len(full.tokens) == 1 and full.finish_reason == "length"
+    assert len(full.tokens) == 1 and full.finish_reason == "max_positions"
+    [exact] = gen.generate([5] * info.max_positions, max_new_tokens=1, stop_token_ids=[])
+    assert len(exact.tokens) == 1 and exact.finish_reason == "length"  # asked for no more than fits
     expect_error(lambda: gen.generate([[]], max_new_tokens=2), "empty")
     expect_error(lambda: gen.generate([[5, 6], []], max_new_tokens=2), "empty")
     expect_error(lambda: gen.generate("", max_new_tokens=2), "empty")

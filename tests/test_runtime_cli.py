@@ -17,8 +17,9 @@ import pytest
 from helpers import exported
 from xlora_export.xlora_utils import load_scalings_log
 from xlora_runtime import Generator, XLoraError, XLoraSession
-from xlora_runtime.cli import build_generate_parser, build_plot_parser, generate_main, plot_main, tokens_record_path
-from xlora_runtime.plot import MAX_TOKEN_LABELS, plot_scalings, row_scalings, tick_positions
+from xlora_runtime.cli import build_generate_parser, build_plot_parser, generate_main, plot_main
+from xlora_runtime.plot import MAX_TOKEN_LABELS, plot_scalings, row_scalings, tick_positions, token_label
+from xlora_runtime.scalings_log import tokens_record_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUNTIME = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runtime", "xlora_runtime")
@@ -139,7 +140,9 @@ def test_log_scalings_and_plot(graph, shape, tmp_path, capsys):
     assert all(tuple(e.shape) == (2, 1, *shape) for e in entries[1:])
     with open(tokens_record_path(log)) as f:
         record = json.load(f)
-    assert [len(p["tokens"]) for p in record["prompts"]] == [6, 6] and len(record["expert_names"]) == shape[1]
+    [call] = record["calls"]
+    assert call["first_entry"] == 0 and call["entries"] == 6 and call["freeze_scalings_after"] == [None, None]
+    assert [len(p["tokens"]) for p in call["prompts"]] == [6, 6] and len(record["expert_names"]) == shape[1]
     for extra in ([], ["--module", "1"], ["--row", "1", "--include-prompt"]):
         png = str(tmp_path / f"plot{len(extra)}.png")
         code, out, err = run(plot_main, [log, png] + extra, capsys)
@@ -150,7 +153,7 @@ def test_log_scalings_and_plot(graph, shape, tmp_path, capsys):
 
 @pytest.mark.parametrize("freeze", [None, 2])
 def test_log_rows_match_the_tokens(graph, tmp_path, capsys, freeze):
-    """Rows leave the log as sequences stop (and freeze): the tokens record follows each prompt exactly."""
+    """Every entry holds every row in prompt order (a finished row is NaN); the tokens record labels them."""
     prompts = ["5,6,7", "8,9,10,11", "12,13"]
     [_, middle, _] = json_lines(run(generate_main, [graph, *prompts, "--ids", "--json", "--no-eos"], capsys)[1])
     log = str(tmp_path / "log")
@@ -164,18 +167,22 @@ def test_log_rows_match_the_tokens(graph, tmp_path, capsys, freeze):
     with open(tokens_record_path(log)) as f:
         record = json.load(f)
     arrays = [e.numpy() for e in load_scalings_log(log)]
-    assert arrays[0].shape[0] == 3 and 0 < arrays[-1].shape[0] < 3  # rows left the log
+    assert [a.shape[:2] for a in arrays] == [(3, 4)] + [(3, 1)] * (len(arrays) - 1)
+    assert np.isnan(arrays[-1][1]).all()  # prompt 1 finished: NaN in the last entry
     for row, want in enumerate(records):
         values, labels = row_scalings(arrays, row, record=record)
         assert len(labels) == len(values) == len(want["tokens"])
+        pieces = record["calls"][0]["prompts"][row]["pieces"]
+        assert "".join(pieces) == want["text"] and labels == [token_label(p, t) for p, t in zip(pieces, want["tokens"])]
         np.testing.assert_allclose(values, np.array(want["scalings"]), atol=6e-5)
         with_prompt, labels = row_scalings(arrays, row, include_prompt=True, record=record)
         prompt_length = len(prompts[row].split(","))
         assert len(with_prompt) == len(labels) == prompt_length - 1 + len(want["tokens"])
-    os.remove(tokens_record_path(log))  # without the record, --row is the row index within each entry
-    values, labels = row_scalings(arrays, 2)  # stops once prompt 1 has left: row 2 no longer exists
-    assert len(values) == len(labels) and 1 <= len(values) <= 2
-    np.testing.assert_allclose(values, np.array(records[2]["scalings"][:len(values)]), atol=6e-5)
+    os.remove(tokens_record_path(log))  # without the record, a row ends where it is NaN
+    for row, want in enumerate(records):
+        values, labels = row_scalings(arrays, row)
+        assert len(values) == len(labels) == len(want["tokens"])
+        np.testing.assert_allclose(values, np.array(want["scalings"]), atol=6e-5)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -3,12 +3,18 @@
 
 Everything needed to drive the graph comes from the metadata record and the files beside the
 graph (SPEC section 6); nothing here imports torch.
+
+Threads: one `XLoraSession` may serve several threads generating at once. ONNX Runtime's `run` is
+thread-safe, every step binds its own inputs and outputs, and the lazy opens (the frozen graph, the
+tokenizer) and the cache registry are guarded by a lock.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +159,8 @@ class XLoraSession:
             raise XLoraError(f"{path}: this is the frozen-scalings graph; open the main graph (OUT.onnx) instead")
         self._frozen: ort.InferenceSession | None = None
         self._tokenizer: Any = None
+        self._lock = threading.Lock()  # the lazy opens and the cache registry
+        self._caches: weakref.WeakSet = weakref.WeakSet()  # live `CacheGroup`s of every generation
 
     def _open(self, path: str) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -168,23 +176,40 @@ class XLoraSession:
 
     @property
     def frozen(self) -> ort.InferenceSession:
-        """The frozen-scalings session (opened on first use)."""
+        """The frozen-scalings session (opened on first use, once, whichever thread asks first)."""
         if self._frozen is None:
-            path = self.info.frozen_path
-            if path is None:
-                raise XLoraError(f"{self.info.path}: frozen scalings need OUT.frozen.onnx beside the graph "
-                                 f"(export with --frozen-scalings)")
-            self._frozen = self._open(path)
+            with self._lock:
+                if self._frozen is None:
+                    path = self.info.frozen_path
+                    if path is None:
+                        raise XLoraError(f"{self.info.path}: frozen scalings need OUT.frozen.onnx beside the graph "
+                                         f"(export with --frozen-scalings)")
+                    self._frozen = self._open(path)
         return self._frozen
 
     @property
     def tokenizer(self) -> Any:
         """The `tokenizers.Tokenizer` that travelled with the export (None when there is none)."""
         if self._tokenizer is None and self.info.tokenizer_path:
-            from tokenizers import Tokenizer
+            with self._lock:
+                if self._tokenizer is None:
+                    from tokenizers import Tokenizer
 
-            self._tokenizer = Tokenizer.from_file(self.info.tokenizer_path)
+                    self._tokenizer = Tokenizer.from_file(self.info.tokenizer_path)
         return self._tokenizer
+
+    def track_cache(self, group: Any) -> None:
+        """Register a `CacheGroup` (weakly) so that `cache_bytes` counts it while it lives."""
+        with self._lock:
+            self._caches.add(group)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of KV cache held now by the generations running on this session (every thread): 0 when
+        none runs, and again 0 after a generation finished, was closed early or failed."""
+        with self._lock:
+            groups = list(self._caches)
+        return sum(g.nbytes() for g in groups)
 
     def check_top_k(self, top_k: int) -> int:
         """`top_k` as the graph takes it: an int in 0..n (0 = dense)."""
