@@ -421,6 +421,36 @@ def test_frozen_scalings_log_matches_eager():
     np.testing.assert_array_equal(log[-1], log[-2])  # frozen: the same scalings every step
 
 
+def test_per_row_freezing_log_matches_eager_row_by_row():
+    """Rows freezing at different steps: one entry per step, every row in prompt order (not one entry per
+    group), and each row equal to the eager model's log of that prompt alone with its own freeze step."""
+    gen = Generator(session())
+    gen.log_scalings = True
+    ks, steps = [0, None, 2], 6
+    results = gen.generate(list(PROMPTS), max_new_tokens=steps, stop_token_ids=[], freeze_scalings_after=ks)
+    log = gen.scalings_log
+    info, width = session().info, max(len(p) for p in PROMPTS)
+    assert [a.shape for a in log] == [(3, width, info.n_modules, info.n_experts)] + \
+        [(3, 1, info.n_modules, info.n_experts)] * (steps - 1)
+    model = eager()
+    for i, (prompt, k) in enumerate(zip(PROMPTS, ks)):
+        model.clear_scalings_log()
+        model.enable_scalings_logging()
+        try:
+            eager_generate(model, [prompt], steps=steps, freeze_scalings_after=k)
+            alone = [t.numpy()[0] for t in model.get_scalings_log()]
+        finally:
+            model.disable_scalings_logging()
+            model.clear_scalings_log()
+        assert len(alone) == len(log)
+        assert np.abs(log[0][i, width - len(prompt):] - alone[0]).max() <= 1e-5, f"row {i} prefill"
+        for j in range(1, steps):
+            assert np.abs(log[j][i] - alone[j]).max() <= 1e-5, f"row {i} (freeze after {k}), entry {j}"
+        # the log's row is the scalings each token was chosen with, as the results report them
+        chosen = np.concatenate([log[0][i, -1:]] + [log[j][i] for j in range(1, steps)])
+        np.testing.assert_array_equal(chosen, results[i].scalings)
+
+
 def test_scalings_log_with_a_finished_row_round_trips(tmp_path):
     """A finished row keeps its place in every entry, NaN from the step after its last token; the other rows
     match the eager model's log (which keeps feeding the finished row padding)."""

@@ -185,6 +185,78 @@ def test_log_rows_match_the_tokens(graph, tmp_path, capsys, freeze):
         np.testing.assert_allclose(values, np.array(want["scalings"]), atol=6e-5)
 
 
+def test_python_api_log_with_per_row_freezing_plots(graph, tmp_path, capsys):
+    """A log flushed from the Python API carries the tokens record: plots are labelled with the token texts,
+    rows freezing at different steps are followed exactly, and --call picks a later call of the log."""
+    gen = Generator(XLoraSession(graph, threads=1))
+    gen.log_scalings = True
+    prompts, ks = ["the model mixes", "a cache", "low rank experts mix"], [0, None, 3]
+    first = gen.generate(prompts, max_new_tokens=7, stop_token_ids=[], freeze_scalings_after=ks)
+    second = gen.generate(prompts[1], max_new_tokens=4, stop_token_ids=[])
+    log = str(tmp_path / "api")
+    files = gen.flush_log_scalings(log)
+    assert tokens_record_path(log) in files
+    arrays = [e.numpy() for e in load_scalings_log(log)]
+    assert len(arrays) == 7 + 4
+    record = json.loads(open(tokens_record_path(log)).read())
+    assert [(c["first_entry"], c["entries"]) for c in record["calls"]] == [(0, 7), (7, 4)]
+    assert record["calls"][0]["freeze_scalings_after"] == ks
+    for row, want in enumerate(first):
+        values, labels = row_scalings(arrays, row, record=record)
+        np.testing.assert_array_equal(values, want.scalings)
+        assert labels == [token_label(p, t) for p, t in zip(record["calls"][0]["prompts"][row]["pieces"],
+                                                          want.tokens)]
+        assert "".join(record["calls"][0]["prompts"][row]["pieces"]) == want.text
+    for row, k in ((0, 0), (2, 3)):  # frozen from step k on, at its own step
+        values = row_scalings(arrays, row, record=record)[0]
+        assert (values[k:] == values[k]).all() and not (values[:k + 1] == values[k]).all(axis=(1, 2))[:k].any()
+    values, labels = row_scalings(arrays, 0, record=record, call=1)
+    np.testing.assert_array_equal(values, second[0].scalings)
+    assert len(labels) == 4
+    for argv in (["--row", "2"], ["--row", "0", "--call", "1", "--include-prompt"]):
+        png = str(tmp_path / f"plot{len(argv)}.png")
+        code, out, err = run(plot_main, [log, png] + argv, capsys)
+        assert code == 0, err
+        check_png(png)
+    code, out, err = run(plot_main, [log, str(tmp_path / "x.png"), "--call", "2"], capsys)
+    assert code == 1 and "call 2: the tokens record has 2 call(s)" in err
+
+
+def test_generation_cut_by_the_position_limit_says_so(graph, generator, capsys):
+    """A 250-token prompt on a 256-position model leaves room for 7 of 32 tokens: finish reason max_positions
+    in the API and one line from xlora-generate naming max_position_embeddings."""
+    info = generator.session.info
+    assert info.max_positions == 256
+    prompt = [5 + i % 50 for i in range(250)]
+    [result] = generator.generate(prompt, max_new_tokens=32, stop_token_ids=[])
+    assert len(result.tokens) == 7 and result.finish_reason == "max_positions"
+    events = list(generator.stream(prompt, max_new_tokens=32, stop_token_ids=[]))
+    assert [e.finish_reason for e in events] == [None] * 6 + ["max_positions"]
+    ids = ",".join(map(str, prompt))
+    code, out, err = run(generate_main, [graph, ids, "--ids", "--max-new-tokens", "32", "--no-eos", "--json"],
+                         capsys)
+    assert code == 0, err
+    [record] = json_lines(out)
+    assert len(record["tokens"]) == 7 and record["finish_reason"] == "max_positions"
+    [line] = err.splitlines()
+    assert "max_position_embeddings (256 positions)" in line and "after 7 of 32 new tokens" in line
+    code, out, err = run(generate_main, [graph, ids, "--ids", "--max-new-tokens", "7", "--no-eos"], capsys)
+    assert code == 0 and err == ""  # 7 fit: no notice
+
+
+def test_png_mode_follows_the_umask(shape, tmp_path):
+    scalings = np.random.default_rng(0).random((4, *shape)).astype(np.float32)
+    experts = [f"e{j}" for j in range(shape[1])]
+    for umask, mode in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):
+        before = os.umask(umask)
+        try:
+            path = plot_scalings(scalings, str(tmp_path / f"plot-{umask:o}.png"), experts)
+        finally:
+            os.umask(before)
+        assert os.stat(path).st_mode & 0o777 == mode, f"umask {umask:o}: mode {os.stat(path).st_mode & 0o777:o}"
+    assert sorted(os.listdir(tmp_path)) == ["plot-2.png", "plot-22.png", "plot-77.png"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["missing.onnx", "hi"], "no such file"),
     (["{graph}", "5,6,99999", "--ids"], "outside the vocabulary"),
