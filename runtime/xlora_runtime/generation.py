@@ -73,7 +73,8 @@ def pick_tokens(logits: np.ndarray, do_sample: bool, temperature: float, top_p: 
     if not do_sample:
         return logits.argmax(-1)
     z = logits.astype(np.float64)
-    z = (z - z.max(-1, keepdims=True)) / temperature  # <= 0 before dividing: no inf - inf for a tiny temperature
+    with np.errstate(over="ignore"):  # <= 0 before dividing: a tiny temperature gives -inf (probability 0), no NaN
+        z = (z - z.max(-1, keepdims=True)) / temperature
     probs = np.exp(z)
     probs /= probs.sum(-1, keepdims=True)
     if top_p < 1.0:

@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import contract as C
-from .errors import XLoraError
+from .errors import XLoraError, brief
 
 __all__ = ["PROVIDERS", "GraphInfo", "XLoraSession"]
 
@@ -214,7 +214,7 @@ class XLoraSession:
     def check_top_k(self, top_k: int) -> int:
         """`top_k` as the graph takes it: an int in 0..n (0 = dense)."""
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 0 <= top_k <= self.info.n_experts:
-            raise XLoraError(f"expert_top_k={top_k!r}: expected an int in 0..{self.info.n_experts} (0 = dense)")
+            raise XLoraError(f"expert_top_k={brief(top_k)}: expected an int in 0..{self.info.n_experts} (0 = dense)")
         return int(top_k)
 
     def check_ids(self, ids: list[int], what: str = "prompt") -> list[int]:
@@ -223,10 +223,11 @@ class XLoraSession:
             raise XLoraError(f"{what} is empty")
         not_ints = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
         if not_ints:
-            raise XLoraError(f"{what}: {not_ints[0]!r} is not a token id (expected ints)")
+            raise XLoraError(f"{what}: {brief(not_ints[0])} is not a token id (expected ints)")
         bad = [i for i in ids if not 0 <= i < self.info.vocab_size]
         if bad:
-            raise XLoraError(f"{what}: token id {bad[0]!r} is outside the vocabulary 0..{self.info.vocab_size - 1}")
+            raise XLoraError(f"{what}: token id {brief(bad[0])} is outside the vocabulary "
+                             f"0..{self.info.vocab_size - 1}")
         if len(ids) > self.info.max_positions:
             raise XLoraError(f"{what} has {len(ids)} tokens; the model has {self.info.max_positions} positions")
         return [int(i) for i in ids]
