@@ -553,6 +553,61 @@ def test_bad_options():
     still_works(gen)
 
 
+BAD_REQUESTS = [  # (prompts, options, what the one-line message says)
+    (None, {}, "prompts=None: expected a string, a list of token ids"),
+    (5, {}, "prompts=5: expected"),
+    (b"ab", {}, "prompts=b'ab': expected a string"),
+    ([b"ab"], {}, "prompt 0: expected a string or a list of token ids, got b'ab'"),
+    ([[1, [2]]], {}, "prompt 0: [2] is not a token id"),
+    ([[5, 6], object()], {}, "prompt 1: expected a string or a list of token ids, got <object object"),
+    ([[5, 2.0]], {}, "prompt 0: 2.0 is not a token id"),
+    ("\ud800", {}, "prompt 0: the tokenizer cannot encode it"),
+    ([5], dict(max_new_tokens=0), "max_new_tokens=0: expected an int >= 1"),
+    ([5], dict(max_new_tokens=2.5), "max_new_tokens=2.5"),
+    ([5], dict(max_new_tokens=True), "max_new_tokens=True"),
+    ([5], dict(do_sample="yes"), "do_sample='yes': expected True or False"),
+    ([5], dict(do_sample=True, temperature=0.0), "temperature=0.0: expected a finite number > 0 when sampling"),
+    ([5], dict(do_sample=True, temperature=float("inf")), "temperature=inf"),
+    ([5], dict(temperature="hot"), "temperature='hot'"),
+    ([5], dict(top_p=0.0), "top_p=0.0: expected 0 < top_p <= 1"),
+    ([5], dict(top_p=float("nan")), "top_p=nan"),
+    ([5], dict(seed=-1), "seed=-1: expected None or an int >= 0"),
+    ([5], dict(seed=1.5), "seed=1.5"),
+    ([5], dict(stop_token_ids=[384]), "stop_token_ids: 384 is not a token id in 0..383"),
+    ([5], dict(stop_token_ids=["5"]), "stop_token_ids: '5' is not a token id"),
+    ([5], dict(stop_token_ids="5"), "stop_token_ids='5': expected None, a token id or a list of them"),
+    ([5], dict(stop_strings=[""]), "stop_strings: '' is not a non-empty string"),
+    ([5], dict(stop_strings=5), "stop_strings=5: expected a string or a list of strings"),
+    ([5], dict(expert_top_k=True), "expert_top_k=True: expected an int in 0..3"),
+    ([5], dict(freeze_scalings_after=1.5), "freeze_scalings_after=1.5: expected None, an int >= 0, or one"),
+    ([[5], [6]], dict(freeze_scalings_after=[0, -1]), "freeze_scalings_after=-1: expected None or an int >= 0"),
+    ([5], dict(freeze_scalings_after="0"), "freeze_scalings_after='0'"),
+    ([5], dict(return_logits="yes"), "return_logits='yes': expected True or False"),
+    ([5], dict(freeze_scalings_after=np.zeros((2, 2), int)), "freeze_scalings_after=array([[0, 0], [0, 0]])"),
+]
+
+
+@pytest.mark.parametrize("prompts, options, message", BAD_REQUESTS, ids=[m.split(":")[0] for _, _, m in BAD_REQUESTS])
+def test_bad_request_table(prompts, options, message):
+    """Each bad input raises its one-line XLoraError at call time (`stream` runs nothing); the generator still
+    works afterwards."""
+    gen = Generator(session())
+    expect_error(lambda: gen.stream(prompts, **options), message)
+    still_works(gen)
+
+
+def test_single_stop_id_and_stop_string_need_no_list():
+    gen = Generator(session())
+    [free] = gen.generate([PROMPTS[0]], max_new_tokens=8, stop_token_ids=[])
+    [one] = gen.generate([PROMPTS[0]], max_new_tokens=8, stop_token_ids=free.tokens[2])
+    assert one.tokens == free.tokens[:free.tokens.index(free.tokens[2]) + 1] and one.finish_reason == "stop_token"
+    [text] = gen.generate("the model mixes", max_new_tokens=12, stop_token_ids=[])
+    stop = text.text[3:5]
+    assert stop and stop not in text.text[:3]
+    [cut] = gen.generate("the model mixes", max_new_tokens=12, stop_token_ids=[], stop_strings=stop)
+    assert cut.finish_reason == "stop_string" and stop in cut.text and len(cut.text) < len(text.text)
+
+
 def test_freezing_without_the_frozen_graph(tmp_path):
     source = exported("tiny-llama")
     lonely = tmp_path / os.path.basename(source)
