@@ -6,6 +6,7 @@ log), and the frozen graph, opened lazily, must be opened once however many thre
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -14,6 +15,7 @@ import pytest
 
 from helpers import exported
 from xlora_runtime import Generator, XLoraSession
+from xlora_runtime.scalings_log import tokens_record_path
 
 THREADS = 8
 # eight requests with distinct prompts, covering batches, top-k, per-row freezing, sampling and stops
@@ -88,7 +90,7 @@ def assert_same(got: list, want: list, what: str) -> None:
 
 
 @pytest.mark.parametrize("shared_generator", [True, False])
-def test_threads_get_their_single_threaded_results(shared_generator):
+def test_threads_get_their_single_threaded_results(shared_generator, tmp_path):
     want, want_logs = single_threaded()
     session = XLoraSession(graph(), threads=1)
     shared = Generator(session)
@@ -107,18 +109,20 @@ def test_threads_get_their_single_threaded_results(shared_generator):
     if not shared_generator:
         return
     # the shared log holds every call's entries in one block, each equal to that request's own log
-    log, calls = shared.scalings_log, shared._log_calls
+    log = shared.scalings_log
+    shared.flush_log_scalings(str(tmp_path / "log"))
+    with open(tokens_record_path(str(tmp_path / "log"))) as f:
+        calls = json.load(f)["calls"]
     assert len(calls) == THREADS * rounds
-    first = 0
-    seen = []
+    seen, first = [], 0
     for call in calls:
-        i = next(j for j, w in enumerate(want) if [r.prompt_ids for r in w] == [p["prompt_ids"] for p in call.prompts])
+        ids = [p["prompt_ids"] for p in call["prompts"]]
+        i = next(j for j, w in enumerate(want) if [r.prompt_ids for r in w] == ids)
         seen.append(i)
-        entries = log[first:first + len(call.entries)]
-        assert len(entries) == len(want_logs[i])
-        for a, b in zip(entries, want_logs[i]):
+        assert call["first_entry"] == first and call["entries"] == len(want_logs[i])
+        for a, b in zip(log[first:first + call["entries"]], want_logs[i]):
             np.testing.assert_array_equal(a, b, err_msg=f"request {i}")
-        first += len(call.entries)
+        first += call["entries"]
     assert first == len(log) and sorted(seen) == sorted(list(range(THREADS)) * rounds)
 
 
