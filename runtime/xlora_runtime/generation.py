@@ -116,6 +116,7 @@ class _Request:
     stop_strings: list[str]
     top_k: int
     freeze_at: np.ndarray  # (b,) int64, -1 = never
+    return_logits: bool
 
 
 @dataclass
@@ -266,7 +267,7 @@ class Generator:
     def _request(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int, do_sample: bool, temperature: float,
                  top_p: float, seed: int | None, stop_token_ids: int | Sequence[int] | None,
                  stop_strings: str | Sequence[str] | None, expert_top_k: int | None,
-                 freeze_scalings_after: int | Sequence[int | None] | None) -> _Request:
+                 freeze_scalings_after: int | Sequence[int | None] | None, return_logits: bool) -> _Request:
         """Validate a `stream` call; every mistake is an XLoraError raised here, before anything runs."""
         info = self.session.info
         encoded = self.encode(prompts)
@@ -280,6 +281,8 @@ class Generator:
             raise XLoraError(f"top_p={brief(top_p)}: expected 0 < top_p <= 1")
         if seed is not None and (not _is_int(seed) or seed < 0):
             raise XLoraError(f"seed={brief(seed)}: expected None or an int >= 0")
+        if not isinstance(return_logits, (bool, np.bool_)):
+            raise XLoraError(f"return_logits={brief(return_logits)}: expected True or False")
         stops, strings = self._stop_ids(stop_token_ids), self._stop_strings(stop_strings)
         top_k = self.session.check_top_k(info.default_top_k if expert_top_k is None else expert_top_k)
         freeze_at = self._freeze_steps(freeze_scalings_after, len(encoded))
@@ -287,7 +290,7 @@ class Generator:
         # the last chosen token is never fed back: width + max_new_tokens - 1 positions are processed
         capped = min(int(max_new_tokens), info.max_positions - width + 1)
         return _Request(encoded, capped, capped < max_new_tokens, bool(do_sample), float(temperature), float(top_p),
-                        None if seed is None else int(seed), stops, strings, top_k, freeze_at)
+                        None if seed is None else int(seed), stops, strings, top_k, freeze_at, bool(return_logits))
 
     # ------------------------------------------------------------------------------------------- generation
     def stream(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 32, do_sample: bool = False,
@@ -313,13 +316,10 @@ class Generator:
         Raises:
             XLoraError: bad prompts or options, raised by this call (before the iterator runs anything).
         """
-        request = self._request(prompts, max_new_tokens, do_sample, temperature, top_p, seed, stop_token_ids,
-                                stop_strings, expert_top_k, freeze_scalings_after)
-        if not isinstance(return_logits, (bool, np.bool_)):
-            raise XLoraError(f"return_logits={brief(return_logits)}: expected True or False")
-        return self._run(request, bool(return_logits))
+        return self._run(self._request(prompts, max_new_tokens, do_sample, temperature, top_p, seed, stop_token_ids,
+                                       stop_strings, expert_top_k, freeze_scalings_after, return_logits))
 
-    def _run(self, r: _Request, return_logits: bool) -> Iterator[TokenEvent]:
+    def _run(self, r: _Request) -> Iterator[TokenEvent]:
         """The generation loop of `stream`, on a validated request. Its caches are released however it ends."""
         info = self.session.info
         b = len(r.encoded)
@@ -369,7 +369,7 @@ class Generator:
                             reason = last_reason
                         finished[row] = reason is not None
                         events.append(TokenEvent(int(row), step, token, piece, row_scalings[j].copy(),
-                                                 out.last_logits[j].copy() if return_logits else None, reason))
+                                                 out.last_logits[j].copy() if r.return_logits else None, reason))
                 events.sort(key=lambda e: e.sequence)
                 if log is not None:
                     log.add(events)
