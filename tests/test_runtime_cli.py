@@ -13,8 +13,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import exported
+from xlora_export.scalings_log import flush_log_scalings
 from xlora_export.xlora_utils import load_scalings_log
 from xlora_runtime import Generator, XLoraError, XLoraSession
 from xlora_runtime.cli import build_generate_parser, build_plot_parser, generate_main, plot_main
@@ -283,6 +285,31 @@ def test_plot_user_errors(graph, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and err.startswith("xlora-plot-scalings: error:") and message in err
         assert "Traceback" not in err + out
     assert not os.path.exists(png)
+
+
+def test_tokens_record_errors_and_staleness(generator, tmp_path, capsys):
+    """A record that does not describe the log, or is not JSON, is a one-line error; a flush without a record
+    (the eager model's) removes the stale record of an earlier runtime flush to the same path."""
+    gen = Generator(generator.session)
+    gen.log_scalings = True
+    gen.generate(["the model", "a"], max_new_tokens=3, stop_token_ids=[])
+    log, png = str(tmp_path / "log"), str(tmp_path / "out.png")
+    gen.flush_log_scalings(log)
+    record = json.loads(open(tokens_record_path(log)).read())
+    record["calls"][0]["prompts"][0]["tokens"].append(5)  # claims one more step than the log holds
+    with open(tokens_record_path(log), "w") as f:
+        json.dump(record, f)
+    code, _, err = run(plot_main, [log, png], capsys)
+    assert code == 1 and "does not describe this log" in err and len(err.splitlines()) == 1
+    with open(tokens_record_path(log), "w") as f:
+        f.write("{not json")
+    code, _, err = run(plot_main, [log, png], capsys)
+    assert code == 1 and "cannot read it" in err and len(err.splitlines()) == 1
+    flush_log_scalings([torch.zeros(1, 2, *gen.scalings_log[0].shape[2:])], log)
+    assert not os.path.exists(tokens_record_path(log))
+    code, _, err = run(plot_main, [log, png, "--call", "1"], capsys)
+    assert code == 1 and "needs the tokens record" in err
+    assert run(plot_main, [log, png], capsys)[0] == 0
 
 
 @pytest.mark.parametrize("main, parser", [(generate_main, build_generate_parser), (plot_main, build_plot_parser)])
