@@ -179,9 +179,11 @@ class Generator:
         info = self.session.info
         records, first = [], 0
         for call in calls:
-            prompts = [dict(p, pieces=p["pieces"] if tokenizer is not None else None,
-                            prompt_pieces=[tokenizer.decode([t]) for t in p["prompt_ids"]] if tokenizer else None)
-                       for p in call.prompts]
+            if tokenizer is None:
+                prompts = [dict(p, pieces=None, prompt_pieces=None) for p in call.prompts]
+            else:
+                prompts = [dict(p, prompt_pieces=[tokenizer.decode([t]) for t in p["prompt_ids"]])
+                           for p in call.prompts]
             records.append(dict(first_entry=first, entries=len(call.entries),
                                 freeze_scalings_after=call.freeze_scalings_after, prompts=prompts))
             first += len(call.entries)
