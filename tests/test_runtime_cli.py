@@ -287,6 +287,21 @@ def test_plot_user_errors(graph, tmp_path, capsys):
     assert not os.path.exists(png)
 
 
+def test_log_of_an_export_without_tokenizer_is_labelled_by_ids(graph, tmp_path):
+    lonely = tmp_path / os.path.basename(graph)
+    lonely.write_bytes(open(graph, "rb").read())  # the graph alone: no tokenizer beside it
+    gen = Generator(XLoraSession(str(lonely), threads=1))
+    gen.log_scalings = True
+    [result] = gen.generate([5, 6, 7], max_new_tokens=3, stop_token_ids=[])
+    log = str(tmp_path / "log")
+    gen.flush_log_scalings(log)
+    record = json.loads(open(tokens_record_path(log)).read())
+    assert record["calls"][0]["prompts"][0]["pieces"] is None
+    values, labels = row_scalings([e.numpy() for e in load_scalings_log(log)], 0, record=record)
+    assert labels == [f"#{t}" for t in result.tokens]
+    np.testing.assert_array_equal(values, result.scalings)
+
+
 def test_tokens_record_errors_and_staleness(generator, tmp_path, capsys):
     """A record that does not describe the log, or is not JSON, is a one-line error; a flush without a record
     (the eager model's) removes the stale record of an earlier runtime flush to the same path."""
