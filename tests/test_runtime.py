@@ -424,22 +424,73 @@ def test_frozen_scalings_log_matches_eager():
     np.testing.assert_array_equal(log[-1], log[-2])  # frozen: the same scalings every step
 
 
+def test_per_row_freezing_log_matches_eager_row_by_row():
+    """Rows freezing at different steps: one entry per step, every row in prompt order (not one entry per
+    group), and each row equal to the eager model's log of that prompt alone with its own freeze step."""
+    gen = Generator(session())
+    gen.log_scalings = True
+    ks, steps = [0, None, 2], 6
+    results = gen.generate(list(PROMPTS), max_new_tokens=steps, stop_token_ids=[], freeze_scalings_after=ks)
+    log = gen.scalings_log
+    info, width = session().info, max(len(p) for p in PROMPTS)
+    assert [a.shape for a in log] == [(3, width, info.n_modules, info.n_experts)] + \
+        [(3, 1, info.n_modules, info.n_experts)] * (steps - 1)
+    model = eager()
+    for i, (prompt, k) in enumerate(zip(PROMPTS, ks)):
+        model.clear_scalings_log()
+        model.enable_scalings_logging()
+        try:
+            eager_generate(model, [prompt], steps=steps, freeze_scalings_after=k)
+            alone = [t.numpy()[0] for t in model.get_scalings_log()]
+        finally:
+            model.disable_scalings_logging()
+            model.clear_scalings_log()
+        assert len(alone) == len(log)
+        assert np.abs(log[0][i, width - len(prompt):] - alone[0]).max() <= 1e-5, f"row {i} prefill"
+        for j in range(1, steps):
+            assert np.abs(log[j][i] - alone[j]).max() <= 1e-5, f"row {i} (freeze after {k}), entry {j}"
+        # the log's row is the scalings each token was chosen with, as the results report them
+        chosen = np.concatenate([log[0][i, -1:]] + [log[j][i] for j in range(1, steps)])
+        np.testing.assert_array_equal(chosen, results[i].scalings)
+
+
 def test_scalings_log_with_a_finished_row_round_trips(tmp_path):
+    """A finished row keeps its place in every entry, NaN from the step after its last token; the other rows
+    match the eager model's log (which keeps feeding the finished row padding)."""
     gen = Generator(session())
     free = tokens_of(gen.generate(list(PROMPTS), max_new_tokens=8, stop_token_ids=[]))
     # the earliest token that is new to its row and that no other row makes: one row stops there
     step, row = next((t, i) for t in range(1, 6) for i in range(3)
                      if free[i][t] not in free[i][:t] and all(free[i][t] not in free[o] for o in range(3) if o != i))
+    stop = free[row][step]
     gen.log_scalings = True
-    results = gen.generate(list(PROMPTS), max_new_tokens=8, stop_token_ids=[free[row][step]])
+    results = gen.generate(list(PROMPTS), max_new_tokens=8, stop_token_ids=[stop])
     assert [len(r.tokens) for r in results] == [step + 1 if i == row else 8 for i in range(3)]
-    shapes = [a.shape[:2] for a in gen.scalings_log]
-    assert shapes == [(3, 7)] + [(3, 1)] * step + [(2, 1)] * (7 - step), shapes  # the row leaves after `step`
+    log = gen.scalings_log
+    assert [a.shape[:2] for a in log] == [(3, 7)] + [(3, 1)] * 7
+    for k, entry in enumerate(log[1:], 1):
+        assert np.isnan(entry[row]).all() == (k > step), f"entry {k}"
+        assert np.isfinite(np.delete(entry, row, axis=0)).all(), f"entry {k}"
+    model = eager()
+    model.clear_scalings_log()
+    model.enable_scalings_logging()
+    try:
+        ids, mask = left_padded(list(PROMPTS))
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[stop])
+        eager_log = [t.numpy() for t in model.get_scalings_log()]
+    finally:
+        model.disable_scalings_logging()
+        model.clear_scalings_log()
+    assert [a.shape for a in eager_log] == [a.shape for a in log]
+    for k, (want, got) in enumerate(zip(eager_log[1:], log[1:]), 1):
+        running = [i for i in range(3) if i != row or k <= step]
+        assert np.abs(want[running] - got[running]).max() <= 1e-5, f"log entry {k}"
     files = gen.flush_log_scalings(str(tmp_path / "log"))
-    assert any(f.endswith("-mapping.json") for f in files)
+    assert sorted(os.path.basename(f) for f in files) == ["log-0.npy", "log-1.npy", "log-mapping.json",
+                                                          "log-tokens.json"]
     loaded = load_scalings_log(str(tmp_path / "log"))
-    assert len(loaded) == len(gen.scalings_log)
-    assert all(np.array_equal(t.numpy(), a) for t, a in zip(loaded, gen.scalings_log))
+    assert len(loaded) == len(log)
+    assert all(np.array_equal(t.numpy(), a, equal_nan=True) for t, a in zip(loaded, log))
 
 
 # ----------------------------------------------------------------------------------------------- bad inputs
@@ -481,9 +532,11 @@ def test_bad_ids_and_prompts():
     still_works(gen)
     # capped by the positions: the last chosen token is never fed back, so a full-length prompt still gets one
     [longest] = gen.generate([5] * (info.max_positions - 1), max_new_tokens=8, stop_token_ids=[])
-    assert len(longest.tokens) == 2 and longest.finish_reason == "length"
+    assert len(longest.tokens) == 2 and longest.finish_reason == "max_positions"
     [full] = gen.generate([5] * info.max_positions, max_new_tokens=8, stop_token_ids=[])
-    assert len(full.tokens) == 1 and full.finish_reason == "length"
+    assert len(full.tokens) == 1 and full.finish_reason == "max_positions"
+    [exact] = gen.generate([5] * info.max_positions, max_new_tokens=1, stop_token_ids=[])
+    assert len(exact.tokens) == 1 and exact.finish_reason == "length"  # asked for no more than fits
     expect_error(lambda: gen.generate([[]], max_new_tokens=2), "empty")
     expect_error(lambda: gen.generate([[5, 6], []], max_new_tokens=2), "empty")
     expect_error(lambda: gen.generate("", max_new_tokens=2), "empty")
@@ -501,6 +554,61 @@ def test_bad_options():
     expect_error(lambda: gen.generate([PROMPTS[0]], max_new_tokens=2, freeze_scalings_after=-1), "freeze")
     expect_error(lambda: gen.generate(list(PROMPTS), max_new_tokens=2, freeze_scalings_after=[0, 1]), "freeze")
     still_works(gen)
+
+
+BAD_REQUESTS = [  # (prompts, options, what the one-line message says)
+    (None, {}, "prompts=None: expected a string, a list of token ids"),
+    (5, {}, "prompts=5: expected"),
+    (b"ab", {}, "prompts=b'ab': expected a string"),
+    ([b"ab"], {}, "prompt 0: expected a string or a list of token ids, got b'ab'"),
+    ([[1, [2]]], {}, "prompt 0: [2] is not a token id"),
+    ([[5, 6], object()], {}, "prompt 1: expected a string or a list of token ids, got <object object"),
+    ([[5, 2.0]], {}, "prompt 0: 2.0 is not a token id"),
+    ("\ud800", {}, "prompt 0: the tokenizer cannot encode it"),
+    ([5], dict(max_new_tokens=0), "max_new_tokens=0: expected an int >= 1"),
+    ([5], dict(max_new_tokens=2.5), "max_new_tokens=2.5"),
+    ([5], dict(max_new_tokens=True), "max_new_tokens=True"),
+    ([5], dict(do_sample="yes"), "do_sample='yes': expected True or False"),
+    ([5], dict(do_sample=True, temperature=0.0), "temperature=0.0: expected a finite number > 0 when sampling"),
+    ([5], dict(do_sample=True, temperature=float("inf")), "temperature=inf"),
+    ([5], dict(temperature="hot"), "temperature='hot'"),
+    ([5], dict(top_p=0.0), "top_p=0.0: expected 0 < top_p <= 1"),
+    ([5], dict(top_p=float("nan")), "top_p=nan"),
+    ([5], dict(seed=-1), "seed=-1: expected None or an int >= 0"),
+    ([5], dict(seed=1.5), "seed=1.5"),
+    ([5], dict(stop_token_ids=[384]), "stop_token_ids: 384 is not a token id in 0..383"),
+    ([5], dict(stop_token_ids=["5"]), "stop_token_ids: '5' is not a token id"),
+    ([5], dict(stop_token_ids="5"), "stop_token_ids='5': expected None, a token id or a list of them"),
+    ([5], dict(stop_strings=[""]), "stop_strings: '' is not a non-empty string"),
+    ([5], dict(stop_strings=5), "stop_strings=5: expected a string or a list of strings"),
+    ([5], dict(expert_top_k=True), "expert_top_k=True: expected an int in 0..3"),
+    ([5], dict(freeze_scalings_after=1.5), "freeze_scalings_after=1.5: expected None, an int >= 0, or one"),
+    ([[5], [6]], dict(freeze_scalings_after=[0, -1]), "freeze_scalings_after=-1: expected None or an int >= 0"),
+    ([5], dict(freeze_scalings_after="0"), "freeze_scalings_after='0'"),
+    ([5], dict(return_logits="yes"), "return_logits='yes': expected True or False"),
+    ([5], dict(freeze_scalings_after=np.zeros((2, 2), int)), "freeze_scalings_after=array([[0, 0], [0, 0]])"),
+]
+
+
+@pytest.mark.parametrize("prompts, options, message", BAD_REQUESTS, ids=[m.split(":")[0] for _, _, m in BAD_REQUESTS])
+def test_bad_request_table(prompts, options, message):
+    """Each bad input raises its one-line XLoraError at call time (`stream` runs nothing); the generator still
+    works afterwards."""
+    gen = Generator(session())
+    expect_error(lambda: gen.stream(prompts, **options), message)
+    still_works(gen)
+
+
+def test_single_stop_id_and_stop_string_need_no_list():
+    gen = Generator(session())
+    [free] = gen.generate([PROMPTS[0]], max_new_tokens=8, stop_token_ids=[])
+    [one] = gen.generate([PROMPTS[0]], max_new_tokens=8, stop_token_ids=free.tokens[2])
+    assert one.tokens == free.tokens[:free.tokens.index(free.tokens[2]) + 1] and one.finish_reason == "stop_token"
+    [text] = gen.generate("the model mixes", max_new_tokens=12, stop_token_ids=[])
+    stop = text.text[3:5]
+    assert stop and stop not in text.text[:3]
+    [cut] = gen.generate("the model mixes", max_new_tokens=12, stop_token_ids=[], stop_strings=stop)
+    assert cut.finish_reason == "stop_string" and stop in cut.text and len(cut.text) < len(text.text)
 
 
 def test_freezing_without_the_frozen_graph(tmp_path):

@@ -13,12 +13,15 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import exported
+from xlora_export.scalings_log import flush_log_scalings
 from xlora_export.xlora_utils import load_scalings_log
 from xlora_runtime import Generator, XLoraError, XLoraSession
-from xlora_runtime.cli import build_generate_parser, build_plot_parser, generate_main, plot_main, tokens_record_path
-from xlora_runtime.plot import MAX_TOKEN_LABELS, plot_scalings, row_scalings, tick_positions
+from xlora_runtime.cli import build_generate_parser, build_plot_parser, generate_main, plot_main
+from xlora_runtime.plot import MAX_TOKEN_LABELS, plot_scalings, row_scalings, tick_positions, token_label
+from xlora_runtime.scalings_log import tokens_record_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUNTIME = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runtime", "xlora_runtime")
@@ -139,7 +142,9 @@ def test_log_scalings_and_plot(graph, shape, tmp_path, capsys):
     assert all(tuple(e.shape) == (2, 1, *shape) for e in entries[1:])
     with open(tokens_record_path(log)) as f:
         record = json.load(f)
-    assert [len(p["tokens"]) for p in record["prompts"]] == [6, 6] and len(record["expert_names"]) == shape[1]
+    [call] = record["calls"]
+    assert call["first_entry"] == 0 and call["entries"] == 6 and call["freeze_scalings_after"] == [None, None]
+    assert [len(p["tokens"]) for p in call["prompts"]] == [6, 6] and len(record["expert_names"]) == shape[1]
     for extra in ([], ["--module", "1"], ["--row", "1", "--include-prompt"]):
         png = str(tmp_path / f"plot{len(extra)}.png")
         code, out, err = run(plot_main, [log, png] + extra, capsys)
@@ -150,7 +155,7 @@ def test_log_scalings_and_plot(graph, shape, tmp_path, capsys):
 
 @pytest.mark.parametrize("freeze", [None, 2])
 def test_log_rows_match_the_tokens(graph, tmp_path, capsys, freeze):
-    """Rows leave the log as sequences stop (and freeze): the tokens record follows each prompt exactly."""
+    """Every entry holds every row in prompt order (a finished row is NaN); the tokens record labels them."""
     prompts = ["5,6,7", "8,9,10,11", "12,13"]
     [_, middle, _] = json_lines(run(generate_main, [graph, *prompts, "--ids", "--json", "--no-eos"], capsys)[1])
     log = str(tmp_path / "log")
@@ -164,18 +169,94 @@ def test_log_rows_match_the_tokens(graph, tmp_path, capsys, freeze):
     with open(tokens_record_path(log)) as f:
         record = json.load(f)
     arrays = [e.numpy() for e in load_scalings_log(log)]
-    assert arrays[0].shape[0] == 3 and 0 < arrays[-1].shape[0] < 3  # rows left the log
+    assert [a.shape[:2] for a in arrays] == [(3, 4)] + [(3, 1)] * (len(arrays) - 1)
+    assert np.isnan(arrays[-1][1]).all()  # prompt 1 finished: NaN in the last entry
     for row, want in enumerate(records):
         values, labels = row_scalings(arrays, row, record=record)
         assert len(labels) == len(values) == len(want["tokens"])
+        pieces = record["calls"][0]["prompts"][row]["pieces"]
+        assert "".join(pieces) == want["text"] and labels == [token_label(p, t) for p, t in zip(pieces, want["tokens"])]
         np.testing.assert_allclose(values, np.array(want["scalings"]), atol=6e-5)
         with_prompt, labels = row_scalings(arrays, row, include_prompt=True, record=record)
         prompt_length = len(prompts[row].split(","))
         assert len(with_prompt) == len(labels) == prompt_length - 1 + len(want["tokens"])
-    os.remove(tokens_record_path(log))  # without the record, --row is the row index within each entry
-    values, labels = row_scalings(arrays, 2)  # stops once prompt 1 has left: row 2 no longer exists
-    assert len(values) == len(labels) and 1 <= len(values) <= 2
-    np.testing.assert_allclose(values, np.array(records[2]["scalings"][:len(values)]), atol=6e-5)
+    os.remove(tokens_record_path(log))  # without the record, a row ends where it is NaN
+    for row, want in enumerate(records):
+        values, labels = row_scalings(arrays, row)
+        assert len(values) == len(labels) == len(want["tokens"])
+        np.testing.assert_allclose(values, np.array(want["scalings"]), atol=6e-5)
+
+
+def test_python_api_log_with_per_row_freezing_plots(graph, tmp_path, capsys):
+    """A log flushed from the Python API carries the tokens record: plots are labelled with the token texts,
+    rows freezing at different steps are followed exactly, and --call picks a later call of the log."""
+    gen = Generator(XLoraSession(graph, threads=1))
+    gen.log_scalings = True
+    prompts, ks = ["the model mixes", "a cache", "low rank experts mix"], [0, None, 3]
+    first = gen.generate(prompts, max_new_tokens=7, stop_token_ids=[], freeze_scalings_after=ks)
+    second = gen.generate(prompts[1], max_new_tokens=4, stop_token_ids=[])
+    log = str(tmp_path / "api")
+    files = gen.flush_log_scalings(log)
+    assert tokens_record_path(log) in files
+    arrays = [e.numpy() for e in load_scalings_log(log)]
+    assert len(arrays) == 7 + 4
+    record = json.loads(open(tokens_record_path(log)).read())
+    assert [(c["first_entry"], c["entries"]) for c in record["calls"]] == [(0, 7), (7, 4)]
+    assert record["calls"][0]["freeze_scalings_after"] == ks
+    for row, want in enumerate(first):
+        values, labels = row_scalings(arrays, row, record=record)
+        np.testing.assert_array_equal(values, want.scalings)
+        assert labels == [token_label(p, t) for p, t in zip(record["calls"][0]["prompts"][row]["pieces"],
+                                                          want.tokens)]
+        assert "".join(record["calls"][0]["prompts"][row]["pieces"]) == want.text
+    for row, k in ((0, 0), (2, 3)):  # frozen from step k on, at its own step
+        values = row_scalings(arrays, row, record=record)[0]
+        assert (values[k:] == values[k]).all() and not (values[:k + 1] == values[k]).all(axis=(1, 2))[:k].any()
+    values, labels = row_scalings(arrays, 0, record=record, call=1)
+    np.testing.assert_array_equal(values, second[0].scalings)
+    assert len(labels) == 4
+    for argv in (["--row", "2"], ["--row", "0", "--call", "1", "--include-prompt"]):
+        png = str(tmp_path / f"plot{len(argv)}.png")
+        code, out, err = run(plot_main, [log, png] + argv, capsys)
+        assert code == 0, err
+        check_png(png)
+    code, out, err = run(plot_main, [log, str(tmp_path / "x.png"), "--call", "2"], capsys)
+    assert code == 1 and "call 2: the tokens record has 2 call(s)" in err
+
+
+def test_generation_cut_by_the_position_limit_says_so(graph, generator, capsys):
+    """A 250-token prompt on a 256-position model leaves room for 7 of 32 tokens: finish reason max_positions
+    in the API and one line from xlora-generate naming max_position_embeddings."""
+    info = generator.session.info
+    assert info.max_positions == 256
+    prompt = [5 + i % 50 for i in range(250)]
+    [result] = generator.generate(prompt, max_new_tokens=32, stop_token_ids=[])
+    assert len(result.tokens) == 7 and result.finish_reason == "max_positions"
+    events = list(generator.stream(prompt, max_new_tokens=32, stop_token_ids=[]))
+    assert [e.finish_reason for e in events] == [None] * 6 + ["max_positions"]
+    ids = ",".join(map(str, prompt))
+    code, out, err = run(generate_main, [graph, ids, "--ids", "--max-new-tokens", "32", "--no-eos", "--json"],
+                         capsys)
+    assert code == 0, err
+    [record] = json_lines(out)
+    assert len(record["tokens"]) == 7 and record["finish_reason"] == "max_positions"
+    [line] = err.splitlines()
+    assert "max_position_embeddings (256 positions)" in line and "after 7 of 32 new tokens" in line
+    code, out, err = run(generate_main, [graph, ids, "--ids", "--max-new-tokens", "7", "--no-eos"], capsys)
+    assert code == 0 and err == ""  # 7 fit: no notice
+
+
+def test_png_mode_follows_the_umask(shape, tmp_path):
+    scalings = np.random.default_rng(0).random((4, *shape)).astype(np.float32)
+    experts = [f"e{j}" for j in range(shape[1])]
+    for umask, mode in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):
+        before = os.umask(umask)
+        try:
+            path = plot_scalings(scalings, str(tmp_path / f"plot-{umask:o}.png"), experts)
+        finally:
+            os.umask(before)
+        assert os.stat(path).st_mode & 0o777 == mode, f"umask {umask:o}: mode {os.stat(path).st_mode & 0o777:o}"
+    assert sorted(os.listdir(tmp_path)) == ["plot-2.png", "plot-22.png", "plot-77.png"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -204,6 +285,46 @@ def test_plot_user_errors(graph, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and err.startswith("xlora-plot-scalings: error:") and message in err
         assert "Traceback" not in err + out
     assert not os.path.exists(png)
+
+
+def test_log_of_an_export_without_tokenizer_is_labelled_by_ids(graph, tmp_path):
+    lonely = tmp_path / os.path.basename(graph)
+    lonely.write_bytes(open(graph, "rb").read())  # the graph alone: no tokenizer beside it
+    gen = Generator(XLoraSession(str(lonely), threads=1))
+    gen.log_scalings = True
+    [result] = gen.generate([5, 6, 7], max_new_tokens=3, stop_token_ids=[])
+    log = str(tmp_path / "log")
+    gen.flush_log_scalings(log)
+    record = json.loads(open(tokens_record_path(log)).read())
+    assert record["calls"][0]["prompts"][0]["pieces"] is None
+    values, labels = row_scalings([e.numpy() for e in load_scalings_log(log)], 0, record=record)
+    assert labels == [f"#{t}" for t in result.tokens]
+    np.testing.assert_array_equal(values, result.scalings)
+
+
+def test_tokens_record_errors_and_staleness(generator, tmp_path, capsys):
+    """A record that does not describe the log, or is not JSON, is a one-line error; a flush without a record
+    (the eager model's) removes the stale record of an earlier runtime flush to the same path."""
+    gen = Generator(generator.session)
+    gen.log_scalings = True
+    gen.generate(["the model", "a"], max_new_tokens=3, stop_token_ids=[])
+    log, png = str(tmp_path / "log"), str(tmp_path / "out.png")
+    gen.flush_log_scalings(log)
+    record = json.loads(open(tokens_record_path(log)).read())
+    record["calls"][0]["prompts"][0]["tokens"].append(5)  # claims one more step than the log holds
+    with open(tokens_record_path(log), "w") as f:
+        json.dump(record, f)
+    code, _, err = run(plot_main, [log, png], capsys)
+    assert code == 1 and "does not describe this log" in err and len(err.splitlines()) == 1
+    with open(tokens_record_path(log), "w") as f:
+        f.write("{not json")
+    code, _, err = run(plot_main, [log, png], capsys)
+    assert code == 1 and "cannot read it" in err and len(err.splitlines()) == 1
+    flush_log_scalings([torch.zeros(1, 2, *gen.scalings_log[0].shape[2:])], log)
+    assert not os.path.exists(tokens_record_path(log))
+    code, _, err = run(plot_main, [log, png, "--call", "1"], capsys)
+    assert code == 1 and "needs the tokens record" in err
+    assert run(plot_main, [log, png], capsys)[0] == 0
 
 
 @pytest.mark.parametrize("main, parser", [(generate_main, build_generate_parser), (plot_main, build_plot_parser)])

@@ -21,18 +21,13 @@ from typing import Any
 import numpy as np
 
 from .errors import XLoraError
-from .generation import Generation, Generator, TokenEvent
-from .scalings_log import load_scalings_arrays
+from .generation import Generator, TokenEvent
+from .scalings_log import load_scalings_arrays, load_tokens_record
 from .session import PROVIDERS, XLoraSession
 
-__all__ = ["build_generate_parser", "build_plot_parser", "generate_main", "plot_main", "tokens_record_path"]
+__all__ = ["build_generate_parser", "build_plot_parser", "generate_main", "plot_main"]
 
 _STREAM_DEFAULTS = {name: p.default for name, p in inspect.signature(Generator.stream).parameters.items()}
-
-
-def tokens_record_path(log_path: str) -> str:
-    """`PATH-tokens.json`, written beside the scalings log `PATH` by `xlora-generate --log-scalings PATH`."""
-    return (log_path[:-len(".npy")] if log_path.endswith(".npy") else log_path) + "-tokens.json"
 
 
 def _run(prog: str, parser: argparse.ArgumentParser, command: Callable[[argparse.Namespace], int],
@@ -158,19 +153,6 @@ class _Printer:
             print(f"[{event.sequence}] {line}", flush=True)
 
 
-def _tokens_record(session: XLoraSession, results: list[Generation], pieces: list[list[str]],
-                   freeze_scalings_after: int | None) -> dict[str, Any]:
-    """What `PATH-tokens.json` holds: per prompt its ids and generated tokens with their text, and the names."""
-    tokenizer = session.tokenizer
-    prompts = []
-    for i, r in enumerate(results):
-        prompt_pieces = [tokenizer.decode([t]) for t in r.prompt_ids] if tokenizer is not None else None
-        prompts.append(dict(prompt=i, prompt_ids=r.prompt_ids, prompt_pieces=prompt_pieces, tokens=r.tokens,
-                            pieces=pieces[i] if tokenizer is not None else None, finish_reason=r.finish_reason))
-    return dict(graph=os.path.abspath(session.info.path), expert_names=session.info.expert_names,
-                module_names=session.info.module_names, freeze_scalings_after=freeze_scalings_after, prompts=prompts)
-
-
 def _format_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB"):
         if n < 1024:
@@ -189,29 +171,19 @@ def _generate(args: argparse.Namespace) -> int:
     generator.log_scalings = bool(args.log_scalings)
     prompts, options = _prompts(args), _stream_options(args, session)
     has_text = session.tokenizer is not None
-    encoded = generator.encode(prompts)  # validated before anything runs; `stream` takes the ids
-    results = [Generation(prompt_ids=ids) for ids in encoded]
-    events: list[list[TokenEvent]] = [[] for _ in encoded]
+    encoded = generator.encode(prompts)  # validated before anything runs; `generate` takes the ids
     printer = _Printer(len(encoded), has_text) if args.stream else None
     start = time.perf_counter()
-    for event in generator.stream(encoded, **options):
-        events[event.sequence].append(event)
-        if printer:
-            printer(event)
+    results = generator.generate(encoded, on_token=printer, **options)
     elapsed = time.perf_counter() - start
-    for result, steps in zip(results, events):
-        result.tokens = [e.token for e in steps]
-        result.text = "".join(e.text for e in steps) if has_text else None
-        result.scalings = np.stack([e.scalings for e in steps])
-        result.finish_reason = steps[-1].finish_reason
-    written = []
-    if args.log_scalings:
-        written = generator.flush_log_scalings(args.log_scalings)
-        record = _tokens_record(session, results, [[e.text for e in steps] for steps in events],
-                                args.freeze_scalings_after)
-        with open(tokens_record_path(args.log_scalings), "w") as f:
-            json.dump(record, f)
-        written.append(tokens_record_path(args.log_scalings))
+    written = generator.flush_log_scalings(args.log_scalings) if args.log_scalings else []
+    capped = [i for i, r in enumerate(results) if r.finish_reason == "max_positions"]
+    if capped:
+        print(f"xlora-generate: note: generation stopped at the model's max_position_embeddings "
+              f"({session.info.max_positions} positions) after {len(results[capped[0]].tokens)} of "
+              f"{args.max_new_tokens} new tokens (prompt{'s' if len(capped) > 1 else ''} "
+              f"{', '.join(map(str, capped))}; longest prompt {max(len(ids) for ids in encoded)} tokens)",
+              file=sys.stderr)
     if args.json:
         for i, r in enumerate(results):
             print(json.dumps(dict(prompt=i, tokens=r.tokens, text=r.text, finish_reason=r.finish_reason,
@@ -240,18 +212,19 @@ def build_plot_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xlora-plot-scalings", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Draw the scalings of one generated sequence as a heatmap (tokens across, experts down).\n\n"
-                    "LOG_PATH is a scalings log of one generate call (xlora-generate --log-scalings, or the eager\n"
-                    "model's flush_log_scalings): the prefill, then one entry per decode step. Each column is the\n"
-                    "scalings that chose the token it is labelled with: the prefill's last position, then the\n"
-                    "decode steps (--include-prompt: every prompt position first). Rows leave later entries when\n"
-                    "their sequence finishes (or, in the runtime, freezes). With LOG_PATH-tokens.json beside the\n"
-                    "log, --row is the prompt index and is followed exactly, and the labels are the tokens' text;\n"
-                    "without it, --row is the row index within each entry and the sequence stops at the first\n"
-                    "entry that no longer has that row.")
+                    "LOG_PATH is a scalings log (xlora-generate --log-scalings, Generator.flush_log_scalings, or the\n"
+                    "eager model's flush_log_scalings): per generate call the prefill, then one entry per decode\n"
+                    "step holding every row in prompt order. Each column is the scalings that chose the token it is\n"
+                    "labelled with: the prefill's last position, then the decode steps (--include-prompt: every\n"
+                    "prompt position first); rows may freeze at different steps. With LOG_PATH-tokens.json beside\n"
+                    "the log (the runtime writes it), the labels are the tokens' text and --call picks the call;\n"
+                    "without it, the first call is read and a row ends where it is NaN (finished) or missing.")
     parser.add_argument("log", metavar="LOG_PATH", help="scalings log path, without extension")
     parser.add_argument("out", metavar="OUT.png", help="PNG to write")
     sel = parser.add_argument_group("selection")
-    sel.add_argument("--row", type=int, default=0, help="batch row (see above; default 0)")
+    sel.add_argument("--row", type=int, default=0, help="prompt index, its row in every entry (default 0)")
+    sel.add_argument("--call", type=int, metavar="N", help="which generate call of the log (default 0; needs "
+                     "LOG_PATH-tokens.json)")
     sel.add_argument("--include-prompt", action="store_true", help="also plot the prompt's positions (left "
                      "padding skipped when LOG_PATH-tokens.json gives the prompt)")
     sel.add_argument("--module", type=int, metavar="I", help="plot scaled module I (0..L-1) only (default: the "
@@ -267,14 +240,8 @@ def _plot(args: argparse.Namespace) -> int:
     from .plot import plot_scalings, row_scalings
 
     log = load_scalings_arrays(args.log)
-    record = None
-    if os.path.isfile(tokens_record_path(args.log)):
-        try:
-            with open(tokens_record_path(args.log)) as f:
-                record = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise XLoraError(f"{tokens_record_path(args.log)}: cannot read it ({e})") from None
-    values, labels = row_scalings(log, args.row, args.include_prompt, record)
+    record = load_tokens_record(args.log)
+    values, labels = row_scalings(log, args.row, args.include_prompt, record, args.call)
     n_experts = values.shape[-1]
     if args.experts is not None:
         experts = [name.strip() for name in args.experts.split(",")]

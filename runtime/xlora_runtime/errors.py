@@ -8,8 +8,14 @@ once and print it without a traceback. `xlora_export` re-exports it.
 
 from __future__ import annotations
 
-__all__ = ["XLoraError"]
+__all__ = ["XLoraError", "brief"]
 
 
 class XLoraError(ValueError):
     """A user error: bad input, bad checkpoint or graph, unsupported model. Printed as one line."""
+
+
+def brief(value: object, limit: int = 60) -> str:
+    """A bounded, one-line repr of a caller's value, for error messages."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."

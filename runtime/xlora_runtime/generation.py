@@ -6,16 +6,27 @@
         -> each group runs its new tokens
 
 `Generator.stream` yields one `TokenEvent` per new token; `Generator.generate` collects them.
+
+Finish reasons: "stop_token", "stop_string", "length" (max_new_tokens reached) and "max_positions" (the
+model's max_position_embeddings ended the sequence before max_new_tokens).
+
+Threads: a `Generator` (and its `XLoraSession`) may be shared by threads generating at once. Each call's
+state is its own; the scalings log receives a call's entries in one block when the call completes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import contextlib
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from .errors import XLoraError
+from .errors import XLoraError, brief
 from .kv_cache import CacheGroup
 from .scalings_log import save_scalings_arrays
 from .session import XLoraSession
@@ -35,7 +46,7 @@ class TokenEvent:
     text: str  # the text this token completes ('' when it ends inside a character)
     scalings: np.ndarray  # (L, n): the scalings of the position that chose this token (frozen ones once frozen)
     logits: np.ndarray | None  # (vocab,) when asked for
-    finish_reason: str | None  # None, or "stop_token" / "stop_string" / "length" on the last token
+    finish_reason: str | None  # None, or on the last token "stop_token" / "stop_string" / "length" / "max_positions"
 
 
 @dataclass
@@ -61,8 +72,9 @@ def pick_tokens(logits: np.ndarray, do_sample: bool, temperature: float, top_p: 
     """
     if not do_sample:
         return logits.argmax(-1)
-    z = logits.astype(np.float64) / temperature
-    z -= z.max(-1, keepdims=True)
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore"):  # <= 0 before dividing: a tiny temperature gives -inf (probability 0), no NaN
+        z = (z - z.max(-1, keepdims=True)) / temperature
     probs = np.exp(z)
     probs /= probs.sum(-1, keepdims=True)
     if top_p < 1.0:
@@ -76,62 +88,224 @@ def pick_tokens(logits: np.ndarray, do_sample: bool, temperature: float, top_p: 
     return np.array([rng.choice(probs.shape[-1], p=p) for p in probs], dtype=np.int64)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_list(value: Any) -> bool:
+    """A sequence of items (a list, a tuple), not a string or bytes."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
+
+
+@dataclass
+class _Request:
+    """A validated `stream` call."""
+
+    encoded: list[list[int]]
+    max_new_tokens: int  # after the cap by the model's positions
+    position_capped: bool  # the cap cut max_new_tokens: the last token's finish reason is "max_positions"
+    do_sample: bool
+    temperature: float
+    top_p: float
+    seed: int | None
+    stops: np.ndarray  # (k,) int64 stop ids
+    stop_strings: list[str]
+    top_k: int
+    freeze_at: np.ndarray  # (b,) int64, -1 = never
+    return_logits: bool
+
+
+@dataclass
+class _CallLog:
+    """One call's part of the scalings log: its entries and, per prompt, the tokens they chose."""
+
+    entries: list[np.ndarray]
+    prompts: list[dict[str, Any]]  # prompt_ids, tokens, pieces, finish_reason
+    freeze_scalings_after: list[int | None]
+
+    def add(self, events: list[TokenEvent]) -> None:
+        for e in events:
+            prompt = self.prompts[e.sequence]
+            prompt["tokens"].append(e.token)
+            prompt["pieces"].append(e.text)
+            prompt["finish_reason"] = e.finish_reason
+
+
 class Generator:
-    """Generation with an `XLoraSession`; keeps an optional scalings log across calls."""
+    """Generation with an `XLoraSession`; keeps an optional scalings log across calls.
+
+    Several threads may share one Generator (and one session) and generate at once: each call's state is its
+    own, `peak_cache_bytes` is that of the last call to end, and the log takes a call's entries in one block
+    when the call completes (a call closed early or failed is not logged).
+    """
 
     def __init__(self, session: XLoraSession) -> None:
         self.session = session
-        self.log_scalings = False  # when True, every graph run appends its (g, s, L, n) scalings
-        self.scalings_log: list[np.ndarray] = []
-        self.peak_cache_bytes = 0  # largest cache memory held during the last call
+        self.log_scalings = False  # when True, every completed call appends its entries to the scalings log
+        self.peak_cache_bytes = 0  # largest cache memory held during the last call to end
+        self._log: list[np.ndarray] = []
+        self._log_calls: list[_CallLog] = []
+        self._log_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------- scalings log
+    @property
+    def scalings_log(self) -> list[np.ndarray]:
+        """The log (a new list), laid out as the eager model logs: per logged call its prefill (b, p, L, n),
+        then one (b, 1, L, n) per decode step, every row in prompt order (NaN for a row that has finished)."""
+        with self._log_lock:
+            return list(self._log)
+
+    def clear_scalings_log(self) -> None:
+        """Empty the log."""
+        with self._log_lock:
+            self._log, self._log_calls = [], []
 
     def flush_log_scalings(self, path: str) -> list[str]:
-        """Write the log in the eager model's file format (`load_scalings_log` reads it)."""
-        return save_scalings_arrays(self.scalings_log, path)
+        """Write the log in the eager model's file format (`load_scalings_log` reads it), with the calls'
+        tokens and their texts in `PATH-tokens.json` (what `xlora-plot-scalings` labels its plots with).
+
+        Returns:
+            The files written.
+        Raises:
+            XLoraError: an empty log, a path with an extension.
+        """
+        with self._log_lock:
+            log, calls = list(self._log), list(self._log_calls)
+        tokenizer = self.session.tokenizer
+        info = self.session.info
+        records, first = [], 0
+        for call in calls:
+            if tokenizer is None:
+                prompts = [dict(p, pieces=None, prompt_pieces=None) for p in call.prompts]
+            else:
+                prompts = [dict(p, prompt_pieces=[tokenizer.decode([t]) for t in p["prompt_ids"]])
+                           for p in call.prompts]
+            records.append(dict(first_entry=first, entries=len(call.entries),
+                                freeze_scalings_after=call.freeze_scalings_after, prompts=prompts))
+            first += len(call.entries)
+        record = dict(graph=os.path.abspath(info.path), expert_names=info.expert_names,
+                      module_names=info.module_names, calls=records)
+        return save_scalings_arrays(log, path, tokens_record=record)
 
     # ------------------------------------------------------------------------------------------- inputs
     def encode(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
-        """Prompts (a text, a list of ids, or a list of either) as validated id lists."""
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
-                                        and isinstance(prompts[0], (int, np.integer))):
+        """Prompts (a text, a list of ids, or a list of either) as validated id lists.
+
+        Raises:
+            XLoraError: anything else, an empty prompt, ids outside the vocabulary, too many tokens.
+        """
+        if isinstance(prompts, str) or (_is_list(prompts) and prompts and _is_int(prompts[0])):
             prompts = [prompts]
-        if not isinstance(prompts, Sequence) or len(prompts) == 0:
-            raise XLoraError("prompts: expected a string, a list of token ids, or a non-empty list of either")
+        if not _is_list(prompts) or len(prompts) == 0:
+            raise XLoraError(f"prompts={brief(prompts)}: expected a string, a list of token ids, or a non-empty list "
+                             f"of either")
         encoded = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
-                tokenizer = self.session.tokenizer
-                if tokenizer is None:
-                    raise XLoraError(f"{self.session.info.path}: no tokenizer travelled with this export; "
-                                     f"give token ids")
-                ids = tokenizer.encode(prompt).ids if prompt else []
-            else:
+                ids = self._encode_text(prompt, i)
+            elif _is_list(prompt):
                 ids = list(prompt)
+            else:
+                raise XLoraError(f"prompt {i}: expected a string or a list of token ids, got {brief(prompt)}")
             encoded.append(self.session.check_ids(ids, f"prompt {i}"))
         return encoded
 
+    def _encode_text(self, text: str, i: int) -> list[int]:
+        tokenizer = self.session.tokenizer
+        if tokenizer is None:
+            raise XLoraError(f"{self.session.info.path}: no tokenizer travelled with this export; give token ids")
+        if not text:
+            return []
+        try:
+            return tokenizer.encode(text).ids
+        except Exception as e:  # the tokenizers library raises TypeError (lone surrogates) and its own errors
+            reason = (str(e).splitlines() or [""])[0][:120]
+            raise XLoraError(f"prompt {i}: the tokenizer cannot encode it ({type(e).__name__}: {reason})") from None
+
+    def _stop_ids(self, stop_token_ids: int | Sequence[int] | None) -> np.ndarray:
+        info = self.session.info
+        if stop_token_ids is None:
+            return np.array(info.eos_token_ids, dtype=np.int64)
+        ids = [stop_token_ids] if _is_int(stop_token_ids) else stop_token_ids
+        if not _is_list(ids):
+            raise XLoraError(f"stop_token_ids={brief(stop_token_ids)}: expected None, a token id or a list of them")
+        bad = [i for i in ids if not _is_int(i) or not 0 <= i < info.vocab_size]
+        if bad:
+            raise XLoraError(f"stop_token_ids: {brief(bad[0])} is not a token id in 0..{info.vocab_size - 1}")
+        return np.array([int(i) for i in ids], dtype=np.int64)
+
+    def _stop_strings(self, stop_strings: str | Sequence[str] | None) -> list[str]:
+        strings = [stop_strings] if isinstance(stop_strings, str) else [] if stop_strings is None else stop_strings
+        if not _is_list(strings):
+            raise XLoraError(f"stop_strings={brief(stop_strings)}: expected a string or a list of strings")
+        for s in strings:
+            if not isinstance(s, str) or not s:
+                raise XLoraError(f"stop_strings: {brief(s)} is not a non-empty string")
+        if strings and self.session.tokenizer is None:
+            raise XLoraError("stop_strings need the tokenizer, and none travelled with this export")
+        return list(strings)
+
     def _freeze_steps(self, freeze_scalings_after: int | Sequence[int | None] | None, b: int) -> np.ndarray:
-        values = freeze_scalings_after if isinstance(freeze_scalings_after, Sequence) else [freeze_scalings_after] * b
+        if freeze_scalings_after is None or _is_int(freeze_scalings_after):
+            values = [freeze_scalings_after] * b
+        elif _is_list(freeze_scalings_after):
+            values = list(freeze_scalings_after)
+        else:
+            raise XLoraError(f"freeze_scalings_after={brief(freeze_scalings_after)}: expected None, an int >= 0, "
+                             f"or one such value per prompt")
         if len(values) != b:
             raise XLoraError(f"freeze_scalings_after: {len(values)} values for {b} prompts")
         for v in values:
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0):
-                raise XLoraError(f"freeze_scalings_after={v!r}: expected None or an int >= 0")
+            if v is not None and (not _is_int(v) or v < 0):
+                raise XLoraError(f"freeze_scalings_after={brief(v)}: expected None or an int >= 0")
         if any(v is not None for v in values):
             self.session.frozen  # noqa: B018 - opens OUT.frozen.onnx, or raises the clear error now
         return np.array([-1 if v is None else v for v in values], dtype=np.int64)
 
+    def _request(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int, do_sample: bool, temperature: float,
+                 top_p: float, seed: int | None, stop_token_ids: int | Sequence[int] | None,
+                 stop_strings: str | Sequence[str] | None, expert_top_k: int | None,
+                 freeze_scalings_after: int | Sequence[int | None] | None, return_logits: bool) -> _Request:
+        """Validate a `stream` call; every mistake is an XLoraError raised here, before anything runs."""
+        info = self.session.info
+        encoded = self.encode(prompts)
+        if not _is_int(max_new_tokens) or max_new_tokens < 1:
+            raise XLoraError(f"max_new_tokens={brief(max_new_tokens)}: expected an int >= 1")
+        if not isinstance(do_sample, (bool, np.bool_)):
+            raise XLoraError(f"do_sample={brief(do_sample)}: expected True or False")
+        if not _is_number(temperature) or (do_sample and not (math.isfinite(temperature) and temperature > 0)):
+            raise XLoraError(f"temperature={brief(temperature)}: expected a finite number > 0 when sampling")
+        if not _is_number(top_p) or not 0 < top_p <= 1:
+            raise XLoraError(f"top_p={brief(top_p)}: expected 0 < top_p <= 1")
+        if seed is not None and (not _is_int(seed) or seed < 0):
+            raise XLoraError(f"seed={brief(seed)}: expected None or an int >= 0")
+        if not isinstance(return_logits, (bool, np.bool_)):
+            raise XLoraError(f"return_logits={brief(return_logits)}: expected True or False")
+        stops, strings = self._stop_ids(stop_token_ids), self._stop_strings(stop_strings)
+        top_k = self.session.check_top_k(info.default_top_k if expert_top_k is None else expert_top_k)
+        freeze_at = self._freeze_steps(freeze_scalings_after, len(encoded))
+        width = max(len(p) for p in encoded)
+        # the last chosen token is never fed back: width + max_new_tokens - 1 positions are processed
+        capped = min(int(max_new_tokens), info.max_positions - width + 1)
+        return _Request(encoded, capped, capped < max_new_tokens, bool(do_sample), float(temperature), float(top_p),
+                        None if seed is None else int(seed), stops, strings, top_k, freeze_at, bool(return_logits))
+
     # ------------------------------------------------------------------------------------------- generation
     def stream(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 32, do_sample: bool = False,
                temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-               stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
+               stop_token_ids: int | Sequence[int] | None = None, stop_strings: str | Sequence[str] | None = (),
                expert_top_k: int | None = None, freeze_scalings_after: int | Sequence[int | None] | None = None,
                return_logits: bool = False) -> Iterator[TokenEvent]:
-        """Generate, yielding each new token as soon as it is chosen.
+        """Generate, yielding each new token as soon as it is chosen (a step's tokens in prompt order).
 
         Args:
             prompts: a text, a list of ids, or a list of either (a batch; left padded internally).
-            max_new_tokens: per sequence (also bounded by the model's positions).
+            max_new_tokens: per sequence. The model's positions also bound it: a sequence cut by them ends
+                with finish reason "max_positions".
             do_sample, temperature, top_p, seed: sampling (greedy by default); `seed` makes it reproducible.
             stop_token_ids: default the export's eos ids; [] never stops on a token.
             stop_strings: stop once the generated text contains one of them (needs the tokenizer).
@@ -139,40 +313,24 @@ class Generator:
             freeze_scalings_after: None, or k (or one value per prompt): after k decode steps the
                 sequence's scalings are frozen at its latest token and it continues on OUT.frozen.onnx.
             return_logits: include each step's logits in the events.
+        Returns:
+            An iterator of `TokenEvent`s. Closing it early (`close()`, or dropping it) frees the caches at once.
         Raises:
             XLoraError: bad prompts or options, raised by this call (before the iterator runs anything).
         """
-        info = self.session.info
-        encoded = self.encode(prompts)
-        if max_new_tokens < 1:
-            raise XLoraError(f"max_new_tokens={max_new_tokens}: expected >= 1")
-        if do_sample and not temperature > 0:
-            raise XLoraError(f"temperature={temperature}: expected > 0 when sampling")
-        if not 0 < top_p <= 1:
-            raise XLoraError(f"top_p={top_p}: expected 0 < top_p <= 1")
-        if stop_strings and self.session.tokenizer is None:
-            raise XLoraError("stop_strings need the tokenizer, and none travelled with this export")
-        top_k = self.session.check_top_k(info.default_top_k if expert_top_k is None else expert_top_k)
-        freeze_at = self._freeze_steps(freeze_scalings_after, len(encoded))
-        stops = np.array(info.eos_token_ids if stop_token_ids is None else list(stop_token_ids), dtype=np.int64)
-        width = max(len(p) for p in encoded)
-        # the last chosen token is never fed back: width + max_new_tokens - 1 positions are processed
-        max_new_tokens = min(max_new_tokens, info.max_positions - width + 1)
-        return self._run(encoded, max_new_tokens, do_sample, temperature, top_p, seed, stops, stop_strings, top_k,
-                         freeze_at, return_logits)
+        return self._run(self._request(prompts, max_new_tokens, do_sample, temperature, top_p, seed, stop_token_ids,
+                                       stop_strings, expert_top_k, freeze_scalings_after, return_logits))
 
-    def _run(self, encoded: list[list[int]], max_new_tokens: int, do_sample: bool, temperature: float,
-             top_p: float, seed: int | None, stops: np.ndarray, stop_strings: Sequence[str], top_k: int,
-             freeze_at: np.ndarray, return_logits: bool) -> Iterator[TokenEvent]:
-        """The generation loop of `stream`, on validated inputs."""
+    def _run(self, r: _Request) -> Iterator[TokenEvent]:
+        """The generation loop of `stream`, on a validated request. Its caches are released however it ends."""
         info = self.session.info
-        b = len(encoded)
-        lengths = np.array([len(p) for p in encoded])
+        b = len(r.encoded)
+        lengths = np.array([len(p) for p in r.encoded])
         width = int(lengths.max())
-        rng = np.random.default_rng(seed)
-        mask = np.zeros((b, width + max_new_tokens), np.int64)  # preallocated; column t = position t
+        rng = np.random.default_rng(r.seed)
+        mask = np.zeros((b, width + r.max_new_tokens), np.int64)  # preallocated; column t = position t
         ids = np.full((b, width), info.pad_token_id, np.int64)
-        for i, prompt in enumerate(encoded):
+        for i, prompt in enumerate(r.encoded):
             mask[i, width - len(prompt):width] = 1
             ids[i, width - len(prompt):] = prompt
         positions = np.clip(mask[:, :width].cumsum(-1) - 1, 0, None)
@@ -181,65 +339,93 @@ class Generator:
         last_token = np.zeros(b, np.int64)
         latest_scalings = np.zeros((b, info.n_modules, info.n_experts), np.float32)
         decoders, tails = self._text_state(b)  # tails: the last generated characters, for stop strings
-        max_stop = max((len(s) for s in stop_strings), default=0)
-
-        group = CacheGroup(self.session, np.arange(b))
-        out = group.run(ids, mask[:, :width], positions, top_k)
+        max_stop = max((len(s) for s in r.stop_strings), default=0)
+        log = None
         if self.log_scalings:
-            self.scalings_log.append(out.scalings)
-        runs, total, self.peak_cache_bytes = [(group, out)], width, group.nbytes()
-        for step in range(max_new_tokens):
-            for group, out in runs:
-                tokens = pick_tokens(out.last_logits, do_sample, temperature, top_p, rng)
-                row_scalings = group.fixed_scalings if group.frozen else out.scalings[:, -1]
-                for j, row in enumerate(group.rows):
-                    token = int(tokens[j])
-                    last_token[row], latest_scalings[row] = token, row_scalings[j]
-                    piece = self._decode(decoders, row, token)
-                    if max_stop:  # bounded: no per-step work that grows with the sequence
-                        tails[row] = (tails[row] + piece)[-(max_stop + len(piece)):]
-                    reason = None
-                    if token in stops:
-                        reason = "stop_token"
-                    elif max_stop and any(s in tails[row] for s in stop_strings):
-                        reason = "stop_string"
-                    elif step == max_new_tokens - 1:
-                        reason = "length"
-                    finished[row] = reason is not None
-                    yield TokenEvent(int(row), step, token, piece, row_scalings[j].copy(),
-                                     out.last_logits[j].copy() if return_logits else None, reason)
-            if finished.all():
-                break
-            runs = self._advance(runs, finished, freeze_at, step, latest_scalings)
-            total += 1
-            mask[:, total - 1] = 1
-            new_runs = []
-            for group in runs:
-                rows = group.rows
-                out = group.run(last_token[rows, None], mask[rows, :total], next_position[rows, None], top_k)
-                if self.log_scalings:  # a frozen group logs its fixed scalings, as the eager model does
-                    self.scalings_log.append(group.fixed_scalings[:, None] if group.frozen else out.scalings)
-                new_runs.append((group, out))
-            runs = new_runs
-            next_position += 1
-            self.peak_cache_bytes = max(self.peak_cache_bytes, sum(g.nbytes() for g, _ in runs))
+            log = _CallLog([], [dict(prompt_ids=p, tokens=[], pieces=[], finish_reason=None) for p in r.encoded],
+                           [None if k < 0 else int(k) for k in r.freeze_at])
+        last_reason = "max_positions" if r.position_capped else "length"
+        groups, peak = [CacheGroup(self.session, np.arange(b))], 0
+        try:
+            outs = [groups[0].run(ids, mask[:, :width], positions, r.top_k)]
+            peak, total = groups[0].nbytes(), width
+            if log is not None:
+                log.entries.append(outs[0].scalings)
+            for step in range(r.max_new_tokens):
+                events = []
+                for group, out in zip(groups, outs):
+                    tokens = pick_tokens(out.last_logits, r.do_sample, r.temperature, r.top_p, rng)
+                    row_scalings = group.fixed_scalings if group.frozen else out.scalings[:, -1]
+                    for j, row in enumerate(group.rows):
+                        token = int(tokens[j])
+                        last_token[row], latest_scalings[row] = token, row_scalings[j]
+                        piece = self._decode(decoders, row, token)
+                        if max_stop:  # bounded: no per-step work that grows with the sequence
+                            tails[row] = (tails[row] + piece)[-(max_stop + len(piece)):]
+                        reason = None
+                        if token in r.stops:
+                            reason = "stop_token"
+                        elif max_stop and any(s in tails[row] for s in r.stop_strings):
+                            reason = "stop_string"
+                        elif step == r.max_new_tokens - 1:
+                            reason = last_reason
+                        finished[row] = reason is not None
+                        events.append(TokenEvent(int(row), step, token, piece, row_scalings[j].copy(),
+                                                 out.last_logits[j].copy() if r.return_logits else None, reason))
+                events.sort(key=lambda e: e.sequence)
+                if log is not None:
+                    log.add(events)
+                if finished.all():  # complete: logged before the last events, which a consumer may not outlive
+                    self._end_call(log, peak)
+                    yield from events
+                    return
+                yield from events
+                groups = self._advance(groups, finished, r.freeze_at, step, latest_scalings)
+                total += 1
+                mask[:, total - 1] = 1
+                entry = None if log is None else np.full((b, 1, info.n_modules, info.n_experts), np.nan, np.float32)
+                outs = []
+                for group in groups:
+                    rows = group.rows
+                    outs.append(group.run(last_token[rows, None], mask[rows, :total], next_position[rows, None],
+                                          r.top_k))
+                    if entry is not None:  # a frozen group logs its fixed scalings, as the eager model does
+                        entry[rows] = group.fixed_scalings[:, None] if group.frozen else outs[-1].scalings
+                if log is not None:
+                    log.entries.append(entry)
+                next_position += 1
+                peak = max(peak, sum(g.nbytes() for g in groups))
+        finally:
+            for group in groups:
+                group.release()
+            self.peak_cache_bytes = peak
 
-    def _advance(self, runs: list, finished: np.ndarray, freeze_at: np.ndarray, step: int,
+    def _end_call(self, log: _CallLog | None, peak: int) -> None:
+        """A call completed: its peak cache memory, and its part of the log appended in one block."""
+        self.peak_cache_bytes = peak
+        if log is not None:
+            with self._log_lock:
+                self._log.extend(log.entries)
+                self._log_calls.append(log)
+
+    def _advance(self, groups: list[CacheGroup], finished: np.ndarray, freeze_at: np.ndarray, step: int,
                  latest_scalings: np.ndarray) -> list[CacheGroup]:
-        """The groups of the next step: finished rows dropped, rows due to freeze moved to the frozen group."""
+        """The groups of the next step: finished rows dropped, rows due to freeze moved to the frozen group.
+        A group that gave its rows away is released."""
         granular, frozen = [], []
-        for group, _ in runs:
+        for group in groups:
             alive = ~finished[group.rows]
-            if group.frozen:
-                if alive.any():
-                    frozen.append(group if alive.all() else group.take(alive))
-                continue
-            freeze = alive & (freeze_at[group.rows] == step)  # `step` decode steps ran since the prefill
+            freeze = alive & (freeze_at[group.rows] == step) & (not group.frozen)  # `step` decode steps ran
             stay = alive & ~freeze
+            same_kind = frozen if group.frozen else granular
             if freeze.any():
                 frozen.append(group.take(freeze, frozen=True, fixed_scalings=latest_scalings[group.rows[freeze]]))
+            if stay.all():
+                same_kind.append(group)
+                continue
             if stay.any():
-                granular.append(group if stay.all() else group.take(stay))
+                same_kind.append(group.take(stay))
+            group.release()
         if len(frozen) > 1:
             frozen = [frozen[0].merge(frozen[1])]
         return granular + frozen
@@ -256,13 +442,23 @@ class Generator:
             return ""
         return decoders[row].step(self.session.tokenizer, token) or ""
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], **options) -> list[Generation]:
-        """Generate to completion; one `Generation` per prompt (options as in `stream`)."""
+    def generate(self, prompts: Prompt | Sequence[Prompt], on_token: Callable[[TokenEvent], None] | None = None,
+                 **options: Any) -> list[Generation]:
+        """Generate to completion; one `Generation` per prompt (options as in `stream`).
+
+        Args:
+            on_token: called with each `TokenEvent` as it comes (e.g. to print a stream while collecting).
+        Raises:
+            XLoraError: bad prompts or options. Whatever `on_token` raises propagates, the caches freed.
+        """
         encoded = self.encode(prompts)
         results = [Generation(prompt_ids=p) for p in encoded]
         steps: list[list[TokenEvent]] = [[] for _ in encoded]
-        for event in self.stream(encoded, **options):
-            steps[event.sequence].append(event)
+        with contextlib.closing(self.stream(encoded, **options)) as stream:  # an exception frees the caches now
+            for event in stream:
+                steps[event.sequence].append(event)
+                if on_token is not None:
+                    on_token(event)
         has_text = self.session.tokenizer is not None
         for result, events in zip(results, steps):
             result.tokens = [e.token for e in events]

@@ -7,7 +7,9 @@ its outputs to fresh device buffers with ONNX Runtime IO binding, and the `prese
 per-step Python work that grows with the sequence (the concat inside the graph is the contract's; the
 attention-mask input is one (g, total) int64 copy per step, which the contract's mask input implies).
 Rows leave a group (a finished sequence: its caches are freed) or move to the frozen group (its
-scaling cache is dropped) by one gather on the host: rare events, not per step.
+scaling cache is dropped) by one gather on the host: rare events, not per step. Every group registers
+with its session, so `XLoraSession.cache_bytes` is the memory held by all live groups (all threads); a
+group's caches go as soon as it is released (`release`), or when it is garbage collected.
 
     granular group: main graph, pasts = past_key_values.* + scaling_past_key_values.*
     frozen group:   frozen graph, pasts = past_key_values.*, plus each row's fixed scalings (L, n)
@@ -62,6 +64,7 @@ class CacheGroup:
             empty = np.zeros((len(self.rows), info.kv_heads, 0, info.head_dim), info.kv_dtype)
             pasts = {name: self._to_device(empty) for name in self.past_names}
         self.pasts = pasts
+        session.track_cache(self)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -108,14 +111,19 @@ class CacheGroup:
         return CacheGroup(self.session, self.rows[keep], frozen, fixed_scalings, pasts, self.length)
 
     def merge(self, other: CacheGroup) -> CacheGroup:
-        """This group and `other` (same kind and length) as one group."""
+        """This group and `other` (same kind and length) as one group; `other` is released."""
         assert self.frozen == other.frozen and self.length == other.length
         self.rows = np.concatenate([self.rows, other.rows])
         self.pasts = {name: self._to_device(np.concatenate([self.pasts[name].numpy(), other.pasts[name].numpy()]))
                       for name in self.past_names}
         if self.frozen:
             self.fixed_scalings = np.concatenate([self.fixed_scalings, other.fixed_scalings])
+        other.release()
         return self
+
+    def release(self) -> None:
+        """Free the caches now (a finished, cancelled or failed generation); the group cannot run again."""
+        self.pasts = {}
 
     def nbytes(self) -> int:
         """Bytes held by this group's caches."""

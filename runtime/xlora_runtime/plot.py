@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import secrets
 from typing import Any
 
 import numpy as np
 
-from .errors import XLoraError
+from .errors import XLoraError, brief
 
 __all__ = ["MAX_TOKEN_LABELS", "plot_scalings", "row_scalings", "tick_positions", "token_label"]
 
@@ -101,11 +101,13 @@ def plot_scalings(scalings: np.ndarray, path: str, expert_names: list[str], toke
 
 
 def _save_png(fig: Any, path: str) -> None:
-    """Write the figure beside `path`, then rename: an interrupted save never leaves a half PNG at `path`."""
-    handle, tmp = tempfile.mkstemp(suffix=".png", prefix=".plot-", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(handle)
+    """Write the figure beside `path`, then rename: an interrupted save never leaves a half PNG at `path`.
+    The temporary file is created with mode 0666 less the umask, as `open` would create `path` itself."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".plot-{os.getpid()}-{secrets.token_hex(4)}.png")
     try:
-        fig.savefig(tmp, format="png", dpi=110)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -113,26 +115,28 @@ def _save_png(fig: Any, path: str) -> None:
 
 
 def row_scalings(log: list[np.ndarray], row: int = 0, include_prompt: bool = False,
-                 record: dict[str, Any] | None = None) -> tuple[np.ndarray, list[str]]:
+                 record: dict[str, Any] | None = None, call: int | None = None) -> tuple[np.ndarray, list[str]]:
     """The scalings of one sequence of a generation's log, position by position, with axis labels.
 
-    A log of one `generate` call holds the prefill (b, s, L, n) and then one (b', 1, L, n) entry per decode
-    step. Each token is chosen by the scalings of the position before it: the prefill's last position chose the
-    first new token, decode entry k chose token k. Rows leave later entries when their sequence finishes, so
-    b' shrinks and the rows after a departed one move up. (Frozen sequences log their fixed scalings.)
+    A log of one `generate` call holds the prefill (b, s, L, n) and then one (b, 1, L, n) entry per decode step,
+    every row in prompt order (the eager model's layout, which the runtime follows). Each token is chosen by the
+    scalings of the position before it: the prefill's last position chose the first new token, decode entry k
+    chose token k. A runtime row that has finished is NaN in later entries (the eager model keeps running it on
+    padding); a frozen row repeats its fixed scalings, whenever it froze.
 
     Args:
         log: the arrays of `load_scalings_arrays`.
-        row: without `record`, the row index within each entry; the sequence stops at the first entry that has
-            no such row (or at the next prefill). With `record`, the prompt index: its row is followed exactly
-            through the entries as other sequences leave.
+        row: the prompt index (its row in every entry). Without `record`, the sequence is read from the log's
+            first call and ends at the first entry where the row is NaN or missing, or at the next prefill.
         include_prompt: also the prefill's positions (left padding skipped when `record` gives the prompt).
-        record: the `PATH-tokens.json` written by `xlora-generate --log-scalings PATH`.
+        record: the tokens record (`PATH-tokens.json`) written with the log by the runtime.
+        call: with `record`, which logged `generate` call (default 0).
     Returns:
         (tokens, L, n) scalings and one label per column: the token those scalings chose (its text from
         `record`, else `#id`; without `record`, "p<j>" for prompt position j and the step number after).
     Raises:
-        XLoraError: an empty or malformed log, a row that does not exist, a record that does not match the log.
+        XLoraError: an empty or malformed log, a row or call that does not exist, a record that does not match
+            the log.
     """
     if not log:
         raise XLoraError("the scalings log is empty")
@@ -143,14 +147,16 @@ def row_scalings(log: list[np.ndarray], row: int = 0, include_prompt: bool = Fal
     if row < 0:
         raise XLoraError(f"row {row}: expected >= 0")
     if record is not None:
-        return _recorded_row(log, row, include_prompt, record)
+        return _recorded_row(log, row, include_prompt, record, 0 if call is None else call)
+    if call is not None:
+        raise XLoraError(f"call {call}: choosing a call needs the tokens record (PATH-tokens.json) beside the log")
     prefill = log[0]
     if row >= prefill.shape[0]:
         raise XLoraError(f"row {row}: the log's first entry has {prefill.shape[0]} rows")
     steps = [prefill[row]] if include_prompt else [prefill[row, -1:]]
     labels = [f"p{j}" for j in range(1, prefill.shape[1])] if include_prompt else []  # position chosen
     for entry in log[1:]:
-        if entry.shape[1] != 1 or row >= entry.shape[0]:  # the next call's prefill, or the row has left
+        if entry.shape[1] != 1 or row >= entry.shape[0] or np.isnan(entry[row]).all():  # next call, or finished
             break
         steps.append(entry[row])
     values = np.concatenate(steps)
@@ -158,30 +164,38 @@ def row_scalings(log: list[np.ndarray], row: int = 0, include_prompt: bool = Fal
     return values, labels
 
 
-def _recorded_row(log: list[np.ndarray], row: int, include_prompt: bool,
-                  record: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
-    """`row_scalings` for a log whose tokens record says which sequences each entry holds."""
-    prompts = record.get("prompts") or []
+def _recorded_row(log: list[np.ndarray], row: int, include_prompt: bool, record: dict[str, Any],
+                  call: int) -> tuple[np.ndarray, list[str]]:
+    """`row_scalings` for a log whose tokens record says which tokens each call's entries chose."""
+    calls = record.get("calls")
+    if not isinstance(calls, list) or not calls:
+        raise XLoraError("the tokens record lists no calls")
+    if not 0 <= call < len(calls):
+        raise XLoraError(f"call {call}: the tokens record has {len(calls)} call(s)")
+    try:
+        first, count, prompts = int(calls[call]["first_entry"]), int(calls[call]["entries"]), calls[call]["prompts"]
+        lengths = [len(p["tokens"]) for p in prompts]
+        widths = [len(p["prompt_ids"]) for p in prompts]
+    except (KeyError, TypeError, ValueError) as e:
+        raise XLoraError(f"the tokens record is malformed ({brief(e)})") from None
     if not 0 <= row < len(prompts):
-        raise XLoraError(f"row {row}: the tokens record has {len(prompts)} prompts")
-    lengths = [len(p["tokens"]) for p in prompts]
-    width = max(len(p["prompt_ids"]) for p in prompts)
-    # entry k >= 1 holds, in prompt order, the sequences that chose a k-th token (frozen ones log their
-    # fixed scalings; `xlora-generate` freezes every sequence after the same number of steps, so the order holds)
-    members = [list(range(len(prompts)))]
-    members += [[i for i in range(len(prompts)) if lengths[i] > k] for k in range(1, max(lengths))]
-    expected = [(len(members[0]), width)] + [(len(m), 1) for m in members[1:]]
-    actual = [a.shape[:2] for a in log]
-    if actual != expected:
-        raise XLoraError(f"the tokens record does not describe this log: its entries have (rows, positions) "
-                         f"{_brief(actual)}, the record implies {_brief(expected)}")
+        raise XLoraError(f"row {row}: call {call} of the tokens record has {len(prompts)} prompts")
+    if min(lengths, default=0) < 1:
+        raise XLoraError(f"the tokens record is malformed (call {call} has a prompt without tokens)")
+    width = max(widths)
+    expected = [(len(prompts), width)] + [(len(prompts), 1)] * (max(lengths) - 1)
+    actual = [a.shape[:2] for a in log[first:first + count]]
+    if count != len(expected) or actual != expected:
+        raise XLoraError(f"the tokens record does not describe this log: call {call}'s entries have (rows, "
+                         f"positions) {_brief(actual)}, the record implies {_brief(expected)}")
+    entries = log[first:first + count]
     prompt = prompts[row]
-    values = [log[0][row, width - len(prompt["prompt_ids"]):] if include_prompt else log[0][row, -1:]]
-    values += [entry[rows.index(row)] for entry, rows in zip(log[1:], members[1:]) if row in rows]
+    values = [entries[0][row, width - widths[row]:] if include_prompt else entries[0][row, -1:]]
+    values += [entry[row] for entry in entries[1:lengths[row]]]
     values = np.concatenate(values)
     labels = []
     if include_prompt:
-        pieces = prompt.get("prompt_pieces") or [None] * len(prompt["prompt_ids"])
+        pieces = prompt.get("prompt_pieces") or [None] * widths[row]
         labels = [token_label(p, t) for p, t in zip(pieces[1:], prompt["prompt_ids"][1:])]
     pieces = prompt.get("pieces") or [None] * lengths[row]
     labels += [token_label(p, t) for p, t in zip(pieces, prompt["tokens"])]

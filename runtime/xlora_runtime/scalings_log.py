@@ -6,22 +6,36 @@
   and `{path}-mapping.json` mapping each file's basename to the log indices it holds, so
   that loading restores the original order. (The original xlora stored full paths as keys;
   those load too.)
+- the runtime also writes `{path}-tokens.json` (`tokens_record_path`): per logged call its first entry,
+  its number of entries and, per prompt, the prompt ids, the generated tokens and their texts, so that
+  a plot can label every column. A flush without a record removes a stale one.
+
+Layout of one `generate` call (eager model and runtime alike): the prefill (b, p, L, n), then one
+(b, 1, L, n) entry per decode step, every row in prompt order. The runtime writes NaN for a row that has
+already finished (the eager model keeps feeding it padding); frozen rows log their fixed scalings.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import numpy as np
 
 from .errors import XLoraError
 
-__all__ = ["load_scalings_arrays", "save_scalings_arrays"]
+__all__ = ["load_scalings_arrays", "load_tokens_record", "save_scalings_arrays", "tokens_record_path"]
 
 
-def save_scalings_arrays(arrays: list[np.ndarray], path: str) -> list[str]:
-    """Write a log (a list of (b, s, L, n) arrays, cast to float32); return the files written."""
+def tokens_record_path(path: str) -> str:
+    """`PATH-tokens.json`, the tokens record beside the scalings log `PATH`."""
+    return (path[:-len(".npy")] if path.endswith(".npy") else path) + "-tokens.json"
+
+
+def save_scalings_arrays(arrays: list[np.ndarray], path: str, tokens_record: dict[str, Any] | None = None) -> list[str]:
+    """Write a log (a list of (b, s, L, n) arrays, cast to float32) and, when given, its tokens record (JSON);
+    return the files written."""
     if not arrays:
         raise XLoraError("flush_log_scalings: the scalings log is empty (enable logging first?)")
     if os.path.splitext(path)[1] == ".npy":
@@ -31,7 +45,7 @@ def save_scalings_arrays(arrays: list[np.ndarray], path: str) -> list[str]:
     _remove_previous(path)  # a log flushed earlier to this path must not shadow this one
     if len(shapes) == 1:
         np.save(f"{path}.npy", np.stack(arrays))
-        return [f"{path}.npy"]
+        return [f"{path}.npy"] + _write_record(tokens_record, path)
     mapping, files = {}, []
     for j, shape in enumerate(shapes):
         indices = [i for i, a in enumerate(arrays) if a.shape == shape]
@@ -41,7 +55,30 @@ def save_scalings_arrays(arrays: list[np.ndarray], path: str) -> list[str]:
         files.append(name)
     with open(f"{path}-mapping.json", "w") as f:
         json.dump(mapping, f)
-    return files + [f"{path}-mapping.json"]
+    return files + [f"{path}-mapping.json"] + _write_record(tokens_record, path)
+
+
+def _write_record(record: dict[str, Any] | None, path: str) -> list[str]:
+    if record is None:
+        return []
+    with open(tokens_record_path(path), "w") as f:
+        json.dump(record, f)
+    return [tokens_record_path(path)]
+
+
+def load_tokens_record(path: str) -> dict[str, Any] | None:
+    """The tokens record beside the log `path` (None when there is none)."""
+    record_path = tokens_record_path(path)
+    if not os.path.isfile(record_path):
+        return None
+    try:
+        with open(record_path) as f:
+            record = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise XLoraError(f"{record_path}: cannot read it ({e})") from None
+    if not isinstance(record, dict):
+        raise XLoraError(f"{record_path}: expected a JSON object")
+    return record
 
 
 def _remove_previous(path: str) -> None:
@@ -54,8 +91,9 @@ def _remove_previous(path: str) -> None:
             if os.path.isfile(old):
                 os.remove(old)
         os.remove(mapping_path)
-    if os.path.isfile(f"{path}.npy"):
-        os.remove(f"{path}.npy")
+    for stale in (f"{path}.npy", tokens_record_path(path)):
+        if os.path.isfile(stale):
+            os.remove(stale)
 
 
 def load_scalings_arrays(path: str, verbose: bool = False) -> list[np.ndarray]:

@@ -3,12 +3,18 @@
 
 Everything needed to drive the graph comes from the metadata record and the files beside the
 graph (SPEC section 6); nothing here imports torch.
+
+Threads: one `XLoraSession` may serve several threads generating at once. ONNX Runtime's `run` is
+thread-safe, every step binds its own inputs and outputs, and the lazy opens (the frozen graph, the
+tokenizer) and the cache registry are guarded by a lock.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import contract as C
-from .errors import XLoraError
+from .errors import XLoraError, brief
 
 __all__ = ["PROVIDERS", "GraphInfo", "XLoraSession"]
 
@@ -153,6 +159,8 @@ class XLoraSession:
             raise XLoraError(f"{path}: this is the frozen-scalings graph; open the main graph (OUT.onnx) instead")
         self._frozen: ort.InferenceSession | None = None
         self._tokenizer: Any = None
+        self._lock = threading.Lock()  # the lazy opens and the cache registry
+        self._caches: weakref.WeakSet = weakref.WeakSet()  # live `CacheGroup`s of every generation
 
     def _open(self, path: str) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -168,28 +176,45 @@ class XLoraSession:
 
     @property
     def frozen(self) -> ort.InferenceSession:
-        """The frozen-scalings session (opened on first use)."""
+        """The frozen-scalings session (opened on first use, once, whichever thread asks first)."""
         if self._frozen is None:
-            path = self.info.frozen_path
-            if path is None:
-                raise XLoraError(f"{self.info.path}: frozen scalings need OUT.frozen.onnx beside the graph "
-                                 f"(export with --frozen-scalings)")
-            self._frozen = self._open(path)
+            with self._lock:
+                if self._frozen is None:
+                    path = self.info.frozen_path
+                    if path is None:
+                        raise XLoraError(f"{self.info.path}: frozen scalings need OUT.frozen.onnx beside the graph "
+                                         f"(export with --frozen-scalings)")
+                    self._frozen = self._open(path)
         return self._frozen
 
     @property
     def tokenizer(self) -> Any:
         """The `tokenizers.Tokenizer` that travelled with the export (None when there is none)."""
         if self._tokenizer is None and self.info.tokenizer_path:
-            from tokenizers import Tokenizer
+            with self._lock:
+                if self._tokenizer is None:
+                    from tokenizers import Tokenizer
 
-            self._tokenizer = Tokenizer.from_file(self.info.tokenizer_path)
+                    self._tokenizer = Tokenizer.from_file(self.info.tokenizer_path)
         return self._tokenizer
+
+    def track_cache(self, group: Any) -> None:
+        """Register a `CacheGroup` (weakly) so that `cache_bytes` counts it while it lives."""
+        with self._lock:
+            self._caches.add(group)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of KV cache held now by the generations running on this session (every thread): 0 when
+        none runs, and again 0 after a generation finished, was closed early or failed."""
+        with self._lock:
+            groups = list(self._caches)
+        return sum(g.nbytes() for g in groups)
 
     def check_top_k(self, top_k: int) -> int:
         """`top_k` as the graph takes it: an int in 0..n (0 = dense)."""
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 0 <= top_k <= self.info.n_experts:
-            raise XLoraError(f"expert_top_k={top_k!r}: expected an int in 0..{self.info.n_experts} (0 = dense)")
+            raise XLoraError(f"expert_top_k={brief(top_k)}: expected an int in 0..{self.info.n_experts} (0 = dense)")
         return int(top_k)
 
     def check_ids(self, ids: list[int], what: str = "prompt") -> list[int]:
@@ -198,10 +223,11 @@ class XLoraSession:
             raise XLoraError(f"{what} is empty")
         not_ints = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
         if not_ints:
-            raise XLoraError(f"{what}: {not_ints[0]!r} is not a token id (expected ints)")
+            raise XLoraError(f"{what}: {brief(not_ints[0])} is not a token id (expected ints)")
         bad = [i for i in ids if not 0 <= i < self.info.vocab_size]
         if bad:
-            raise XLoraError(f"{what}: token id {bad[0]!r} is outside the vocabulary 0..{self.info.vocab_size - 1}")
+            raise XLoraError(f"{what}: token id {brief(bad[0])} is outside the vocabulary "
+                             f"0..{self.info.vocab_size - 1}")
         if len(ids) > self.info.max_positions:
             raise XLoraError(f"{what} has {len(ids)} tokens; the model has {self.info.max_positions} positions")
         return [int(i) for i in ids]
