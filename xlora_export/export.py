@@ -26,18 +26,17 @@ import transformers
 from xlora_runtime import contract as C
 
 from . import __version__
-from .checkpoints import detect_format, resolve_base_model
+from .checkpoints import TOKENIZER_FILE, Checkpoint, read_checkpoint
 from .errors import XLoraError
 from .graph import XLoraGraph
 from .model import xLoRAModel
 from .trt_check import Finding, check_tensorrt, op_counts
-from .validate import ParityResult, compare_with_eager
-from .xlora_utils import find_tokenizer, load_model
+from .validate import TOLERANCES, ParityResult, compare_with_eager
+from .xlora_utils import load_model
 
 __all__ = ["DTYPES", "ExportOptions", "ExportReport", "export"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOLERANCES = {"fp32": {C.LOGITS: 1e-4, C.SCALINGS: 1e-5}, "fp16": {C.LOGITS: 5e-2, C.SCALINGS: 1e-2}}
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights above which the graph uses external data (2 GB limit)
 _DYNAMIC_ROPE = ("dynamic", "longrope")
 
@@ -97,17 +96,18 @@ def _check_output(out_path: str, options: ExportOptions) -> None:
         raise XLoraError(f"{existing[0]} already exists (use --force to overwrite)")
 
 
-def _load(model_dir: str, options: ExportOptions) -> tuple[xLoRAModel, object]:
-    detect_format(model_dir)
+def _load(model_dir: str, options: ExportOptions) -> tuple[Checkpoint, xLoRAModel]:
+    """The checkpoint, read once, and the eager model built from it."""
     if options.base_model is not None and not os.path.isdir(options.base_model):
         raise XLoraError(f"--base-model {options.base_model}: not a folder")
-    model, tokenizer = load_model(model_dir, dtype=DTYPES[options.dtype], base_model=options.base_model)
+    checkpoint = read_checkpoint(model_dir, base_model=options.base_model)
+    model = load_model(checkpoint, dtype=DTYPES[options.dtype])[0]
     rope = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope in _DYNAMIC_ROPE:
         raise XLoraError(f"{model_dir}: rope_type {rope!r} changes with the sequence length at run time and "
                          f"cannot be fixed in a graph")
     model.eval()
-    return model, tokenizer
+    return checkpoint, model
 
 
 def _example_inputs(model: xLoRAModel, frozen: bool) -> tuple[torch.Tensor, ...]:
@@ -126,7 +126,7 @@ def _example_inputs(model: xLoRAModel, frozen: bool) -> tuple[torch.Tensor, ...]
 
 
 def _metadata(model: xLoRAModel, options: ExportOptions, out_path: str, frozen: bool, tokenizer_file: str | None,
-              model_dir: str) -> dict:
+              checkpoint: Checkpoint) -> dict:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     gen = getattr(model.model, "generation_config", None)
@@ -144,7 +144,8 @@ def _metadata(model: xLoRAModel, options: ExportOptions, out_path: str, frozen: 
         "producer": f"xlora-export {__version__}",
         "versions": {"xlora_export": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "onnx": onnx.__version__},
-        "source": os.path.abspath(model_dir),
+        "source": os.path.abspath(checkpoint.directory),
+        "classifier_sha256": checkpoint.classifier_digest(),  # identifies the checkpoint (xlora-parity checks it)
         "architecture": cfg.model_type,
         "dtype": options.dtype,
         "opset": options.opset,
@@ -227,11 +228,6 @@ def _name_initializers(proto: onnx.ModelProto, model: xLoRAModel) -> None:
                 node.input[i] = renames[value]
 
 
-def _tokenizer_source(model_dir: str, model: xLoRAModel, base_model: str | None) -> str | None:
-    folder = find_tokenizer(model_dir, base_model or resolve_base_model(model_dir, model.xlora_config.base_model_id))
-    return os.path.join(folder, "tokenizer.json") if folder else None
-
-
 def _validate(model: xLoRAModel, report: ExportReport, paths: dict[str, str], options: ExportOptions,
               progress: Callable[[str], None] | None) -> None:
     if options.dtype == "bf16":
@@ -244,10 +240,10 @@ def _validate(model: xLoRAModel, report: ExportReport, paths: dict[str, str], op
     if options.atol is not None:
         tolerances[C.LOGITS] = options.atol
     top_k = model.xlora_config.top_k_lora or 0
-    for kind, path in paths.items():
+    for kind in paths:
         _say(progress, f"validating {kind} graph against the eager model (prefill + {options.validation_steps} "
                        f"decode steps, batch 2, left padding, top_k={top_k})")
-        result = compare_with_eager(model, path, top_k, options.validation_steps, frozen=kind == "frozen")
+        result = compare_with_eager(model, paths["main"], top_k, options.validation_steps, frozen=kind == "frozen")
         report.parity[kind] = result
         for name, diff in result.max_diff.items():
             if not diff <= tolerances[name]:
@@ -283,7 +279,7 @@ def export(model_dir: str, out_path: str, options: ExportOptions | None = None,
     report = ExportReport()
     t0 = time.perf_counter()
     _say(progress, f"loading {model_dir} ({options.dtype})")
-    model, _ = _load(model_dir, options)
+    checkpoint, model = _load(model_dir, options)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = options.external_data or weight_bytes > EXTERNAL_DATA_THRESHOLD
     folder = os.path.dirname(os.path.abspath(out_path))
@@ -291,22 +287,21 @@ def export(model_dir: str, out_path: str, options: ExportOptions | None = None,
     tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     try:
         staged = {"main": os.path.join(tmp, name)}
-        tokenizer = _tokenizer_source(model_dir, model, options.base_model)
-        tokenizer_file = os.path.basename(C.tokenizer_path(out_path)) if tokenizer else None
-        if tokenizer:
-            shutil.copyfile(tokenizer, os.path.join(tmp, tokenizer_file))
+        tokenizer_file = os.path.basename(C.tokenizer_path(out_path)) if checkpoint.tokenizer else None
+        if checkpoint.tokenizer:
+            shutil.copyfile(os.path.join(checkpoint.tokenizer, TOKENIZER_FILE), os.path.join(tmp, tokenizer_file))
         _say(progress, f"tracing the two-pass graph (opset {options.opset}, "
                        f"{'external data' if external else 'weights inside'})")
         main = _trace(model, staged["main"], options, False,
-                      _metadata(model, options, out_path, False, tokenizer_file, model_dir), external)
+                      _metadata(model, options, out_path, False, tokenizer_file, checkpoint), external)
         if options.frozen_scalings:
             _say(progress, "tracing the frozen-scalings graph")
             staged["frozen"] = os.path.join(tmp, os.path.basename(C.frozen_path(out_path)))
             _trace(model, staged["frozen"], options, True,
-                   _metadata(model, options, out_path, True, tokenizer_file, model_dir), external)
+                   _metadata(model, options, out_path, True, tokenizer_file, checkpoint), external)
         report.inputs, report.outputs = _io(main)
         report.op_counts = dict(op_counts(main).most_common())
-        report.metadata = _metadata(model, options, out_path, False, tokenizer_file, model_dir)
+        report.metadata = _metadata(model, options, out_path, False, tokenizer_file, checkpoint)
         _say(progress, "checking TensorRT readiness")
         report.tensorrt_findings = check_tensorrt(main)
         if options.validate:
