@@ -18,7 +18,7 @@ from functools import cache
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
@@ -47,14 +47,16 @@ def _base() -> torch.nn.Module:
     return load_base(RECIPE)
 
 
-def _load(ckpt: str, **kwargs) -> None:
-    """Load and run one forward: success, or a one-line XLoraError."""
+def _load(ckpt: str, **kwargs) -> str:
+    """Load and run one forward: "loaded", or "refused" with a one-line XLoraError (anything else fails)."""
     try:
         model = xlora_export.from_pretrained(ckpt, copy.deepcopy(_base()), **kwargs)
         with torch.no_grad():
             model(IDS)
     except XLoraError as e:
         assert str(e) and "\n" not in str(e), repr(str(e))
+        return "refused"
+    return "loaded"
 
 
 def _mutating(path: str, data: bytes, ckpt: str, **kwargs) -> None:
@@ -63,7 +65,7 @@ def _mutating(path: str, data: bytes, ckpt: str, **kwargs) -> None:
     try:
         with open(path, "wb") as f:
             f.write(data)
-        _load(ckpt, **kwargs)
+        event(_load(ckpt, **kwargs))  # --hypothesis-show-statistics: how many got through every check
     finally:
         with open(path, "wb") as f:
             f.write(original)
@@ -78,15 +80,35 @@ def json_mutations(draw, record: dict) -> bytes:
     if kind == "bytes":
         return draw(st.binary(max_size=64))
     record = dict(record)
-    for _ in range(draw(st.integers(1, 3))):
-        op = draw(st.sampled_from(["set", "set", "delete", "add"]))
+    for _ in range(draw(st.sampled_from([1, 1, 1, 2, 3]))):
+        op = draw(st.sampled_from(["nudge", "nudge", "nudge", "set", "delete", "add"]))
         if op == "add" or not record:
             record[draw(st.text(min_size=1, max_size=8))] = draw(JSON_VALUES)
-        elif op == "set":
-            record[draw(st.sampled_from(sorted(record)))] = draw(JSON_VALUES)
         else:
-            del record[draw(st.sampled_from(sorted(record)))]
+            key = draw(st.sampled_from(sorted(record)))
+            if op == "delete":
+                del record[key]
+            else:
+                record[key] = draw(_same_type(record[key]) if op == "nudge" else JSON_VALUES)
     return json.dumps(record).encode()
+
+
+def _same_type(value: object) -> st.SearchStrategy:
+    """Values of the type a field already has (most of them valid), so that examples get past type checks."""
+    if isinstance(value, bool):
+        return st.booleans()
+    if value is None:
+        return st.none() | st.integers(-1, 4) | st.floats(-1.0, 1.0)
+    if isinstance(value, int):
+        return st.integers(-2, 80) | st.sampled_from([10**6, 2**31])
+    if isinstance(value, float):
+        return st.floats(-4.0, 4.0) | st.sampled_from([0.0, 1.0, float("nan"), float("inf"), 1e308])
+    if isinstance(value, list):
+        return st.lists(st.sampled_from(value or ["alpha"]), max_size=len(value) + 1) | st.permutations(value)
+    if isinstance(value, dict):
+        return st.dictionaries(st.sampled_from(sorted(value) or ["alpha"]),
+                               st.sampled_from(list(value.values()) or [0]), max_size=len(value) + 1)
+    return st.text(max_size=8) | st.sampled_from([value, value + "x", ""])
 
 
 @st.composite
@@ -117,7 +139,7 @@ def tensor_mutations(draw, state: dict[str, torch.Tensor], raw: bytes) -> bytes:
 def _checkpoint(tmp_path) -> str:
     folder = str(tmp_path / "ckpt")
     shutil.copytree(built(RECIPE), folder)
-    _load(folder)  # positive control: the untouched copy loads
+    assert _load(folder) == "loaded"  # positive control
     return folder
 
 
@@ -150,7 +172,7 @@ def peft_checkpoint(tmp_path_factory) -> str:
              for k, v in oracle.base_model.internal_xlora_classifier.state_dict().items()}
     with open(os.path.join(ckpt, "adapter_model.safetensors"), "wb") as f:
         f.write(safetensors_bytes(state, metadata={"format": "pt"}))
-    _load(ckpt)
+    assert _load(ckpt) == "loaded"
     return ckpt
 
 
