@@ -26,6 +26,7 @@ from safetensors.torch import save as safetensors_bytes
 import xlora_export
 from helpers import built, load_base, make_xlora, peft_oracle
 from xlora_export import XLoraError
+from xlora_export.xlora_utils import load_base_model
 
 RECIPE = "tiny-llama"
 IDS = torch.tensor([[5, 6, 7]])
@@ -235,5 +236,30 @@ def test_fuzz_torch_pickle_files(tmp_path):
         st.binary(max_size=200), st.just(buffer.getvalue())))
     def run(data: bytes) -> None:
         _mutating(path, data, ckpt, from_safetensors=False)
+
+    run()
+
+
+def test_fuzz_base_model_weights(tmp_path):
+    """The base model's `model.safetensors` (read by transformers, checked by `load_base_model`)."""
+    folder = str(tmp_path / "base")
+    shutil.copytree(os.path.join(built(RECIPE), "base"), folder)
+    path = os.path.join(folder, "model.safetensors")
+    raw = open(path, "rb").read()
+
+    @FUZZ
+    @given(data=tensor_mutations(load_file(path), raw))
+    def run(data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            load_base_model(folder)
+            event("loaded")
+        except XLoraError as e:
+            assert str(e) and "\n" not in str(e), repr(str(e))
+            event("refused")
+        finally:
+            with open(path, "wb") as f:
+                f.write(raw)
 
     run()
