@@ -59,18 +59,21 @@ def compare_with_eager(model: xLoRAModel, graph: str, top_k: int = 0, steps: int
         steps: decode steps after the prefill.
         frozen: compare the frozen graph beside it (`OUT.frozen.onnx`): scalings fixed to those of each
             prompt's last token.
-        prompts: token ids (default `validation_prompts` of the graph's vocabulary: batch 2, left padded).
+        prompts: token ids (default `validation_prompts` of the model's vocabulary: batch 2, left padded).
     Returns:
         ParityResult: max abs differences of `logits` (b, s, vocab) and, two-pass only, `scalings` (b, s, L, n).
     """
     xsession = XLoraSession(graph)
     info = xsession.info
     session = xsession.frozen if frozen else xsession.main
-    ids, mask = left_pad(list(prompts or validation_prompts(info.vocab_size)))
+    cfg = model.config
+    n_layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    ids, mask = left_pad(list(prompts or validation_prompts(cfg.vocab_size)))
     b = ids.shape[0]
-    pasts = C.past_names(info.num_layers) + ([] if frozen else C.past_names(info.num_layers, scaling=True))
-    presents = C.present_names(info.num_layers) + ([] if frozen else C.present_names(info.num_layers, scaling=True))
-    feed = {name: np.zeros((b, info.kv_heads, 0, info.head_dim), info.kv_dtype) for name in pasts}
+    pasts = C.past_names(n_layers) + ([] if frozen else C.past_names(n_layers, scaling=True))
+    presents = C.present_names(n_layers) + ([] if frozen else C.present_names(n_layers, scaling=True))
+    feed = {name: np.zeros((b, kv_heads, 0, head_dim), info.kv_dtype) for name in pasts}
     feed[C.TOP_K] = np.array(top_k, dtype=np.int64)
     fixed = None
     if frozen:
@@ -81,7 +84,7 @@ def compare_with_eager(model: xLoRAModel, graph: str, top_k: int = 0, steps: int
     for step in model.decode(ids, mask, steps + 1, expert_top_k=top_k, scalings=fixed):
         feed.update({C.INPUT_IDS: step.input_ids.numpy(), C.ATTENTION_MASK: step.attention_mask.numpy(),
                      C.POSITION_IDS: step.position_ids.numpy()})
-        outs = dict(zip(C.output_names(info.num_layers, frozen), session.run(None, feed)))
+        outs = dict(zip(C.output_names(n_layers, frozen), session.run(None, feed)))
         rows = real if step.step == 0 else np.ones((b, 1), bool)
         result.update(C.LOGITS, outs[C.LOGITS][rows], step.logits.float().numpy()[rows])
         if not frozen:
