@@ -237,7 +237,7 @@ def test_adapters_override_names_are_checked(tmp_path):
     _one_line(str(info.value))
 
 
-@pytest.mark.parametrize("name", ["../evil", os.sep + "evil", "sub" + os.sep + "evil"])
+@pytest.mark.parametrize("name", ["../evil", os.sep + "evil", "sub" + os.sep + "evil", "xlora_config.json"])
 def test_save_pretrained_refuses_names_that_leave_the_folder(tmp_path, name):
     paths = expert_paths(RECIPE)
     model = make_xlora(RECIPE, adapters={"alpha": paths["alpha"], name: paths["beta"]})

@@ -43,6 +43,8 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_CLASSIFIER_PREFIX = "base_model.internal_xlora_classifier.layers."
 TOKENIZER_FILE = "tokenizer.json"
+_OWN_FILES = {CONFIG_FILE, CLASSIFIER_FILE, CLASSIFIER_FILE_PT, ORDERING_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE,
+              TOKENIZER_FILE}
 # adapter_config.json fields of PEFT's XLoraConfig that are not X-LoRA knobs
 _PEFT_ONLY = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
               "peft_version"}
@@ -104,13 +106,17 @@ def read_json(path: str) -> dict[str, Any]:
 
 def check_adapter_name(name: Any, source: str) -> str:
     """`name` as a plain folder name (an expert lives in `<checkpoint>/<name>/`); XLoraError naming `source`
-    for anything else: not a string, empty, `.`/`..`, absolute, or holding a path separator."""
+    for anything else: not a string, empty, `.`/`..`, absolute, holding a path separator, or one of the
+    checkpoint's own file names."""
     if not isinstance(name, str) or not name:
         raise XLoraError(f"{source}: adapter name {name!r}: expected a non-empty string")
     separators = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
     if name in (".", "..") or os.path.isabs(name) or any(s in name for s in separators) or "\x00" in name:
         raise XLoraError(f"{source}: adapter name {name!r}: expected a plain folder name (no path separator, "
                          f"no '..', not absolute)")
+    if name in _OWN_FILES:
+        raise XLoraError(f"{source}: adapter name {name!r}: expected a folder name other than the checkpoint's own "
+                         f"files ({', '.join(sorted(_OWN_FILES))})")
     return name
 
 
