@@ -62,8 +62,8 @@ def load_base_model(folder: str, dtype: torch.dtype = torch.float32) -> nn.Modul
                 pass
         except (SafetensorError, OSError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise XLoraError(f"{path}: cannot read ({reason}); expected the base model's safetensors weights, "
-                             f"complete") from None
+            raise XLoraError(f"{path}: cannot read ({reason}); expected a complete safetensors file of the base "
+                             f"model's weights") from None
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # its load report is several lines; ours is one
     try:
@@ -71,7 +71,8 @@ def load_base_model(folder: str, dtype: torch.dtype = torch.float32) -> nn.Modul
                                                            ignore_mismatched_sizes=True)
     except Exception as e:  # transformers raises many types for a bad folder; we report one line
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise XLoraError(f"base model {folder}: transformers cannot load it ({type(e).__name__}: {reason})") from None
+        raise XLoraError(f"base model {folder}: transformers cannot load it ({type(e).__name__}: {reason}); expected "
+                         f"a transformers causal LM folder (config.json and its weights)") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
     mismatched = sorted(info.get("mismatched_keys") or [], key=str)
