@@ -171,6 +171,8 @@ def test_bad_expert_files(tmp_path, case, expected):
     ("adapters", [], "'adapters' is empty"),
     ("adapters", ["alpha", "alpha", "beta"], "'alpha' appears twice"),
     ("global_scaling_weight", [1], "expected float"),
+    ("xlora_depth", 0, "xLoRAConfig.xlora_depth: expected an int >= 1, got 0"),
+    ("top_k_lora", 4, "top_k_lora: expected None or an int in 1..3, got 4"),
 ])
 def test_bad_config_fields(tmp_path, field, value, expected):
     ckpt = _copy(tmp_path)

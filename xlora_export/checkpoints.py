@@ -183,7 +183,10 @@ def _config_from_record(record: dict[str, Any], source: str) -> xLoRAConfig:
         hint = _FIELD_TYPES.get(key)
         if hint is not None and not _matches(value, hint):
             raise XLoraError(f"{source}: field {key!r} is {json.dumps(value)[:60]}; expected {_describe(hint)}")
-    return xLoRAConfig.from_dict(record, source)
+    try:
+        return xLoRAConfig.from_dict(record, source)
+    except XLoraError as e:  # the config's value checks name the field; say which file holds it
+        raise XLoraError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- reading
