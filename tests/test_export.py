@@ -19,7 +19,7 @@ from helpers import built, expert_paths, make_xlora, max_diff
 from xlora_export import cli
 from xlora_export.export import ExportOptions, export
 from xlora_export.trt_check import check_tensorrt
-from xlora_export.validate import compare_with_eager, ort_session
+from xlora_export.validate import compare_with_eager
 from xlora_runtime import Generator, XLoraSession
 from xlora_runtime import contract as C
 
@@ -125,7 +125,7 @@ def test_metadata_is_enough_to_drive_the_graph():
     assert set(meta["tensorrt_profile"]) == {"max_batch", "max_sequence", "max_past"}
     assert os.path.isfile(os.path.join(EXPORTS, meta["files"]["tokenizer"]))
     # Build every cache input from the metadata alone and run a prefill of batch 1.
-    session = ort_session(path)
+    session = XLoraSession(path).main
     feed = {C.INPUT_IDS: np.array([[5, 6, 7]]), C.ATTENTION_MASK: np.ones((1, 3), np.int64),
             C.POSITION_IDS: np.array([[0, 1, 2]]), C.TOP_K: np.array(meta["default_top_k"], np.int64)}
     for entry in meta["caches"].values():
@@ -153,14 +153,14 @@ def test_graph_matches_eager(name, top_k):
 
 @pytest.mark.parametrize("top_k", [0, 1, 3])
 def test_frozen_graph_matches_eager_with_the_same_scalings(top_k):
-    path = C.frozen_path(exported("llama"))
-    result = compare_with_eager(eager("llama"), path, top_k=top_k, steps=8, frozen=True, prompts=PROMPTS3)
+    result = compare_with_eager(eager("llama"), exported("llama"), top_k=top_k, steps=8, frozen=True,
+                                prompts=PROMPTS3)
     assert result.max_diff[C.LOGITS] < 1e-4, result.max_diff
 
 
 def test_top_k_input_changes_the_graph_output():
     """`top_k` is honoured at run time: the graph's outputs differ between 1 and dense, like the eager model."""
-    session, meta = ort_session(exported("llama")), metadata(exported("llama"))
+    session, meta = XLoraSession(exported("llama")).main, metadata(exported("llama"))
     feed = {C.INPUT_IDS: np.array([[5, 6, 7]]), C.ATTENTION_MASK: np.ones((1, 3), np.int64),
             C.POSITION_IDS: np.array([[0, 1, 2]])}
     for entry in meta["caches"].values():

@@ -6,10 +6,9 @@
 """
 
 from . import xlora_utils
-from .checkpoints import from_pretrained
 from .config import xLoRAConfig
 from .errors import XLoraError
-from .model import XLoraCausalLMOutput, add_xlora_to_model, xLoRAModel
+from .model import XLoraCausalLMOutput, add_xlora_to_model, from_pretrained, xLoRAModel
 
 __all__ = [
     "XLoraCausalLMOutput",

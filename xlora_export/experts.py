@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import XLoraError
@@ -54,17 +52,23 @@ class Expert:
 
 
 def read_tensors(path: str, what: str) -> dict[str, torch.Tensor]:
-    """Read a `.safetensors` (or torch `.bin`/`.pt`) state dict; a missing or corrupt file is an XLoraError."""
+    """Read a `.safetensors` (or torch `.bin`/`.pt`) state dict (name -> tensor).
+
+    Raises:
+        XLoraError: a missing, corrupt or truncated file, or one that holds no state dict (one line naming it).
+    """
     if not os.path.isfile(path):
         raise XLoraError(f"{what}: {path} is missing")
     try:
         if path.endswith(".safetensors"):
             return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise XLoraError(f"{what}: cannot read {path} ({reason})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    except Exception as e:  # safetensors' and torch's unpickler/zip reader raise many types on junk bytes
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise XLoraError(f"{what}: cannot read {path} ({reason}); expected a complete "
+                         f"{'safetensors' if path.endswith('.safetensors') else 'torch'} state dict") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise XLoraError(f"{what}: {path} does not hold a state dict (name -> tensor)")
     return state
 
@@ -81,19 +85,25 @@ def load_expert(name: str, path: str, from_safetensors: bool = True) -> Expert:
     if not os.path.isfile(cfg_path):
         raise XLoraError(f"expert '{name}': {cfg_path} is missing (expected a PEFT LoRA folder)")
     try:
-        with open(cfg_path) as f:
+        with open(cfg_path, encoding="utf-8") as f:
             cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise XLoraError(f"expert '{name}': {cfg_path} is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise XLoraError(f"expert '{name}': {cfg_path} is not valid JSON ({reason})") from None
+    if not isinstance(cfg, dict):
+        raise XLoraError(f"expert '{name}': {cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise XLoraError(f"expert '{name}': {cfg_path} has peft_type {cfg.get('peft_type')!r}, expected 'LORA'")
     for key, bad in _UNSUPPORTED.items():
         if bad(cfg.get(key)):
             raise XLoraError(f"expert '{name}': {cfg_path} sets {key}={cfg[key]!r}, which is not supported")
-    try:
-        rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    except (KeyError, TypeError, ValueError):
-        raise XLoraError(f"expert '{name}': {cfg_path} needs integer 'r' and numeric 'lora_alpha'") from None
+    rank, alpha, dropout = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("lora_dropout") or 0.0
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise XLoraError(f"expert '{name}': {cfg_path} field 'r' is {rank!r}; expected a positive integer")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise XLoraError(f"expert '{name}': {cfg_path} field 'lora_alpha' is {alpha!r}; expected a number")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise XLoraError(f"expert '{name}': {cfg_path} field 'lora_dropout' is {dropout!r}; expected 0 <= p < 1")
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
 
     weights_path = os.path.join(path, WEIGHTS_NAME if from_safetensors else WEIGHTS_NAME_BIN)
@@ -127,13 +137,16 @@ def load_expert(name: str, path: str, from_safetensors: bool = True) -> Expert:
         if set(ab) != {"lora_A", "lora_B"}:
             raise XLoraError(f"expert '{name}': {weights_path} lacks lora_A or lora_B for {module}")
         a, b = ab["lora_A"], ab["lora_B"]
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise XLoraError(f"expert '{name}': {weights_path} {module}: LoRA weights have dtypes {a.dtype} and "
+                             f"{b.dtype}; expected floating point")
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise XLoraError(
                 f"expert '{name}': {weights_path} {module}: expected A (r={rank}, in) and B (out, r={rank}), "
                 f"got {tuple(a.shape)} and {tuple(b.shape)}"
             )
         weights[module] = (a, b)
-    return Expert(name, rank, scale, float(cfg.get("lora_dropout", 0.0) or 0.0), weights, cfg)
+    return Expert(name, rank, scale, float(dropout), weights, cfg)
 
 
 def save_expert(expert: Expert, path: str) -> None:

@@ -25,21 +25,20 @@ import transformers
 from xlora_runtime import contract as C
 
 from . import __version__
-from .checkpoints import detect_format, resolve_base_model
+from .architectures import DYNAMIC_ROPE_TYPES
+from .checkpoints import TOKENIZER_FILE, Checkpoint, read_checkpoint
 from .errors import XLoraError
 from .graph import XLoraGraph
 from .model import xLoRAModel
 from .onnx_passes import WeightStore, attach_weights, fold_constants
 from .trt_check import Finding, check_tensorrt, op_counts
-from .validate import ParityResult, compare_with_eager
-from .xlora_utils import find_tokenizer, load_model
+from .validate import TOLERANCES, ParityResult, compare_with_eager
+from .xlora_utils import load_model
 
 __all__ = ["DTYPES", "ExportOptions", "ExportReport", "export"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOLERANCES = {"fp32": {C.LOGITS: 1e-4, C.SCALINGS: 1e-5}, "fp16": {C.LOGITS: 5e-2, C.SCALINGS: 1e-2}}
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights above which the graph uses external data (2 GB limit)
-_DYNAMIC_ROPE = ("dynamic", "longrope")
 
 
 @dataclass
@@ -97,42 +96,40 @@ def _check_output(out_path: str, options: ExportOptions) -> None:
         raise XLoraError(f"{existing[0]} already exists (use --force to overwrite)")
 
 
-def _load(model_dir: str, options: ExportOptions) -> tuple[xLoRAModel, object]:
-    detect_format(model_dir)
+def _load(model_dir: str, options: ExportOptions) -> tuple[Checkpoint, xLoRAModel]:
+    """The checkpoint, read once, and the eager model built from it."""
     if options.base_model is not None and not os.path.isdir(options.base_model):
         raise XLoraError(f"--base-model {options.base_model}: not a folder")
-    model, tokenizer = load_model(model_dir, dtype=DTYPES[options.dtype], base_model=options.base_model)
-    rope = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope in _DYNAMIC_ROPE:
-        raise XLoraError(f"{model_dir}: rope_type {rope!r} changes with the sequence length at run time and "
-                         f"cannot be fixed in a graph")
+    checkpoint = read_checkpoint(model_dir, base_model=options.base_model)
+    model = load_model(checkpoint, dtype=DTYPES[options.dtype])[0]
+    if model.spec.rope_type in DYNAMIC_ROPE_TYPES:
+        raise XLoraError(f"{model_dir}: rope_type {model.spec.rope_type!r} changes with the sequence length at run "
+                         f"time and cannot be fixed in a graph")
     model.eval()
-    return model, tokenizer
+    return checkpoint, model
 
 
 def _example_inputs(model: xLoRAModel, frozen: bool) -> tuple[torch.Tensor, ...]:
     """Trace inputs: batch 2, 3 new tokens after 2 past positions (every axis distinct and > 1)."""
-    cfg = model.config
+    cfg, spec = model.config, model.spec
     b, s, p = 2, 3, 2
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     dtype = model.model.lm_head.weight.dtype
     ids = torch.randint(0, cfg.vocab_size, (b, s))
     mask = torch.ones(b, p + s, dtype=torch.int64)
     pos = torch.arange(p, p + s).expand(b, s).contiguous()
     n_past = 2 * cfg.num_hidden_layers * (1 if frozen else 2)
-    past = [torch.zeros(b, cfg.num_key_value_heads, p, head_dim, dtype=dtype) for _ in range(n_past)]
+    past = [torch.zeros(b, spec.kv_heads, p, spec.head_dim, dtype=dtype) for _ in range(n_past)]
     extra = [torch.full((b, len(model.module_names), len(model.adapter_names)), 0.5, dtype=dtype)] if frozen else []
     return (ids, mask, pos, *past, *extra, torch.tensor(0, dtype=torch.int64))
 
 
 def _metadata(model: xLoRAModel, options: ExportOptions, out_path: str, frozen: bool, tokenizer_file: str | None,
-              model_dir: str) -> dict:
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+              checkpoint: Checkpoint) -> dict:
+    cfg, spec = model.config, model.spec
     gen = getattr(model.model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None
     eos = cfg.eos_token_id if eos is None else eos
-    kv_shape = [C.BATCH, cfg.num_key_value_heads, C.PAST_SEQUENCE, head_dim]
+    kv_shape = [C.BATCH, spec.kv_heads, C.PAST_SEQUENCE, spec.head_dim]
     kv_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[options.dtype]
     caches = {"real": {"inputs": C.past_names(cfg.num_hidden_layers), "shape": kv_shape, "dtype": kv_dtype}}
     if not frozen:
@@ -144,13 +141,15 @@ def _metadata(model: xLoRAModel, options: ExportOptions, out_path: str, frozen: 
         "producer": f"xlora-export {__version__}",
         "versions": {"xlora_export": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "onnx": onnx.__version__},
-        "source": os.path.abspath(model_dir),
+        "source": os.path.abspath(checkpoint.directory),
+        "classifier_sha256": checkpoint.classifier_digest(),  # identifies the checkpoint (xlora-parity checks it)
         "architecture": cfg.model_type,
         "dtype": options.dtype,
         "opset": options.opset,
         "num_layers": cfg.num_hidden_layers,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": head_dim,
+        "num_key_value_heads": spec.kv_heads,
+        "head_dim": spec.head_dim,
+        "sliding_windows": list(spec.windows),
         "hidden_size": cfg.hidden_size,
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_position_embeddings,
@@ -204,9 +203,6 @@ def _trace(model: xLoRAModel, path: str, options: ExportOptions, frozen: bool, m
     return proto
 
 
-def _tokenizer_source(model_dir: str, model: xLoRAModel, base_model: str | None) -> str | None:
-    folder = find_tokenizer(model_dir, base_model or resolve_base_model(model_dir, model.xlora_config.base_model_id))
-    return os.path.join(folder, "tokenizer.json") if folder else None
 
 
 def _validate(model: xLoRAModel, report: ExportReport, paths: dict[str, str], options: ExportOptions,
@@ -221,10 +217,10 @@ def _validate(model: xLoRAModel, report: ExportReport, paths: dict[str, str], op
     if options.atol is not None:
         tolerances[C.LOGITS] = options.atol
     top_k = model.xlora_config.top_k_lora or 0
-    for kind, path in paths.items():
+    for kind in paths:
         _say(progress, f"validating {kind} graph against the eager model (prefill + {options.validation_steps} "
                        f"decode steps, batch 2, left padding, top_k={top_k})")
-        result = compare_with_eager(model, path, top_k, options.validation_steps, frozen=kind == "frozen")
+        result = compare_with_eager(model, paths["main"], top_k, options.validation_steps, frozen=kind == "frozen")
         report.parity[kind] = result
         for name, diff in result.max_diff.items():
             if not diff <= tolerances[name]:
@@ -260,7 +256,7 @@ def export(model_dir: str, out_path: str, options: ExportOptions | None = None,
     report = ExportReport()
     t0 = time.perf_counter()
     _say(progress, f"loading {model_dir} ({options.dtype})")
-    model, _ = _load(model_dir, options)
+    checkpoint, model = _load(model_dir, options)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # the frozen graph shares the main graph's weights file, so both are then external
     external = options.external_data or options.frozen_scalings or weight_bytes > EXTERNAL_DATA_THRESHOLD
@@ -269,27 +265,26 @@ def export(model_dir: str, out_path: str, options: ExportOptions | None = None,
     tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     try:
         staged = {"main": os.path.join(tmp, name)}
-        tokenizer = _tokenizer_source(model_dir, model, options.base_model)
-        tokenizer_file = os.path.basename(C.tokenizer_path(out_path)) if tokenizer else None
-        if tokenizer:
-            shutil.copyfile(tokenizer, os.path.join(tmp, tokenizer_file))
+        tokenizer_file = os.path.basename(C.tokenizer_path(out_path)) if checkpoint.tokenizer else None
+        if checkpoint.tokenizer:
+            shutil.copyfile(os.path.join(checkpoint.tokenizer, TOKENIZER_FILE), os.path.join(tmp, tokenizer_file))
         _say(progress, f"tracing the two-pass graph (opset {options.opset}, "
                        f"{'external data' if external else 'weights inside'})")
         # one weights file for both graphs (same offsets), or the weights inside the single graph
         store = WeightStore(os.path.join(tmp, name + ".data") if external else None)
         try:
             main = _trace(model, staged["main"], options, False,
-                          _metadata(model, options, out_path, False, tokenizer_file, model_dir), store)
+                          _metadata(model, options, out_path, False, tokenizer_file, checkpoint), store)
             if options.frozen_scalings:
                 _say(progress, "tracing the frozen-scalings graph (sharing the weights file)")
                 staged["frozen"] = os.path.join(tmp, os.path.basename(C.frozen_path(out_path)))
                 _trace(model, staged["frozen"], options, True,
-                       _metadata(model, options, out_path, True, tokenizer_file, model_dir), store)
+                       _metadata(model, options, out_path, True, tokenizer_file, checkpoint), store)
         finally:
             store.close()
         report.inputs, report.outputs = _io(main)
         report.op_counts = dict(op_counts(main).most_common())
-        report.metadata = _metadata(model, options, out_path, False, tokenizer_file, model_dir)
+        report.metadata = _metadata(model, options, out_path, False, tokenizer_file, checkpoint)
         _say(progress, "checking TensorRT readiness")
         report.tensorrt_findings = check_tensorrt(main)
         if options.validate:

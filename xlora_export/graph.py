@@ -1,7 +1,7 @@
 """The module the exporter traces: `xLoRAModel.forward` with the graph contract's flat signature.
 
     (input_ids, attention_mask, position_ids, *past, *scaling_past, top_k)
-        -> xLoRAModel.forward(cache=XLoraCache(past, scaling_past), top_k=top_k)
+        -> xLoRAModel.forward(cache=XLoraCache(past, scaling_past), expert_top_k=top_k)
         -> (logits, scalings, *present, *scaling_present)
 
 The frozen variant takes `scalings` (batch, L, n) instead of the scaling caches and returns
@@ -48,7 +48,8 @@ class XLoraGraph(nn.Module):
         else:
             scalings, scaling_past = None, _pairs(rest[n:2 * n])
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=XLoraCache(past, scaling_past), use_cache=True, scalings=scalings, top_k=top_k)
+                         cache=XLoraCache(past, scaling_past), use_cache=True, scalings=scalings,
+                         expert_top_k=top_k)
         if self.frozen:
             return (out.logits, *_flat(out.cache.real))
         return (out.logits, out.scalings, *_flat(out.cache.real), *_flat(out.cache.scaling))

@@ -13,6 +13,7 @@ eagerly, in training and under the ONNX exporter.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -23,14 +24,17 @@ from transformers.utils import ModelOutput
 
 from .architectures import DecoderSpec, decoder_spec
 from .cache import XLoraCache
+from .checkpoints import Checkpoint, check_ordering, load_classifier, read_checkpoint, write_checkpoint
 from .classifier import XLoraClassifier, top_k_gates
 from .config import xLoRAConfig
 from .decoder import attention_masks, decoder_pass, lm_logits
 from .errors import XLoraError
 from .experts import Expert, load_expert
+from .generation import GenerationMixin
 from .lora import XLoraLinear
+from .scalings_log import flush_log_scalings
 
-__all__ = ["XLoraCausalLMOutput", "add_xlora_to_model", "xLoRAModel"]
+__all__ = ["XLoraCausalLMOutput", "add_xlora_to_model", "from_pretrained", "xLoRAModel"]
 
 
 @dataclass
@@ -49,9 +53,9 @@ class XLoraCausalLMOutput(ModelOutput):
         return self.cache
 
 
-class xLoRAModel(nn.Module):  # noqa: N801 - the seed's public name
+class xLoRAModel(GenerationMixin, nn.Module):  # noqa: N801 - the seed's public name
     """A causal LM with n LoRA experts gated per token by a classifier (build it with
-    `add_xlora_to_model` or `from_pretrained`)."""
+    `add_xlora_to_model` or `from_pretrained`); `generate` and `decode` come from `generation.py`."""
 
     def __init__(self, model: nn.Module, config: xLoRAConfig, experts: list[Expert], verbose: bool = False) -> None:
         super().__init__()
@@ -72,7 +76,8 @@ class xLoRAModel(nn.Module):  # noqa: N801 - the seed's public name
         n_modules, n_experts = len(self.module_names), len(experts)
         weight = model.lm_head.weight
         self.internal_xlora_classifier = XLoraClassifier(config, n_modules, n_experts).to(weight.device, weight.dtype)
-        self._expert_configs = {e.name: e.adapter_config for e in experts}
+        self._expert_meta = {e.name: Expert(e.name, e.rank, e.scale, e.dropout, {}, e.adapter_config)
+                             for e in experts}  # everything but the weights, which live in the XLoraLinears
         self._log: list[torch.Tensor] = []
         self._logging = False
         self._latest: torch.Tensor | None = None
@@ -85,7 +90,7 @@ class xLoRAModel(nn.Module):  # noqa: N801 - the seed's public name
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: XLoraCache | None = None,
                 use_cache: bool | None = None, labels: torch.Tensor | None = None,
-                scalings: torch.Tensor | None = None, top_k: int | torch.Tensor | None = None,
+                scalings: torch.Tensor | None = None, expert_top_k: int | torch.Tensor | None = None,
                 past_key_values: XLoraCache | None = None, num_items_in_batch: int | torch.Tensor | None = None,
                 **kwargs: Any) -> XLoraCausalLMOutput:
         """Both passes over the new tokens.
@@ -98,7 +103,8 @@ class xLoRAModel(nn.Module):  # noqa: N801 - the seed's public name
             use_cache: return the updated cache (default: in eval mode).
             labels: (b, s) for the LM loss (HF convention: shifted inside, -100 ignored).
             scalings: (b, L, n) frozen scalings: skip the scaling pass (and its cache).
-            top_k: override `top_k_lora` for this call (0 = dense); an int64 tensor when traced.
+            expert_top_k: experts kept per token and module, overriding `top_k_lora` for this call (0 = dense);
+                an int64 tensor when traced.
             num_items_in_batch: HF Trainer's token count for the loss under gradient accumulation.
         Returns:
             XLoraCausalLMOutput(loss, logits (b, s, vocab), cache, scalings (b, s, L, n)).
@@ -126,7 +132,7 @@ class xLoRAModel(nn.Module):  # noqa: N801 - the seed's public name
                                  f"got {tuple(scalings.shape)}")
             scalings = scalings.unsqueeze(1).expand(b, s, n_modules, n_experts)
             scaling_present = None
-        k = self.xlora_config.top_k_lora if top_k is None else top_k
+        k = self.xlora_config.top_k_lora if expert_top_k is None else expert_top_k
         gates = top_k_gates(scalings, k, self.xlora_config.enable_softmax_topk)
         hidden, present = decoder_pass(self.model, self.spec, input_ids, position_ids, masks,
                                        cache.real if cache is not None else None, gates, g)
@@ -151,30 +157,23 @@ class xLoRAModel(nn.Module):  # noqa: N801 - the seed's public name
             return 1.0 / len(self.adapter_names)
         return None if value == 0 else float(value)
 
-    def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        """HF-style generation with both caches; see `generation.generate` for the options."""
-        from .generation import generate
-
-        return generate(self, input_ids, **kwargs)
-
     # ----------------------------------------------------------------------------- checkpoints
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write config, classifier, orderings and each expert (original xlora layout)."""
-        from .checkpoints import save_pretrained
-
-        save_pretrained(self, os.fspath(save_directory))
+        """Write config, classifier, orderings and each expert (original xlora layout + `xlora_ordering.json`)."""
+        write_checkpoint(save_directory, self.xlora_config, self.module_names,
+                         self.internal_xlora_classifier.state_dict(), self.experts())
 
     def lora_layers(self) -> list[XLoraLinear]:
         """The wrapped modules in module-index order."""
         return [m for m in self.model.modules() if isinstance(m, XLoraLinear)]
 
     def experts(self) -> list[Expert]:
-        """The experts as they are now in memory (trained adapters included)."""
-        out = {name: Expert(name, 0, 0.0, 0.0, {}, self._expert_configs[name]) for name in self.adapter_names}
+        """The experts as they are now in memory (trained adapters included), rank and scale as loaded."""
+        out = {name: dataclasses.replace(meta, weights={}) for name, meta in self._expert_meta.items()}
         for layer in self.lora_layers():
             for name, ab in layer.expert_weights().items():
                 out[name].weights[layer.module_name] = ab
-        return list(out.values())
+        return [out[name] for name in self.adapter_names]
 
     # ----------------------------------------------------------------------------- scalings log
     def enable_scalings_logging(self) -> None:
@@ -195,8 +194,6 @@ class xLoRAModel(nn.Module):  # noqa: N801 - the seed's public name
 
     def flush_log_scalings(self, path: str) -> None:
         """Write the log to `{path}.npy`, or `{path}-{j}.npy` + `{path}-mapping.json` (path without extension)."""
-        from .scalings_log import flush_log_scalings
-
         flush_log_scalings(self._log, path)
 
     def get_latest_scalings(self) -> torch.Tensor | None:
@@ -283,3 +280,38 @@ def add_xlora_to_model(model: nn.Module, xlora_config: xLoRAConfig, verbose: boo
     decoder_spec(model)  # refuse an unsupported base before reading the experts
     experts = [load_expert(name, os.fspath(path), from_safetensors) for name, path in xlora_config.adapters.items()]
     return xLoRAModel(model, xlora_config, experts, verbose)
+
+
+def from_pretrained(load_directory: str | os.PathLike | Checkpoint, model: nn.Module, device: Any = None,
+                    adapters: dict[str, str] | None = None, verbose: bool = False,
+                    from_safetensors: bool = True) -> xLoRAModel:
+    """Load an X-LoRA checkpoint onto `model` (the base HF model).
+
+    Args:
+        load_directory: checkpoint folder (this project's, original xlora or PEFT X-LoRA), or its `Checkpoint`
+            record from `read_checkpoint` (which already holds any adapters override).
+        model: the base causal LM (its Linears are wrapped in place).
+        device: where to put the model (default: leave it where it is).
+        adapters: name -> expert folder, overriding the saved ones (None: the saved ones).
+        verbose: print what was loaded.
+        from_safetensors: read `.safetensors` experts (else `adapter_model.bin`).
+    Returns:
+        xLoRAModel.
+    """
+    if isinstance(load_directory, Checkpoint):
+        if adapters is not None:
+            raise XLoraError("from_pretrained: pass adapters to read_checkpoint, not beside a Checkpoint record")
+        checkpoint = load_directory
+    else:
+        checkpoint = read_checkpoint(load_directory, adapters)
+    experts = [load_expert(name, path, from_safetensors) for name, path in checkpoint.adapters.items()]
+    config = checkpoint.fresh_config()
+    if device is not None:
+        model = model.to(device)
+        config.device = device
+    xmodel = xLoRAModel(model, config, experts, verbose)
+    check_ordering(checkpoint, xmodel.module_names, xmodel.adapter_names)
+    load_classifier(xmodel.internal_xlora_classifier, checkpoint)
+    if verbose:
+        print(f"Loaded X-LoRA classifier from {checkpoint.directory}")
+    return xmodel

@@ -18,14 +18,16 @@ import torch
 
 from xlora_runtime import Generator, XLoraSession
 from xlora_runtime import contract as C
+from xlora_runtime.session import GraphInfo
 
+from .checkpoints import Checkpoint, read_checkpoint
 from .errors import XLoraError
+from .generation import left_pad
 from .model import xLoRAModel
+from .validate import TOLERANCES, validation_prompts
 from .xlora_utils import load_model
 
-__all__ = ["ParityCase", "eager_greedy", "main", "run_parity"]
-
-TOLERANCES = {"fp32": (1e-4, 1e-5), "fp16": (5e-2, 1e-2)}  # (logits, scalings), SPEC section 8
+__all__ = ["ParityCase", "check_graph_source", "eager_greedy", "main", "run_parity"]
 
 
 @dataclass
@@ -43,29 +45,62 @@ class ParityCase:
     passed: bool
 
 
-@torch.no_grad()
-def eager_greedy(model: xLoRAModel, prompts: list[list[int]], steps: int, top_k: int
+def eager_greedy(model: xLoRAModel, prompts: list[list[int]], steps: int, expert_top_k: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Greedy decoding with the eager model's two caches.
+    """Greedy decoding with the eager model's two caches (`xLoRAModel.decode`).
 
     Returns:
         tokens (b, steps), logits (b, steps, vocab), scalings (b, steps, L, n): per step, those of the
         position that chose the token.
     """
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = model(ids, attention_mask=mask, top_k=top_k, use_cache=True)
-    tokens, logits, scalings = [], [], []
-    for step in range(steps):
-        logits.append(out.logits[:, -1].float())
-        scalings.append(out.scalings[:, -1].float())
-        tokens.append(out.logits[:, -1].argmax(-1))
-        if step == steps - 1:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        out = model(tokens[-1][:, None], attention_mask=mask, cache=out.cache, top_k=top_k, use_cache=True)
-    return (torch.stack(tokens, 1).numpy(), torch.stack(logits, 1).numpy(), torch.stack(scalings, 1).numpy())
+    ids, mask = left_pad(prompts)
+    run = list(model.decode(ids, mask, steps, expert_top_k=expert_top_k))
+    return (torch.stack([s.next_tokens for s in run], 1).numpy(),
+            torch.stack([s.logits[:, -1].float() for s in run], 1).numpy(),
+            torch.stack([s.scalings[:, -1].float() for s in run], 1).numpy())
+
+
+def _first_difference(in_graph: list[str], in_checkpoint: list[str]) -> tuple[str, object, object]:
+    """(where, graph's item, checkpoint's item) of the first difference between two orderings."""
+    for i, (a, b) in enumerate(zip(in_graph, in_checkpoint)):
+        if a != b:
+            return f" at index {i}:", a, b
+    return " count:", len(in_graph), len(in_checkpoint)
+
+
+def check_graph_source(checkpoint: Checkpoint, info: GraphInfo, model: xLoRAModel | None = None) -> None:
+    """Raise XLoraError naming the first difference between what the graph's metadata records and the checkpoint
+    (and, once built, its model): expert order, config fields, module order, classifier weights, base shapes."""
+    record = info.record
+
+    def differ(what: str, in_graph: object, in_checkpoint: object) -> XLoraError:
+        return XLoraError(f"{info.path} was not exported from {checkpoint.directory}: {what} {in_graph!r} in the "
+                          f"graph, {in_checkpoint!r} in the checkpoint")
+
+    if info.expert_names != list(checkpoint.adapters):
+        where, a, b = _first_difference(info.expert_names, list(checkpoint.adapters))
+        raise differ("expert ordering" + where, a, b)
+    saved = checkpoint.config.to_dict()
+    for key, value in (record.get("config") or {}).items():
+        if key in saved and saved[key] != value:
+            raise differ(f"config field {key!r}:", value, saved[key])
+    modules = (None if checkpoint.ordering is None else
+               sorted(checkpoint.ordering["modules"], key=checkpoint.ordering["modules"].get))
+    if model is not None:
+        modules = model.module_names
+    if modules is not None and info.module_names != modules:
+        where, a, b = _first_difference(info.module_names, modules)
+        raise differ("module ordering" + where, a, b)
+    digest = record.get("classifier_sha256")
+    if digest is not None and digest != checkpoint.classifier_digest():
+        raise differ("classifier weights (sha256)", digest[:16], checkpoint.classifier_digest()[:16])
+    if model is None:
+        return
+    cfg = model.config
+    for key, value in (("num_layers", cfg.num_hidden_layers), ("num_key_value_heads", cfg.num_key_value_heads),
+                       ("hidden_size", cfg.hidden_size), ("vocab_size", cfg.vocab_size)):
+        if record.get(key) != value:
+            raise differ(f"base model {key}", record.get(key), value)
 
 
 def run_parity(model: xLoRAModel, session: XLoraSession, prompts: list[list[int]], steps: int,
@@ -88,11 +123,6 @@ def run_parity(model: xLoRAModel, session: XLoraSession, prompts: list[list[int]
             cases.append(ParityCase(top_k, i, len(prompts[i]), steps, equal, first, dl, ds,
                                     equal and dl <= atol_logits and ds <= atol_scalings))
     return cases
-
-
-def _default_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, vocab, n).tolist() for n in lengths]
 
 
 def format_table(cases: list[ParityCase], atol_logits: float, atol_scalings: float) -> str:
@@ -141,23 +171,22 @@ def main(argv: list[str] | None = None) -> int:
         dtype = session.info.record["dtype"]
         if dtype not in TOLERANCES:
             raise XLoraError(f"{args.graph}: a {dtype} graph cannot be fed from numpy on this runtime")
-        model, tokenizer = load_model(args.model_dir, dtype={"fp32": torch.float32, "fp16": torch.float16}[dtype],
-                                      base_model=args.base_model)
-        if model.module_names != session.info.module_names or model.adapter_names != session.info.expert_names:
-            raise XLoraError(f"{args.graph} was not exported from {args.model_dir} (module or expert orderings "
-                             f"differ)")
+        checkpoint = read_checkpoint(args.model_dir, base_model=args.base_model)
+        check_graph_source(checkpoint, session.info)
+        model = load_model(checkpoint, dtype={"fp32": torch.float32, "fp16": torch.float16}[dtype])[0]
+        check_graph_source(checkpoint, session.info, model)
         if args.prompt:
             if session.tokenizer is None:
                 raise XLoraError("--prompt needs the tokenizer that travels with the export")
             prompts = [session.tokenizer.encode(p).ids for p in args.prompt]
         else:
-            prompts = _default_prompts(session.info.vocab_size, [int(x) for x in args.lengths.split(",")])
+            prompts = validation_prompts(session.info.vocab_size, tuple(int(x) for x in args.lengths.split(",")))
         n = session.info.n_experts
         top_ks = sorted({0, 1, n}) if args.top_k is None else [int(k) for k in args.top_k.split(",")]
         for k in top_ks:
             session.check_top_k(k)
-        atol_logits = args.atol_logits if args.atol_logits is not None else TOLERANCES[dtype][0]
-        atol_scalings = args.atol_scalings if args.atol_scalings is not None else TOLERANCES[dtype][1]
+        atol_logits = args.atol_logits if args.atol_logits is not None else TOLERANCES[dtype][C.LOGITS]
+        atol_scalings = args.atol_scalings if args.atol_scalings is not None else TOLERANCES[dtype][C.SCALINGS]
         cases = run_parity(model, session, prompts, args.steps, top_ks, atol_logits, atol_scalings)
     except XLoraError as e:
         print(f"xlora-parity: error: {e}", file=sys.stderr)

@@ -1,29 +1,28 @@
-"""The seed's Utility API: `load_model` and `load_scalings_log`."""
+"""The seed's Utility API: `load_model` and `load_scalings_log`; and the base model's loading."""
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
 
-from .checkpoints import detect_format, from_pretrained, read_checkpoint, resolve_base_model
+from .checkpoints import Checkpoint, read_checkpoint
 from .errors import XLoraError
+from .model import from_pretrained, xLoRAModel
 from .scalings_log import load_scalings_log
 
-__all__ = ["find_tokenizer", "load_model", "load_scalings_log", "load_tokenizer"]
+__all__ = ["load_base_model", "load_model", "load_scalings_log", "load_tokenizer"]
 
 
-def find_tokenizer(*folders: str | None) -> str | None:
-    """The first folder (checkpoint first, then base model) that has a `tokenizer.json`, or None."""
-    return next((f for f in folders if f and os.path.isfile(os.path.join(f, "tokenizer.json"))), None)
-
-
-def load_tokenizer(*folders: str | None) -> Any:
-    """The tokenizer of the first folder that has one (see `find_tokenizer`), left padding; or None."""
+def load_tokenizer(folder: str | None) -> Any:
+    """The transformers tokenizer in `folder` (a `Checkpoint.tokenizer`), left padding; None without a folder."""
     from transformers import AutoTokenizer
 
-    folder = find_tokenizer(*folders)
     if folder is None:
         return None
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -33,14 +32,71 @@ def load_tokenizer(*folders: str | None) -> Any:
     return tokenizer
 
 
-def load_model(model_name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               adapters: dict[str, str] | None = None, use_flash_attention_2: bool = False,
-               load_xlora: bool = True, verbose: bool = False, from_safetensors: bool = True,
-               base_model: str | None = None) -> tuple[Any, Any]:
+def _weights_file(folder: str, key: str) -> str:
+    """The file of `folder` that holds tensor `key` (sharded checkpoints: from the index), for messages."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                return os.path.join(folder, json.load(f)["weight_map"][key])
+        except (OSError, ValueError, KeyError, TypeError):
+            return index
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors"))) or sorted(glob.glob(os.path.join(folder, "*.bin")))
+    return files[0] if len(files) == 1 else folder
+
+
+def load_base_model(folder: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The base causal LM of a local folder, every weight checked.
+
+    Raises:
+        XLoraError: a corrupt or truncated weights file, a config transformers rejects, a weight whose shape
+            differs from the config's, or a weight missing from the files (transformers would initialise it
+            randomly and only warn).
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise XLoraError(f"{path}: cannot read ({reason}); expected a complete safetensors file of the base "
+                             f"model's weights") from None
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report is several lines; ours is one
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)
+    except Exception as e:  # transformers raises many types for a bad folder; we report one line
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise XLoraError(f"base model {folder}: transformers cannot load it ({type(e).__name__}: {reason}); expected "
+                         f"a transformers causal LM folder (config.json and its weights)") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    mismatched = sorted(info.get("mismatched_keys") or [], key=str)
+    if mismatched:
+        key, got, want = mismatched[0]
+        raise XLoraError(f"{_weights_file(folder, key)}: tensor {key!r} has shape {tuple(got)}, expected "
+                         f"{tuple(want)} from {os.path.join(folder, 'config.json')}")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise XLoraError(f"{_weights_file(folder, missing[0])}: tensor {missing[0]!r}{more} is missing; expected "
+                         f"every weight of the model {os.path.join(folder, 'config.json')} describes")
+    return model
+
+
+def load_model(model_name: str | os.PathLike | Checkpoint, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, adapters: dict[str, str] | None = None,
+               use_flash_attention_2: bool = False, load_xlora: bool = True, verbose: bool = False,
+               from_safetensors: bool = True, base_model: str | None = None) -> tuple[xLoRAModel | nn.Module, Any]:
     """Load the base model named by a checkpoint's `base_model_id` and (by default) the X-LoRA model on it.
 
     Args:
-        model_name: an X-LoRA checkpoint folder (any format `from_pretrained` reads).
+        model_name: an X-LoRA checkpoint folder (any format `from_pretrained` reads), or its `Checkpoint`
+            record (which already holds any adapters or base model override).
         device, dtype: where and in which precision to load.
         adapters: name -> expert folder overriding the saved ones.
         use_flash_attention_2: accepted for compatibility; this project runs its own attention.
@@ -49,18 +105,21 @@ def load_model(model_name: str, device: str | torch.device = "cpu", dtype: torch
     Returns:
         (model, tokenizer); the tokenizer is None when neither folder has one.
     """
-    from transformers import AutoModelForCausalLM
-
-    detect_format(model_name)
-    config = read_checkpoint(model_name, adapters)[0]
-    base = base_model or resolve_base_model(model_name, config.base_model_id)
+    if isinstance(model_name, Checkpoint):
+        if adapters is not None or base_model is not None:
+            raise XLoraError("load_model: pass adapters and base_model to read_checkpoint, not beside a "
+                             "Checkpoint record")
+        checkpoint = model_name
+    else:
+        checkpoint = read_checkpoint(model_name, adapters, base_model)
+    base = checkpoint.base_model
     if not base:
-        raise XLoraError(f"{model_name}: the checkpoint names no base_model_id; pass base_model=PATH")
+        raise XLoraError(f"{checkpoint.directory}: the checkpoint names no base_model_id; pass base_model=PATH")
     if not os.path.isdir(base):
-        raise XLoraError(f"base model {base!r} (from {model_name}) is not a local folder; this toolchain does not "
-                         f"download weights: pass base_model=PATH")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
-    tokenizer = load_tokenizer(model_name, base)
+        raise XLoraError(f"base model {base!r} (from {checkpoint.directory}) is not a local folder; this toolchain "
+                         f"does not download weights: pass base_model=PATH")
+    model = load_base_model(base, dtype).to(device)
+    tokenizer = load_tokenizer(checkpoint.tokenizer)
     if not load_xlora:
         return model, tokenizer
-    return from_pretrained(model_name, model, device, adapters, verbose, from_safetensors), tokenizer
+    return from_pretrained(checkpoint, model, device, verbose=verbose, from_safetensors=from_safetensors), tokenizer
