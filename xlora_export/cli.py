@@ -104,8 +104,8 @@ def format_report(report: ExportReport) -> str:
     lines += [f"  {n:34s} {t:8s} {d}" for n, t, d in _squash(report.outputs)]
     ops = ", ".join(f"{op} {n}" for op, n in report.op_counts.items())
     lines += [f"ops ({sum(report.op_counts.values())} nodes): {ops}"]
-    lines += [f"size: {report.size_bytes / 1e6:.2f} MB in {len(report.files)} file(s):"]
-    lines += [f"  {f}" for f in report.files]
+    lines += [f"size: {report.size_bytes / 1e6:.2f} MB in {len(report.files)} file(s) beside each other: "
+              + ", ".join(os.path.basename(f) for f in report.files)]
     if report.validation_skipped:
         lines += [f"VALIDATION SKIPPED: {report.validation_skipped}"]
     for kind, result in report.parity.items():
@@ -145,12 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
         except SystemExit as e:  # --help (0) and usage errors (2): argparse has already printed
             return e.code if isinstance(e.code, int) else 2
-        target, start = args.out, time.perf_counter()
-
-        def progress(message: str) -> None:
-            if not args.quiet:
-                print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
-
+        target = args.out
         from .errors import XLoraError
 
         try:
@@ -161,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             from .export import ExportOptions, export
 
             transformers.utils.logging.disable_progress_bar()
+            start = time.perf_counter()  # progress times count from here, after the imports
+
+            def progress(message: str) -> None:
+                if not args.quiet:
+                    print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
+
             options = ExportOptions(dtype=args.dtype, opset=args.opset, frozen_scalings=args.frozen_scalings,
                                     atol=args.atol, validate=not args.no_validate, force=args.force,
                                     external_data=args.external_data, base_model=args.base_model,
