@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    capsys.readouterr()  # what came before (a recipe built on first use) is not the command's output
     code = cli.main(argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
@@ -99,12 +100,25 @@ def test_quiet_prints_only_the_path(tmp_path, capsys):
     assert stdout == f"wrote {out} (xlora_export metadata v1)\n"
 
 
-def test_quiet_still_warns_that_bf16_was_not_validated(tmp_path, capsys):
+def test_bf16_quiet_warning_and_the_refusals_downstream(tmp_path, capsys):
+    """-q still warns that a bf16 graph was not validated; the runtime and xlora-parity (CPU) refuse it in one line."""
     out = tmp_path / "m.onnx"
     code, stdout, err = _run([built("tiny-llama"), str(out), "-q", "--dtype", "bf16"], capsys)
     assert code == 0 and stdout == f"wrote {out} (xlora_export metadata v1)\n"
     line = _one_error_line(err, "xlora-export: warning: validation skipped: bf16 graphs cannot run")
     assert "CPU" in line
+    from xlora_export import parity
+    from xlora_runtime import XLoraError, XLoraSession
+
+    with pytest.raises(XLoraError) as excinfo:  # the CPU provider has no bf16 kernels: the session cannot load
+        XLoraSession(str(out))
+    message = str(excinfo.value)
+    assert message.startswith(f"{out}: ONNX Runtime cannot load it (") and "NOT_IMPLEMENTED" in message
+    assert "\n" not in message
+    model_dir = built("tiny-llama")
+    capsys.readouterr()
+    assert parity.main([model_dir, str(out)]) == 1
+    assert capsys.readouterr().err == f"xlora-parity: error: {message}\n"
 
 
 def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
