@@ -43,7 +43,7 @@ def _one_error_line(err: str, prefix: str) -> str:
     ("--atol", "-1"), ("--atol", "0"), ("--atol", "nan"), ("--atol", "inf"), ("--atol", "tight"),
     ("--steps", "0"), ("--steps", "-3"), ("--steps", "2.5"),
     ("--max-batch", "0"), ("--max-batch", "-1"),
-    ("--opset", "13"), ("--opset", "21"), ("--opset", "99"), ("--opset", "seventeen"),
+    ("--opset", "13"), ("--opset", "21"), ("--opset", "99"), ("--opset", "seventeen"), ("--dtype", "fp8"),
 ])
 def test_meaningless_numbers_are_usage_errors(option, value, tmp_path, capsys):
     out = tmp_path / "m.onnx"
@@ -51,6 +51,18 @@ def test_meaningless_numbers_are_usage_errors(option, value, tmp_path, capsys):
     assert code == 2 and stdout == ""
     assert err.startswith("usage: xlora-export") and f"xlora-export: error: argument {option}: " in err, err
     assert "Traceback" not in err and os.listdir(tmp_path) == []
+
+
+def test_missing_arguments_are_a_usage_error(capsys):
+    code, stdout, err = _run([], capsys)
+    assert code == 2 and stdout == ""
+    assert err.splitlines()[-1] == "xlora-export: error: the following arguments are required: MODEL_DIR, OUT.onnx"
+
+
+def test_base_model_that_is_not_a_folder(tmp_path, capsys):
+    code, _, err = _run([built("tiny-llama"), str(tmp_path / "m.onnx"), "--base-model", str(tmp_path / "no")], capsys)
+    assert code == 1 and err == f"xlora-export: error: --base-model {tmp_path / 'no'}: not a folder\n"
+    assert os.listdir(tmp_path) == []
 
 
 def test_opset_99_says_what_is_supported(tmp_path, capsys):
