@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -199,3 +200,24 @@ def test_sigint_during_the_export_is_one_line_and_leaves_nothing(tmp_path):
     assert proc.returncode == 130, stderr
     assert _one_error_line(stderr, "xlora-export: interrupted") == f"xlora-export: interrupted; {out} was not written"
     assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------------- README
+def test_readme_export_transcript_is_what_the_command_prints(tmp_path, capsys):
+    """The README's Exporting transcript is the first command's export, and (timings, paths and float
+    differences aside) what the command prints today."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    first_command = re.search(r"^```bash\n(.*?)\n", readme, re.M).group(1)
+    transcript = re.search(r"^```\n\$ (xlora-export .*?)\n(.*?)^```", readme, re.S | re.M)
+    assert first_command.endswith(" && " + transcript.group(1)), (first_command, transcript.group(1))
+
+    def stable(text: str) -> list[str]:
+        return [line for line in text.split("\n") if line and not line.startswith(("[", "parity", "size:", "wrote"))]
+
+    args = transcript.group(1).split()[1:]
+    assert args[:2] == ["models/built/tiny-llama", "tiny-llama.onnx"]
+    code, stdout, _ = _run([built("tiny-llama"), str(tmp_path / "tiny-llama.onnx"), *args[2:]], capsys)
+    assert code == 0
+    assert stable(transcript.group(2)) == stable(stdout)
+    assert len(stable(stdout)) > 15
