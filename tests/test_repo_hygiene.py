@@ -4,10 +4,11 @@ repository, and the seed README tests (whose document lives beside the repositor
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import re
-import subprocess
-import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -48,18 +49,19 @@ def test_no_test_reads_outside_the_repository():
     assert not found, found
 
 
-def _pytest_seed_readme() -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLORA_SEED_README"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.path.join(ROOT, "runtime"), env.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                           os.path.join(TESTS, "test_seed_readme.py")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+def _import_seed_readme_tests() -> None:
+    """Execute tests/test_seed_readme.py as pytest's collection would (a fresh module object)."""
+    spec = importlib.util.spec_from_file_location("seed_readme_probe", os.path.join(TESTS, "test_seed_readme.py"))
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
-def test_seed_readme_tests_skip_on_a_clone():
-    """No XLORA_SEED_README (a user's clone): skipped, with the reason. (Set to a missing file, the module fails
-    at collection, so that a CI pointing nowhere does not pass by skipping: checked by hand, a second
-    subprocess costs the suite seconds.)"""
-    clone = _pytest_seed_readme()
-    assert clone.returncode == 5, clone.stdout + clone.stderr  # pytest's "no tests ran": its one module skipped
-    assert "1 skipped" in clone.stdout and "set XLORA_SEED_README to its path" in clone.stdout, clone.stdout
+def test_seed_readme_tests_skip_on_a_clone_and_fail_when_pointed_nowhere(tmp_path, monkeypatch):
+    """No XLORA_SEED_README (a user's clone): the module skips, with the reason. Set to a missing file (a CI that
+    lost the document): collection fails rather than passing by skipping."""
+    monkeypatch.delenv("XLORA_SEED_README", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"set XLORA_SEED_README to its path to run these tests"):
+        _import_seed_readme_tests()
+    missing = str(tmp_path / "nowhere.md")
+    monkeypatch.setenv("XLORA_SEED_README", missing)
+    with pytest.raises(pytest.fail.Exception, match=re.escape(f"XLORA_SEED_README={missing!r} is not a file")):
+        _import_seed_readme_tests()
