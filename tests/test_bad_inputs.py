@@ -289,27 +289,40 @@ def test_parity_meaningless_numbers_are_usage_errors(lonely_graph, argv):
     assert parity.main([built(RECIPE), lonely_graph, *argv]) == 2
 
 
+# Ctrl-C exactly while a heavy module is imported: a meta path finder raises KeyboardInterrupt at its import.
 _INTERRUPT_IMPORT = """
 import sys
 
 class CtrlC:
     def find_spec(self, name, path=None, target=None):
-        if name == "torch":
+        if name == sys.argv[1]:
             raise KeyboardInterrupt
         return None
 
 sys.meta_path.insert(0, CtrlC())
-from xlora_export.parity import main
-sys.exit(main(sys.argv[1:]))
+from {module} import {main}
+sys.exit({main}(sys.argv[2:]))
 """
+
+
+def _interrupted_import(heavy: str, module: str, main: str, argv: list[str]) -> subprocess.CompletedProcess:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "runtime"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    code = _INTERRUPT_IMPORT.format(module=module, main=main)
+    return subprocess.run([sys.executable, "-c", code, heavy, *argv], capture_output=True, text=True, env=env,
+                          timeout=120)
 
 
 @pytest.mark.xfail(strict=True, reason="xlora_export/parity.py imports torch at module level and main catches no "
                                        "KeyboardInterrupt: Ctrl-C is a traceback today")
 def test_parity_ctrl_c_is_one_line(lonely_graph):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "runtime"),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", _INTERRUPT_IMPORT, built(RECIPE), lonely_graph],
-                            capture_output=True, text=True, env=env, timeout=120)
+    result = _interrupted_import("torch", "xlora_export.parity", "main", [built(RECIPE), lonely_graph])
     assert result.returncode == 130 and result.stderr == "xlora-parity: interrupted\n", result.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="xlora_runtime/__init__.py and cli.py import onnxruntime at module level, "
+                                       "before generate_main's handler: Ctrl-C in the first second is a traceback")
+def test_runtime_commands_ctrl_c_during_imports(lonely_graph):
+    result = _interrupted_import("onnxruntime", "xlora_runtime.cli", "generate_main", [lonely_graph, "5,6", "--ids"])
+    assert result.returncode == 130 and result.stderr == "xlora-generate: interrupted\n", result.stderr
