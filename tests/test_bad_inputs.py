@@ -25,7 +25,7 @@ from xlora_runtime import Generator, XLoraSession
 from xlora_runtime import contract as C
 from xlora_runtime.cli import generate_main, plot_main
 from xlora_runtime.plot import plot_scalings, row_scalings
-from xlora_runtime.scalings_log import save_scalings_arrays
+from xlora_runtime.scalings_log import load_scalings_arrays, save_scalings_arrays
 
 RECIPE = "tiny-llama"
 
@@ -326,3 +326,49 @@ def test_parity_ctrl_c_is_one_line(lonely_graph):
 def test_runtime_commands_ctrl_c_during_imports(lonely_graph):
     result = _interrupted_import("onnxruntime", "xlora_runtime.cli", "generate_main", [lonely_graph, "5,6", "--ids"])
     assert result.returncode == 130 and result.stderr == "xlora-generate: interrupted\n", result.stderr
+
+
+def test_expert_without_weights(ckpt):
+    path = ckpt / "beta" / "adapter_model.safetensors"
+    os.remove(path)
+    with pytest.raises(XLoraError) as excinfo:
+        _load(ckpt)
+    assert _message(excinfo) == f"expert 'beta': {path} is missing"
+
+
+def test_parity_graph_of_another_checkpoint(ckpt, lonely_graph, capsys):
+    """The same experts in another order: the checkpoint loads, but it is not what the graph was exported from."""
+    _edit_json(ckpt / "xlora_config.json", adapters=["beta", "alpha", "gamma"])
+    _edit_json(ckpt / "xlora_ordering.json", adapters={"beta": 0, "alpha": 1, "gamma": 2})
+    capsys.readouterr()
+    assert parity.main([str(ckpt), lonely_graph]) == 1
+    assert capsys.readouterr().err == (f"xlora-parity: error: {lonely_graph} was not exported from {ckpt} (module or "
+                                       f"expert orderings differ)\n")
+
+
+def test_scalings_log_files_that_disagree(tmp_path):
+    log = str(tmp_path / "run")
+    save_scalings_arrays([np.zeros((1, 3, 4, 2), np.float32), np.zeros((1, 1, 4, 2), np.float32)], log)
+    mapping_path = f"{log}-mapping.json"
+    with open(mapping_path) as f:
+        mapping = json.load(f)
+    first, second = sorted(mapping)
+    with open(mapping_path, "w") as f:
+        json.dump({first: mapping[first] + [7], second: mapping[second]}, f)
+    with pytest.raises(XLoraError) as excinfo:
+        load_scalings_arrays(log)
+    assert _message(excinfo) == f"load_scalings_log: {first} holds 1 entries, {mapping_path} lists 2"
+    with open(mapping_path, "w") as f:
+        json.dump({first: [0], second: [5]}, f)
+    with pytest.raises(XLoraError) as excinfo:
+        load_scalings_arrays(log)
+    assert _message(excinfo) == f"load_scalings_log: {mapping_path} does not cover indices 0..1"
+
+
+@pytest.mark.xfail(strict=True, reason="runtime/xlora_runtime/scalings_log.py reads PATH-mapping.json and the .npy "
+                                       "files it names without catching JSONDecodeError or OSError: a traceback")
+def test_plot_of_a_log_with_a_garbage_mapping(tmp_path, capsys):
+    log = str(tmp_path / "run")
+    (tmp_path / "run-mapping.json").write_text("{garbage")
+    assert plot_main([log, str(tmp_path / "p.png")]) == 1
+    assert capsys.readouterr().err.startswith(f"xlora-plot-scalings: error: load_scalings_log: {log}-mapping.json")
