@@ -3,19 +3,64 @@
 MODEL_DIR is any checkpoint the reference model reads (this project's format, original xlora,
 PEFT X-LoRA). The base model is the checkpoint's `base_model_id` when that is a local folder
 (relative to the checkpoint or the working directory), or --base-model.
+
+Exit codes: 0 written, 1 user error (one line on stderr), 2 usage error, 130 interrupted.
+Nothing is written unless every check passed.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from xlora_runtime import contract as C
+if TYPE_CHECKING:
+    from .export import ExportReport
 
-from .errors import XLoraError
-from .export import DTYPES, ExportOptions, ExportReport, export
+# Only the standard library above: torch, transformers and onnxruntime are imported inside main's try
+# (seconds), so that Ctrl-C at any moment is "interrupted", exit 130, never a traceback.
+
+DTYPES = ("fp32", "fp16", "bf16")  # the keys of export.DTYPES (a test keeps them equal)
+# The graph needs opset 14; torch 2.13's TorchScript exporter supports up to 20
+# (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET; a test keeps it equal). 17 is the default
+# because TensorRT's ONNX parser reads it.
+OPSET_MIN, OPSET_MAX, OPSET_DEFAULT = 14, 20, 17
+
+
+def _opset(text: str) -> int:
+    value = _integer(text)
+    if not OPSET_MIN <= value <= OPSET_MAX:
+        raise argparse.ArgumentTypeError(
+            f"expected {OPSET_MIN} to {OPSET_MAX} (the graph needs {OPSET_MIN}, torch's TorchScript exporter stops "
+            f"at {OPSET_MAX}; {OPSET_DEFAULT}, the default, is what TensorRT parses), got {value}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,24 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--base-model", metavar="PATH", help="base model folder (default: the checkpoint's "
                      "base_model_id)")
     graph = parser.add_argument_group("graph")
-    graph.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision fixed in the graph "
+    graph.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision fixed in the graph "
                        "(default fp32)")
-    graph.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, which TensorRT parses)")
+    graph.add_argument("--opset", type=_opset, default=OPSET_DEFAULT, metavar="N",
+                       help=f"ONNX opset, {OPSET_MIN} to {OPSET_MAX} (default {OPSET_DEFAULT}, which TensorRT parses)")
     graph.add_argument("--frozen-scalings", action="store_true", help="also write OUT.frozen.onnx, the "
                        "single-pass graph that takes scalings as an input")
     graph.add_argument("--external-data", action="store_true", help="store weights in OUT.onnx.data (automatic "
                        "above 2 GB)")
-    graph.add_argument("--max-batch", type=int, default=8, help="TensorRT profile hint recorded in the metadata "
-                       "(default 8)")
+    graph.add_argument("--max-batch", type=_positive_int, default=8, metavar="N", help="TensorRT profile hint "
+                       "recorded in the metadata, at least 1 (default 8)")
     check = parser.add_argument_group("validation")
-    check.add_argument("--atol", type=float, help="logits tolerance (default 1e-4 fp32, 5e-2 fp16; scalings "
-                       "1e-5 / 1e-2)")
+    check.add_argument("--atol", type=_positive_float, metavar="X", help="logits tolerance, > 0 (default 1e-4 "
+                       "fp32, 5e-2 fp16; scalings 1e-5 / 1e-2)")
     check.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime check against the "
                        "eager model")
-    check.add_argument("--steps", type=int, default=8, help="decode steps of the validation (default 8)")
+    check.add_argument("--steps", type=_positive_int, default=8, metavar="N", help="decode steps of the "
+                       "validation, at least 1 (default 8)")
     out = parser.add_argument_group("output")
     out.add_argument("--force", action="store_true", help="overwrite existing output files")
-    out.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    out.add_argument("-q", "--quiet", action="store_true", help="print no progress and no summary: only the "
+                     "'wrote OUT.onnx' line on stdout, and errors and warnings on stderr")
     return parser
 
 
@@ -56,8 +104,8 @@ def format_report(report: ExportReport) -> str:
     lines += [f"  {n:34s} {t:8s} {d}" for n, t, d in _squash(report.outputs)]
     ops = ", ".join(f"{op} {n}" for op, n in report.op_counts.items())
     lines += [f"ops ({sum(report.op_counts.values())} nodes): {ops}"]
-    lines += [f"size: {report.size_bytes / 1e6:.2f} MB in {len(report.files)} file(s):"]
-    lines += [f"  {f}" for f in report.files]
+    lines += [f"size: {report.size_bytes / 1e6:.2f} MB in {len(report.files)} file(s) beside each other: "
+              + ", ".join(os.path.basename(f) for f in report.files)]
     if report.validation_skipped:
         lines += [f"VALIDATION SKIPPED: {report.validation_skipped}"]
     for kind, result in report.parity.items():
@@ -83,33 +131,56 @@ def _squash(values: list) -> list:
     return out
 
 
+def _error(message: object) -> int:
+    """A user error: one line on stderr, exit code 1."""
+    print("xlora-export: error: " + " ".join(str(message).split("\n")), file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns the exit code (0 ok, 1 user error, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
-    options = ExportOptions(dtype=args.dtype, opset=args.opset, frozen_scalings=args.frozen_scalings,
-                            atol=args.atol, validate=not args.no_validate, force=args.force,
-                            external_data=args.external_data, base_model=args.base_model,
-                            validation_steps=args.steps, max_batch=args.max_batch)
-    start = time.perf_counter()
-
-    def progress(message: str) -> None:
-        if not args.quiet:
-            print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
-
+    """Run the command; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
+    target, written = "OUT.onnx", False  # written: the export renamed OUT.onnx into place
     try:
-        import transformers
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help (0) and usage errors (2): argparse has already printed
+            return e.code if isinstance(e.code, int) else 2
+        target = args.out
+        from .errors import XLoraError
 
-        transformers.utils.logging.disable_progress_bar()
-        report = export(args.model_dir, args.out, options, progress)
-    except XLoraError as e:
-        print(f"xlora-export: error: {e}", file=sys.stderr)
-        return 1
+        try:
+            import transformers
+
+            from xlora_runtime import contract as C
+
+            from .export import ExportOptions, export
+
+            transformers.utils.logging.disable_progress_bar()
+            start = time.perf_counter()  # progress times count from here, after the imports
+
+            def progress(message: str) -> None:
+                if not args.quiet:
+                    print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
+
+            options = ExportOptions(dtype=args.dtype, opset=args.opset, frozen_scalings=args.frozen_scalings,
+                                    atol=args.atol, validate=not args.no_validate, force=args.force,
+                                    external_data=args.external_data, base_model=args.base_model,
+                                    validation_steps=args.steps, max_batch=args.max_batch)
+            report = export(args.model_dir, args.out, options, progress)
+        except (XLoraError, OSError) as e:  # OSError: a disk full or a permission denied while writing
+            return _error(e)
+        written = True
+        if args.quiet:
+            if report.validation_skipped:
+                print(f"xlora-export: warning: validation skipped: {report.validation_skipped}", file=sys.stderr)
+        else:
+            print(format_report(report))
+        print(f"wrote {os.path.abspath(args.out)} ({C.METADATA_KEY} metadata v{C.FORMAT_VERSION})")
+        return 0
     except KeyboardInterrupt:
-        print(f"xlora-export: interrupted; {args.out} was not written", file=sys.stderr)
+        outcome = f" after writing {target}" if written else f"; {target} was not written"
+        print(f"xlora-export: interrupted{outcome}", file=sys.stderr)
         return 130
-    print(format_report(report))
-    print(f"wrote {os.path.abspath(args.out)} ({C.METADATA_KEY} metadata v{C.FORMAT_VERSION})")
-    return 0
 
 
 if __name__ == "__main__":
