@@ -114,12 +114,13 @@ def load_expert(name: str, path: str, from_safetensors: bool = True) -> Expert:
         raise XLoraError(f"expert '{name}': {weights_path} has embedding LoRA ({embedding[0]}), which is not supported")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        module = key.split(".lora_")[0].split(".base_layer.")[0]
-        module = module[len(_PREFIX):] if module.startswith(_PREFIX) else module
-        if not module.startswith(_BLOCKS):
-            raise XLoraError(f"expert '{name}' targets {module}: X-LoRA experts may target only the Linears of the "
-                             f"decoder blocks ({_BLOCKS}*), not the embedding or lm_head")
-        if key.endswith(".bias"):
+        if ".lora_" in key or ".base_layer." in key:  # a LoRA-wrapped module: where is it?
+            module = key.split(".lora_")[0].split(".base_layer.")[0]
+            module = module[len(_PREFIX):] if module.startswith(_PREFIX) else module
+            if not module.startswith(_BLOCKS):
+                raise XLoraError(f"expert '{name}' targets {module}: X-LoRA experts may target only the Linears of "
+                                 f"the decoder blocks ({_BLOCKS}*), not the embedding or lm_head")
+        if ".lora_" in key and key.endswith(".bias"):
             raise XLoraError(f"expert '{name}': {weights_path} has a LoRA bias ({key}), which is not supported")
         for part in ("lora_A", "lora_B"):
             marker = f".{part}."
