@@ -370,7 +370,7 @@ def test_interrupted_export_leaves_no_file(tmp_path, capsys, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_module, "compare_with_eager", interrupt)
+    monkeypatch.setattr(export_module, "compare_with_reference", interrupt)
     out = str(tmp_path / "m.onnx")
     code, _, err = _run([built("tiny-llama"), out], capsys)
     assert code == 130 and "not written" in err
@@ -393,3 +393,88 @@ def test_export_from_a_peft_checkpoint_matches(tmp_path):
     report = export(str(ckpt), str(tmp_path / "p.onnx"),
                     ExportOptions(base_model=os.path.join(built("tiny-llama"), "base")))
     assert report.parity["main"].max_diff[C.LOGITS] < 1e-4
+
+
+# ----------------------------------------------------------------------------------------- validation at scale
+def test_one_negated_expert_fails_validation(tmp_path, capsys, monkeypatch):
+    """A wrong graph (expert 'beta' with its B negated in one module) is refused with the default tolerances."""
+    from xlora_export.onnx_passes import WeightStore
+
+    original = WeightStore.tensor
+
+    def negating_tensor(self, name, value):
+        wrong = "layers.0.self_attn.k_proj.lora_B" in name  # only beta targets k_proj
+        return original(self, name, -value if wrong else value)
+
+    monkeypatch.setattr(WeightStore, "tensor", negating_tensor)
+    code, _, err = _run([built("tiny-llama"), str(tmp_path / "m.onnx")], capsys)
+    assert code == 1 and "validation failed" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_validation_covers_every_top_k_and_releases_the_eager_model(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    import xlora_export.export as export_module
+
+    seen, alive = [], []
+    original_reference, original_open = export_module.eager_reference, export_module.open_graph
+
+    def recording_reference(model, top_k, steps, frozen=False, prompts=None):
+        seen.append((top_k, frozen))
+        recording_reference.model = weakref.ref(model)
+        return original_reference(model, top_k, steps, frozen, prompts)
+
+    def checking_open(path, *args):
+        gc.collect()
+        alive.append(recording_reference.model() is not None)
+        return original_open(path, *args)
+
+    monkeypatch.setattr(export_module, "eager_reference", recording_reference)
+    monkeypatch.setattr(export_module, "open_graph", checking_open)
+    export(built("tiny-llama"), str(tmp_path / "m.onnx"), ExportOptions(frozen_scalings=True))
+    assert sorted(seen) == sorted([(k, f) for k in range(4) for f in (False, True)])
+    assert alive == [False, False], "the eager model was still alive when a graph was opened"
+
+
+def test_tolerances_scale_with_logits_and_model_size():
+    from xlora_export.validate import size_factor, tolerance
+
+    assert tolerance("fp32", C.LOGITS, 1.0) == 1e-4  # the floor
+    assert tolerance("fp32", C.LOGITS, 30.0) == pytest.approx(6e-4)  # 2e-5 x the largest |logit|
+    assert tolerance("fp32", C.SCALINGS, 30.0, size_factor(2, 64)) == 1e-5
+    assert size_factor(22, 2048) == pytest.approx(18.76, abs=0.01)  # TinyLlama-1.1B: 1.9e-4 for the scalings
+    assert tolerance("fp16", C.LOGITS, 20.0) == pytest.approx(0.1)
+
+
+def test_greedy_token_flip_is_caught_unless_within_tolerance():
+    """The graph's greedy token must be the eager one where the eager margin exceeds the logits tolerance."""
+    from xlora_export.validate import compare_with_reference, eager_reference
+
+    model = eager("llama")
+    reference = eager_reference(model, 0, 2)
+
+    class Flipping:
+        """Returns the real graph's outputs with two vocabulary entries swapped in the last-position logits."""
+
+        def __init__(self, session, margin):
+            self.session, self.margin = session, margin
+
+        def run(self, names, feed):
+            outs = self.session.run(names, feed)
+            logits = outs[0]
+            last = logits[:, -1]
+            top = last.argmax(-1)
+            for row, t in enumerate(top):
+                last[row, t] -= self.margin  # the eager favourite loses `margin`: another token wins
+            return outs
+
+    from xlora_runtime.session import open_graph
+
+    session = open_graph(exported("llama"))
+    spec = model.spec
+    clear = compare_with_reference(reference, Flipping(session, 5.0), spec.num_layers, spec.kv_heads, spec.head_dim)
+    assert clear.token_mismatches > 0
+    honest = compare_with_reference(reference, session, spec.num_layers, spec.kv_heads, spec.head_dim)
+    assert honest.token_mismatches == 0

@@ -9,6 +9,7 @@ check passed, so a failed or interrupted export leaves no OUT.onnx.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -23,16 +24,17 @@ import torch
 import transformers
 
 from xlora_runtime import contract as C
+from xlora_runtime.session import open_graph
 
 from . import __version__
-from .architectures import DYNAMIC_ROPE_TYPES
+from .architectures import DYNAMIC_ROPE_TYPES, DecoderSpec
 from .checkpoints import TOKENIZER_FILE, Checkpoint, read_checkpoint
 from .errors import XLoraError
 from .graph import XLoraGraph
 from .model import xLoRAModel
 from .onnx_passes import WeightStore, attach_weights, fold_constants
 from .trt_check import Finding, check_tensorrt, op_counts
-from .validate import TOLERANCES, ParityResult, compare_with_eager
+from .validate import EagerReference, ParityResult, compare_with_reference, eager_reference, size_factor, tolerance
 from .xlora_utils import load_model
 
 __all__ = ["DTYPES", "ExportOptions", "ExportReport", "export"]
@@ -205,27 +207,44 @@ def _trace(model: xLoRAModel, path: str, options: ExportOptions, frozen: bool, m
 
 
 
-def _validate(model: xLoRAModel, report: ExportReport, paths: dict[str, str], options: ExportOptions,
+def _eager_references(model: xLoRAModel, kinds: list[str], options: ExportOptions,
+                      progress: Callable[[str], None] | None) -> dict[str, list[EagerReference]]:
+    """Validation, phase 1: the eager model's decoding for every top_k the graphs accept (0..n), per graph."""
+    top_ks = list(range(len(model.adapter_names) + 1))
+    _say(progress, f"running the eager model for validation (prefill + {options.validation_steps} decode steps, "
+                   f"batch 2, left padding, top_k {top_ks[0]}..{top_ks[-1]}, {' and '.join(kinds)} graph)")
+    return {kind: [eager_reference(model, k, options.validation_steps, frozen=kind == "frozen") for k in top_ks]
+            for kind in kinds}
+
+
+def _validate(references: dict[str, list[EagerReference]], spec: DecoderSpec, hidden_size: int,
+              report: ExportReport, paths: dict[str, str], options: ExportOptions,
               progress: Callable[[str], None] | None) -> None:
-    if options.dtype == "bf16":
-        # numpy has no bf16, so feeding a bf16 graph needs device-side buffers (IO binding on a GPU provider);
-        # that path is not written yet.
-        report.validation_skipped = ("bf16 graphs cannot run on ONNX Runtime's CPU provider (no bf16 MatMul); "
-                                     "validating them on a GPU execution provider is not implemented yet")
-        return
-    tolerances = dict(TOLERANCES[options.dtype])
-    if options.atol is not None:
-        tolerances[C.LOGITS] = options.atol
-    top_k = model.xlora_config.top_k_lora or 0
-    for kind in paths:
-        _say(progress, f"validating {kind} graph against the eager model (prefill + {options.validation_steps} "
-                       f"decode steps, batch 2, left padding, top_k={top_k})")
-        result = compare_with_eager(model, paths["main"], top_k, options.validation_steps, frozen=kind == "frozen")
-        report.parity[kind] = result
-        for name, diff in result.max_diff.items():
+    """Validation, phase 2: each graph alone (the eager model already released) against the references."""
+    factor = size_factor(spec.num_layers, hidden_size)
+    for kind, refs in references.items():
+        _say(progress, f"validating the {kind} graph with ONNX Runtime")
+        session = open_graph(paths[kind])
+        results = [compare_with_reference(r, session, spec.num_layers, spec.kv_heads, spec.head_dim) for r in refs]
+        del session
+        worst = ParityResult(steps=options.validation_steps)
+        for r in results:
+            for name, diff in r.max_diff.items():
+                worst.max_diff[name] = max(worst.max_diff.get(name, 0.0), diff)
+            worst.logits_magnitude = max(worst.logits_magnitude, r.logits_magnitude)
+            worst.token_mismatches += r.token_mismatches
+        tolerances = {name: tolerance(options.dtype, name, worst.logits_magnitude, factor) for name in worst.max_diff}
+        if options.atol is not None:
+            tolerances[C.LOGITS] = options.atol
+        worst.tolerances = tolerances
+        report.parity[kind] = worst
+        for name, diff in worst.max_diff.items():
             if not diff <= tolerances[name]:
                 raise XLoraError(f"validation failed: {kind} graph output '{name}' differs from the eager model by "
-                                 f"{diff:.3g} (tolerance {tolerances[name]:.1g}); no file was written")
+                                 f"{diff:.3g} (tolerance {tolerances[name]:.2g}); no file was written")
+        if worst.token_mismatches:
+            raise XLoraError(f"validation failed: the {kind} graph chose another greedy token than the eager model "
+                             f"{worst.token_mismatches} time(s) where the eager choice was clear; no file was written")
 
 
 def _io(proto: onnx.ModelProto) -> tuple[list, list]:
@@ -287,10 +306,19 @@ def export(model_dir: str, out_path: str, options: ExportOptions | None = None,
         report.metadata = _metadata(model, options, out_path, False, tokenizer_file, checkpoint)
         _say(progress, "checking TensorRT readiness")
         report.tensorrt_findings = check_tensorrt(main)
-        if options.validate:
-            _validate(model, report, staged, options, progress)
-        else:
+        if not options.validate:
             report.validation_skipped = "--no-validate"
+        elif options.dtype == "bf16":
+            # numpy has no bf16, so feeding a bf16 graph needs device-side buffers (IO binding on a GPU
+            # provider); that path is not written yet.
+            report.validation_skipped = ("bf16 graphs cannot run on ONNX Runtime's CPU provider (no bf16 MatMul); "
+                                         "validating them on a GPU execution provider is not implemented yet")
+        else:
+            references = _eager_references(model, list(staged), options, progress)
+            spec, hidden_size = model.spec, model.config.hidden_size
+            del model  # the graphs are checked alone: peak memory is one copy of the weights, not three
+            gc.collect()
+            _validate(references, spec, hidden_size, report, staged, options, progress)
         staged_files = sorted(os.listdir(tmp), key=lambda f: f == name)  # OUT.onnx renamed last
         for stale in _companions(out_path, options):  # with --force: an older export's other files
             if os.path.basename(stale) not in staged_files and os.path.isfile(stale):

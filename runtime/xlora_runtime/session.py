@@ -24,7 +24,7 @@ import onnxruntime as ort
 from . import contract as C
 from .errors import XLoraError, brief
 
-__all__ = ["PROVIDERS", "GraphInfo", "XLoraSession"]
+__all__ = ["PROVIDERS", "GraphInfo", "XLoraSession", "open_graph"]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 _DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -130,6 +130,25 @@ def _read_info(session: ort.InferenceSession, path: str) -> GraphInfo:
     return GraphInfo(path, record)
 
 
+def open_graph(path: str, provider: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+    """One ONNX Runtime session of one graph file, idle threads not spinning (two sessions on a few cores
+    must not compete).
+
+    Raises:
+        XLoraError: the graph cannot be loaded.
+    """
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    try:
+        return ort.InferenceSession(path, options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
+        reason = str(e).splitlines()[0][:200]
+        raise XLoraError(f"{path}: ONNX Runtime cannot load it ({reason})") from None
+
+
 class XLoraSession:
     """ONNX Runtime sessions for an exported X-LoRA graph.
 
@@ -163,16 +182,7 @@ class XLoraSession:
         self._caches: weakref.WeakSet = weakref.WeakSet()  # live `CacheGroup`s of every generation
 
     def _open(self, path: str) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        if self.threads is not None:
-            options.intra_op_num_threads = self.threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = [PROVIDERS[self.provider]] + (["CPUExecutionProvider"] if self.provider != "cpu" else [])
-        try:
-            return ort.InferenceSession(path, options, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
-            reason = str(e).splitlines()[0][:200]
-            raise XLoraError(f"{path}: ONNX Runtime cannot load it ({reason})") from None
+        return open_graph(path, self.provider, self.threads)
 
     @property
     def frozen(self) -> ort.InferenceSession:
