@@ -35,7 +35,7 @@ from .lora import XLoraLinear
 __all__ = ["KV", "Masks", "attention_masks", "decoder_pass", "lm_logits"]
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (key, value), each (b, kv_heads, t, head_dim)
-Masks = dict[int | None, torch.Tensor]  # sliding window (None: full attention) -> allowed keys (b, 1, s, t)
+Masks = dict[int | None, torch.Tensor]  # sliding window (None: full attention) -> allowed keys (b, 1, 1, s, t)
 
 
 def attention_masks(attention_mask: torch.Tensor, seq_len: int, windows: tuple[int | None, ...]) -> Masks:
@@ -50,19 +50,19 @@ def attention_masks(attention_mask: torch.Tensor, seq_len: int, windows: tuple[i
         seq_len: s, the number of new tokens (the last s positions).
         windows: the per-layer windows of `DecoderSpec`.
     Returns:
-        window -> bool (b, 1, s, past + s).
+        window -> bool (b, 1, 1, s, past + s) (broadcast over kv heads and their query groups).
     """
     total = attention_mask.shape[1]
     k_idx = torch.arange(total, device=attention_mask.device)  # (t,)
     q_idx = k_idx[total - seq_len:]  # (s,)
     causal = k_idx.unsqueeze(0) <= q_idx.unsqueeze(1)  # (s, t)
-    full = causal.unsqueeze(0).unsqueeze(0) & attention_mask.bool().unsqueeze(1).unsqueeze(2)  # (b, 1, s, t)
+    full = causal[None, None, None] & attention_mask.bool()[:, None, None, None]  # (b, 1, 1, s, t)
     masks: Masks = {None: full}
     if any(w is not None for w in windows):
         k_pos = attention_mask.long().cumsum(-1) - 1  # (b, t) real position of every key
         distance = k_pos[:, total - seq_len:].unsqueeze(-1) - k_pos.unsqueeze(1)  # (b, s, t) = i - j
         for w in sorted({w for w in windows if w is not None}):
-            masks[w] = full & (distance < w).unsqueeze(1)
+            masks[w] = full & (distance < w)[:, None, None]
     return masks
 
 
@@ -87,9 +87,9 @@ def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 def _attention(attn: nn.Module, spec: DecoderSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               allowed: torch.Tensor, past: KV | None, gates: torch.Tensor | float | None,
-               g: float) -> tuple[torch.Tensor, KV]:
-    b, s, _ = x.shape
+               allowed: torch.Tensor, past: KV | None, gates: torch.Tensor | float | None, g: float,
+               dims: tuple[int, int]) -> tuple[torch.Tensor, KV]:
+    b, s = dims  # batch, new tokens (read once per pass: no Shape ops per layer in the graph)
     hd, heads, kvh = spec.head_dim, spec.num_heads, spec.kv_heads
     if spec.fused_projections:
         q, k, v = _proj(attn.qkv_proj, x, gates, g).split([heads * hd, kvh * hd, kvh * hd], dim=-1)
@@ -106,16 +106,16 @@ def _attention(attn: nn.Module, spec: DecoderSpec, x: torch.Tensor, cos: torch.T
         k = torch.cat([past[0], k], dim=2)  # (b, kv_heads, past + s, hd)
         v = torch.cat([past[1], v], dim=2)
     present = (k, v)
+    # Grouped-query attention without copying the cache: query head j * groups + i reads kv head j, so the
+    # queries are grouped per kv head and each kv head broadcasts over its group.
     groups = heads // kvh
-    if groups > 1:  # grouped-query attention: repeat each kv head by expand + reshape
-        t = k.shape[2]
-        k = k.unsqueeze(2).expand(b, kvh, groups, t, hd).reshape(b, heads, t, hd)
-        v = v.unsqueeze(2).expand(b, kvh, groups, t, hd).reshape(b, heads, t, hd)
-    scores = _softcap(torch.matmul(q, k.transpose(2, 3)) * attn.scaling, spec.attn_softcap)  # (b, heads, s, t)
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    q = q.reshape(b, kvh, groups, s, hd)  # (b, kv_heads, groups, s, hd)
+    scores = torch.matmul(q, k.unsqueeze(2).transpose(3, 4)) * attn.scaling  # (b, kv_heads, groups, s, t)
+    scores = _softcap(scores, spec.attn_softcap).masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     probs = F.dropout(probs, attn.attention_dropout, attn.training)
-    out = torch.matmul(probs, v).transpose(1, 2).reshape(b, s, heads * hd)  # (b, s, heads * hd)
+    out = torch.matmul(probs, v.unsqueeze(2))  # (b, kv_heads, groups, s, hd)
+    out = out.reshape(b, heads, s, hd).transpose(1, 2).reshape(b, s, heads * hd)  # (b, s, heads * hd)
     return _proj(attn.o_proj, out, gates, g), present
 
 
@@ -147,7 +147,7 @@ def decoder_pass(lm: nn.Module, spec: DecoderSpec, input_ids: torch.Tensor, posi
         spec: its `DecoderSpec`.
         input_ids: (b, s) int64.
         position_ids: (b, s) int64.
-        masks: from `attention_masks`, each (b, 1, s, past + s) bool.
+        masks: from `attention_masks`, each (b, 1, 1, s, past + s) bool.
         past: per block (key, value) of this pass's cache, or None (no past).
         gates: None (no LoRA at all), a float (every expert weighted equally), or (b, s, L, n).
         global_weight: g.
@@ -157,11 +157,12 @@ def decoder_pass(lm: nn.Module, spec: DecoderSpec, input_ids: torch.Tensor, posi
     base = lm.model
     h = base.embed_tokens(input_ids)  # (b, s, H)
     rope = _rotary(base, spec, h, position_ids)
+    dims = (input_ids.shape[0], input_ids.shape[1])  # b, s
     presents = []
     for i, block in enumerate(base.layers):
         cos, sin = rope[spec.layer_types[i]]
         a, kv = _attention(block.self_attn, spec, block.input_layernorm(h), cos, sin, masks[spec.windows[i]],
-                           None if past is None else past[i], gates, global_weight)
+                           None if past is None else past[i], gates, global_weight, dims)
         h = h + (block.post_attention_layernorm(a) if spec.sandwich_norm else a)
         presents.append(kv)
         m = _mlp(block.mlp, spec, getattr(block, spec.mlp_in_norm)(h), gates, global_weight)

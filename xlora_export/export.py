@@ -209,12 +209,16 @@ def _trace(model: xLoRAModel, path: str, options: ExportOptions, frozen: bool, m
 
 def _eager_references(model: xLoRAModel, kinds: list[str], options: ExportOptions,
                       progress: Callable[[str], None] | None) -> dict[str, list[EagerReference]]:
-    """Validation, phase 1: the eager model's decoding for every top_k the graphs accept (0..n), per graph."""
+    """Validation, phase 1: the eager model's decoding for every top_k the graphs accept (0..n), per graph:
+    the configured top_k over all the decode steps, the others over the prefill and one decode step (the
+    cache path does not depend on top_k; the prefill covers every position)."""
+    configured = model.xlora_config.top_k_lora or 0
     top_ks = list(range(len(model.adapter_names) + 1))
-    _say(progress, f"running the eager model for validation (prefill + {options.validation_steps} decode steps, "
-                   f"batch 2, left padding, top_k {top_ks[0]}..{top_ks[-1]}, {' and '.join(kinds)} graph)")
-    return {kind: [eager_reference(model, k, options.validation_steps, frozen=kind == "frozen") for k in top_ks]
-            for kind in kinds}
+    _say(progress, f"running the eager model for validation (batch 2, left padding; top_k={configured}: prefill + "
+                   f"{options.validation_steps} decode steps, other top_k in 0..{top_ks[-1]}: prefill + 1; "
+                   f"{' and '.join(kinds)} graph)")
+    return {kind: [eager_reference(model, k, options.validation_steps if k == configured else 1,
+                                   frozen=kind == "frozen") for k in top_ks] for kind in kinds}
 
 
 def _validate(references: dict[str, list[EagerReference]], spec: DecoderSpec, hidden_size: int,

@@ -9,9 +9,10 @@ module costs one down-projection and one up-projection whatever the number of ex
     z = (x A_cat^T) * (s[..., l, :] expanded over each expert's rank columns) * scale_col * g
     y = base(x) + z B_cat^T
 
-Expanding the gates over rank columns uses `index_select` with a precomputed expert index
-per column (or unsqueeze/expand/flatten where every expert has the same rank); never
-`repeat_interleave`, which the TorchScript exporter mistranslates.
+Expanding the gates over rank columns is a matmul with a constant one-hot (n, R) matrix,
+scaled per column: exact (one product per column, the rest zeros), any mix of ranks, and
+no shape ops in the graph; never `repeat_interleave`, which the TorchScript exporter
+mistranslates.
 """
 
 from __future__ import annotations
@@ -53,10 +54,9 @@ class XLoraLinear(nn.Module):
         self.lora_B = nn.Parameter(b, requires_grad=False)  # (out, R)
         col_expert = torch.cat([torch.full((e.rank,), i, dtype=torch.int64) for e, i in zip(experts, expert_indices)])
         col_scale = torch.cat([torch.full((e.rank,), e.scale) for e in experts])
-        self.register_buffer("col_expert", col_expert, persistent=False)  # (R,) expert index of each column
+        onehot = F.one_hot(col_expert, n_experts).t().to(weight.dtype)  # (n, R): 1 where column c is expert i's
+        self.register_buffer("col_onehot", onehot, persistent=False)
         self.register_buffer("col_scale", col_scale.to(weight.dtype), persistent=False)  # (R,) alpha/r
-        # Equal ranks over all n experts: the gates expand by a reshape instead of a gather.
-        self.uniform_rank = self.ranks[0] if len(experts) == n_experts and len(set(self.ranks)) == 1 else None
         self.dropouts = [e.dropout for e in experts]
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor | float | None, global_weight: float) -> torch.Tensor:
@@ -75,11 +75,9 @@ class XLoraLinear(nn.Module):
         z = self._down(x)  # (b, s, R)
         if isinstance(gates, torch.Tensor):
             g = gates[:, :, self.module_index, :].to(z.dtype)  # (b, s, n)
-            if self.uniform_rank is not None:
-                cols = g.unsqueeze(-1).expand(*g.shape, self.uniform_rank).flatten(-2)  # (b, s, R)
-            else:
-                cols = g.index_select(-1, self.col_expert)  # (b, s, R)
-            z = z * (cols * (self.col_scale * global_weight))
+            # each rank column gets its expert's gate times its scale: one small matmul with a one-hot
+            # matrix (exact: one product and zeros per column), no shape ops in the graph
+            z = z * (g @ (self.col_onehot * (self.col_scale * global_weight)))  # (b, s, R)
         else:
             z = z * (self.col_scale * (global_weight * gates))
         return y + F.linear(z, self.lora_B)

@@ -116,7 +116,7 @@ class xLoRAModel(GenerationMixin, nn.Module):  # noqa: N801 - the seed's public 
             attention_mask = torch.ones(b, past + s, dtype=torch.int64, device=input_ids.device)
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -s:]
-        masks = attention_masks(attention_mask, s, self.spec.windows)  # window -> (b, 1, s, past + s)
+        masks = attention_masks(attention_mask, s, self.spec.windows)  # window -> (b, 1, 1, s, past + s)
         g = self.xlora_config.global_scaling_weight
         n_modules, n_experts = len(self.module_names), len(self.adapter_names)
 
