@@ -25,13 +25,17 @@ def _sibling_imports(path: str) -> tuple[set[str], set[str]]:
     return top, nested
 
 
+# Command entry points import the torch-heavy modules inside `main`, so that Ctrl-C while torch loads is one line.
+ENTRY_POINTS = {"cli.py", "parity.py"}
+
+
 def test_package_imports_are_one_way():
     graph = {}
     for name in sorted(os.listdir(PACKAGE)):
         if name.endswith(".py") and name != "__init__.py":
             top, nested = _sibling_imports(os.path.join(PACKAGE, name))
-            assert not nested, f"{name} imports {sorted(nested)} inside a function"
-            graph[name[:-3]] = top
+            assert name in ENTRY_POINTS or not nested, f"{name} imports {sorted(nested)} inside a function"
+            graph[name[:-3]] = top | nested
     state: dict[str, str] = {}
 
     def visit(module: str, path: list[str]) -> None:
