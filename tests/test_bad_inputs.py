@@ -173,6 +173,16 @@ def test_dynamic_rope_is_refused(ckpt, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("opset", [13, 21])
+def test_export_refuses_an_opset_out_of_range(tmp_path, opset):
+    """export() itself checks what the CLI's argparse type checks (the Python API has no argparse)."""
+    with pytest.raises(XLoraError) as excinfo:
+        export(built(RECIPE), str(tmp_path / "m.onnx"), ExportOptions(opset=opset, validate=False))
+    assert _message(excinfo) == (f"opset {opset}: expected 14 to 20 (the graph needs 14, torch's TorchScript exporter "
+                                 f"stops at 20; 17 is the default)")
+    assert os.listdir(tmp_path) == []
+
+
 # -------------------------------------------------------------------------------------- graphs and metadata
 def _graph_with_metadata(path, value: str | None) -> str:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])

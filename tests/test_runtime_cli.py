@@ -365,7 +365,7 @@ def test_token_labels_are_thinned():
 
 def test_plot_without_matplotlib(shape, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(XLoraError, match=r"pip install xlora-runtime\[plot\]"):
+    with pytest.raises(XLoraError, match=r'^plotting needs matplotlib: pip install "\./runtime\[plot\]"$'):
         plot_scalings(np.zeros((3, *shape)), str(tmp_path / "x.png"), [f"e{j}" for j in range(shape[1])])
 
 

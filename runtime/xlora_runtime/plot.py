@@ -3,7 +3,7 @@
     log (list of (b, s, L, n)) --row_scalings--> (tokens, L, n) --plot_scalings--> PNG
                                                  one module, or the mean over modules
 
-matplotlib is optional (`pip install xlora-runtime[plot]`) and imported only when a plot is drawn; the
+matplotlib is optional (`pip install "./runtime[plot]"`) and imported only when a plot is drawn; the
 figure is built with matplotlib's object API on the Agg canvas, so pyplot's global state is never touched.
 """
 
@@ -75,7 +75,7 @@ def plot_scalings(scalings: np.ndarray, path: str, expert_names: list[str], toke
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise XLoraError("plotting needs matplotlib: pip install xlora-runtime[plot]") from None
+        raise XLoraError('plotting needs matplotlib: pip install "./runtime[plot]"') from None
 
     if module is None:
         values, what = scalings.mean(axis=1), f"mean over {n_modules} modules"
