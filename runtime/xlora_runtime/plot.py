@@ -186,8 +186,9 @@ def _recorded_row(log: list[np.ndarray], row: int, include_prompt: bool, record:
     expected = [(len(prompts), width)] + [(len(prompts), 1)] * (max(lengths) - 1)
     actual = [a.shape[:2] for a in log[first:first + count]]
     if count != len(expected) or actual != expected:
-        raise XLoraError(f"the tokens record does not describe this log: call {call}'s entries have (rows, "
-                         f"positions) {_brief(actual)}, the record implies {_brief(expected)}")
+        raise XLoraError(f"the tokens record does not describe this log: call {call} lists {count} entries from "
+                         f"entry {first}, whose (rows, positions) are {_brief(actual)}; its prompts imply "
+                         f"{_brief(expected)}")
     entries = log[first:first + count]
     prompt = prompts[row]
     values = [entries[0][row, width - widths[row]:] if include_prompt else entries[0][row, -1:]]
