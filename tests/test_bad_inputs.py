@@ -307,6 +307,15 @@ def test_parity_prompt_without_the_tokenizer(lonely_graph, capsys):
     assert capsys.readouterr().err == "xlora-parity: error: --prompt needs the tokenizer that travels with the export\n"
 
 
+def test_parity_report_in_a_folder_that_does_not_exist(lonely_graph, tmp_path, capsys):
+    report = tmp_path / "missing" / "report.json"
+    capsys.readouterr()
+    assert parity.main([built(RECIPE), lonely_graph, "--json", str(report)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"xlora-parity: error: --json {report}: the folder {report.parent} does not exist\n"
+    assert captured.out == ""
+
+
 def test_plot_with_an_unreadable_tokens_record(tmp_path, capsys):
     log = str(tmp_path / "run")
     save_scalings_arrays([np.zeros((1, 3, 4, 2), np.float32)], log)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -223,6 +224,10 @@ def _run(args: argparse.Namespace) -> int:
     from .validate import TOLERANCES, validation_prompts
     from .xlora_utils import load_model
 
+    if args.json is not None:  # before minutes of work, not after
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            raise XLoraError(f"--json {args.json}: the folder {folder} does not exist")
     transformers.utils.logging.disable_progress_bar()
     session = XLoraSession(args.graph, provider=args.provider)
     dtype = session.info.record["dtype"]
