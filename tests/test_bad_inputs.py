@@ -368,6 +368,17 @@ def _interrupted_import(heavy: str, module: str, main: str, argv: list[str]) -> 
                           timeout=120)
 
 
+@pytest.mark.parametrize("module", ["xlora_export.parity", "xlora_runtime.cli", "xlora_runtime"])
+def test_importing_the_commands_imports_no_heavy_dependency(module):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "runtime"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    code = (f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers', 'onnxruntime', 'onnx', "
+            f"'numpy', 'tokenizers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("heavy", ["torch", "onnxruntime"])
 def test_parity_ctrl_c_is_one_line(lonely_graph, heavy):
     result = _interrupted_import(heavy, "xlora_export.parity", "main", [built(RECIPE), lonely_graph])
