@@ -457,6 +457,12 @@ def test_scalings_logs_with_broken_files(tmp_path):
         load_scalings_arrays(log)
     assert _message(excinfo) == (f"load_scalings_arrays: {tmp_path / second} holds shape (2, 3) of float32; "
                                  f"expected a stack (entries, b, s, L, n) of numbers")
+    with open(tmp_path / second, "wb") as f:
+        np.savez(f, a=np.zeros(2))  # an archive under the .npy name
+    with pytest.raises(XLoraError) as excinfo:
+        load_scalings_arrays(log)
+    assert _message(excinfo) == (f"load_scalings_arrays: {tmp_path / second} holds an archive; expected a stack "
+                                 f"(entries, b, s, L, n) of numbers")
     os.remove(tmp_path / second)
     with pytest.raises(XLoraError) as excinfo:
         load_scalings_arrays(log)

@@ -141,8 +141,12 @@ def _load_stack(file: str) -> np.ndarray:
     except (OSError, ValueError, EOFError) as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise XLoraError(f"load_scalings_arrays: cannot read {file} ({reason})") from None
-    if not isinstance(stacked, np.ndarray) or stacked.ndim != 5 or not np.issubdtype(stacked.dtype, np.number):
-        what = f"shape {stacked.shape} of {stacked.dtype}" if isinstance(stacked, np.ndarray) else "an archive"
+    if not isinstance(stacked, np.ndarray):  # an .npz archive under the .npy name
+        stacked.close()
+        raise XLoraError(f"load_scalings_arrays: {file} holds an archive; expected a stack (entries, b, s, L, n) "
+                         f"of numbers")
+    if stacked.ndim != 5 or not np.issubdtype(stacked.dtype, np.number):
+        what = f"shape {stacked.shape} of {stacked.dtype}"
         raise XLoraError(f"load_scalings_arrays: {file} holds {what}; expected a stack (entries, b, s, L, n) of "
                          f"numbers")
     return stacked
