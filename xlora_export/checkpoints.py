@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
-from safetensors.torch import save_file
 
 from .classifier import XLoraClassifier
 from .config import xLoRAConfig
 from .errors import XLoraError
-from .experts import Expert, read_tensors, save_expert
+from .experts import Expert, read_tensors, save_expert, save_tensors
 
 __all__ = ["Checkpoint", "check_adapter_name", "check_ordering", "find_tokenizer", "load_classifier",
            "read_checkpoint", "read_json", "write_checkpoint"]
@@ -380,8 +379,8 @@ def write_checkpoint(directory: str | os.PathLike, config: xLoRAConfig, module_n
         record["scaling_pass_value"] = 1.0 / len(names)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(record, f, indent=2)
-    save_file({k: v.detach().contiguous().cpu() for k, v in classifier_state.items()},
-              os.path.join(directory, CLASSIFIER_FILE))
+    save_tensors({k: v.detach().contiguous().cpu() for k, v in classifier_state.items()},
+                 os.path.join(directory, CLASSIFIER_FILE))
     ordering = {"format_version": 1,
                 "modules": {name: i for i, name in enumerate(module_names)},
                 "adapters": {name: i for i, name in enumerate(names)}}

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import XLoraError
 
-__all__ = ["Expert", "load_expert", "read_tensors", "save_expert"]
+__all__ = ["Expert", "follow_umask", "load_expert", "read_tensors", "save_expert", "save_tensors"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -49,6 +49,24 @@ class Expert:
     dropout: float
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module -> (A, B)
     adapter_config: dict[str, Any] = field(default_factory=dict)  # as read, written back on save
+
+
+def follow_umask(path: str) -> None:
+    """Give the file `path`, or every file under the folder `path`, the mode any other new file gets: 0666 less
+    the process umask. safetensors >= 0.8 writes a private temporary file (0600) and renames it into place
+    (safetensors issue 782), so its files would otherwise be unreadable to the group and to others."""
+    mask = os.umask(0o077)  # reading the umask sets it: briefly a restrictive one
+    os.umask(mask)
+    files = [path] if not os.path.isdir(path) else [os.path.join(parent, name)
+                                                     for parent, _, names in os.walk(path) for name in names]
+    for file in files:
+        os.chmod(file, 0o666 & ~mask)
+
+
+def save_tensors(state: dict[str, torch.Tensor], path: str) -> None:
+    """`safetensors.torch.save_file`, the file then given the umask's mode (`follow_umask`)."""
+    save_file(state, path)
+    follow_umask(path)
 
 
 def read_tensors(path: str, what: str) -> dict[str, torch.Tensor]:
@@ -157,6 +175,6 @@ def save_expert(expert: Expert, path: str) -> None:
     for module, (a, b) in expert.weights.items():
         state[f"{_PREFIX}{module}.lora_A.weight"] = a.detach().contiguous().cpu()
         state[f"{_PREFIX}{module}.lora_B.weight"] = b.detach().contiguous().cpu()
-    save_file(state, os.path.join(path, WEIGHTS_NAME))
+    save_tensors(state, os.path.join(path, WEIGHTS_NAME))
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(expert.adapter_config, f, indent=2, sort_keys=True)

@@ -29,7 +29,9 @@ from xlora_runtime.session import open_graph
 from . import __version__
 from .architectures import DYNAMIC_ROPE_TYPES, DecoderSpec
 from .checkpoints import TOKENIZER_FILE, Checkpoint, read_checkpoint
+from .cli import OPSET_MAX, OPSET_MIN
 from .errors import XLoraError
+from .experts import follow_umask
 from .graph import XLoraGraph
 from .model import xLoRAModel
 from .onnx_passes import WeightStore, attach_weights, fold_constants
@@ -273,8 +275,9 @@ def export(model_dir: str, out_path: str, options: ExportOptions | None = None,
     options = options or ExportOptions()
     if options.dtype not in DTYPES:
         raise XLoraError(f"--dtype {options.dtype!r}: expected one of {', '.join(DTYPES)}")
-    if options.opset < 14:
-        raise XLoraError(f"--opset {options.opset}: expected 14 or newer (17 is the default)")
+    if not OPSET_MIN <= options.opset <= OPSET_MAX:
+        raise XLoraError(f"opset {options.opset}: expected {OPSET_MIN} to {OPSET_MAX} (the graph needs {OPSET_MIN}, "
+                         f"torch's TorchScript exporter stops at {OPSET_MAX}; 17 is the default)")
     _check_output(out_path, options)
     report = ExportReport()
     t0 = time.perf_counter()
@@ -323,6 +326,7 @@ def export(model_dir: str, out_path: str, options: ExportOptions | None = None,
             del model  # the graphs are checked alone: peak memory is one copy of the weights, not three
             gc.collect()
             _validate(references, spec, hidden_size, report, staged, options, progress)
+        follow_umask(tmp)  # the mode of any new file, whatever a writer chose (safetensors, onnx: 0600)
         staged_files = sorted(os.listdir(tmp), key=lambda f: f == name)  # OUT.onnx renamed last
         for stale in _companions(out_path, options):  # with --force: an older export's other files
             if os.path.basename(stale) not in staged_files and os.path.isfile(stale):

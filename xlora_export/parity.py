@@ -3,29 +3,36 @@
 For several `top_k` values, a batch of prompts of different lengths (left padded) is generated
 greedily by both: the eager model (torch, its two caches) and `xlora_runtime` (ONNX Runtime,
 no torch). At every step it compares the chosen tokens, the logits and the scalings (those of
-the position that chose the token). Prints a table, writes a JSON report, exits 1 on failure.
+the position that chose the token). Prints a table, writes a JSON report.
+
+Exit codes: 0 every case passed, 1 a case failed or a user error (one line on stderr), 2 usage error,
+130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from xlora_runtime import Generator, XLoraSession
-from xlora_runtime import contract as C
-from xlora_runtime.session import GraphInfo
-
-from .checkpoints import Checkpoint, read_checkpoint
+from .cli import _integer, _positive_float, _positive_int
 from .errors import XLoraError
-from .generation import left_pad
-from .model import xLoRAModel
-from .validate import TOLERANCES, validation_prompts
-from .xlora_utils import load_model
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from xlora_runtime import XLoraSession
+    from xlora_runtime.session import GraphInfo
+
+    from .checkpoints import Checkpoint
+    from .model import xLoRAModel
+
+# Only the standard library above (and XLoraError): torch, transformers, numpy and onnxruntime are imported
+# inside the functions and main's try, so that Ctrl-C at any moment is "interrupted", exit 130.
 
 __all__ = ["ParityCase", "check_graph_source", "eager_greedy", "main", "run_parity"]
 
@@ -53,6 +60,10 @@ def eager_greedy(model: xLoRAModel, prompts: list[list[int]], steps: int, expert
         tokens (b, steps), logits (b, steps, vocab), scalings (b, steps, L, n): per step, those of the
         position that chose the token.
     """
+    import torch
+
+    from .generation import left_pad
+
     ids, mask = left_pad(prompts)
     run = list(model.decode(ids, mask, steps, expert_top_k=expert_top_k))
     return (torch.stack([s.next_tokens for s in run], 1).numpy(),
@@ -106,6 +117,10 @@ def check_graph_source(checkpoint: Checkpoint, info: GraphInfo, model: xLoRAMode
 def run_parity(model: xLoRAModel, session: XLoraSession, prompts: list[list[int]], steps: int,
                top_ks: list[int], atol_logits: float, atol_scalings: float) -> list[ParityCase]:
     """Compare eager and runtime on every (top_k, prompt)."""
+    import numpy as np
+
+    from xlora_runtime import Generator
+
     generator = Generator(session)
     cases = []
     for top_k in top_ks:
@@ -141,6 +156,21 @@ def format_table(cases: list[ParityCase], atol_logits: float, atol_scalings: flo
     return "\n".join(lines)
 
 
+def _int_list(minimum: int) -> Callable[[str], list[int]]:
+    """An argparse type: comma-separated integers, each at least `minimum`."""
+
+    def parse(text: str) -> list[int]:
+        values = [_integer(part.strip()) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        bad = [v for v in values if v < minimum]
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {bad[0]}")
+        return values
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlora-parity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,48 +179,78 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-model", metavar="PATH", help="base model folder (default: the checkpoint's)")
     parser.add_argument("--prompt", action="append", help="a text prompt (repeatable; needs the tokenizer); "
                         "default: random ids of lengths --lengths")
-    parser.add_argument("--lengths", default="3,11,24", help="lengths of the default random prompts "
-                        "(default 3,11,24)")
-    parser.add_argument("--steps", type=int, default=16, help="greedy steps per prompt (default 16)")
-    parser.add_argument("--top-k", default=None, help="comma-separated top_k values (default: 0, 1 and n)")
-    parser.add_argument("--atol-logits", type=float, help="logits tolerance (default by dtype: 1e-4 fp32)")
-    parser.add_argument("--atol-scalings", type=float, help="scalings tolerance (default by dtype: 1e-5 fp32)")
+    parser.add_argument("--lengths", type=_int_list(1), default=[3, 11, 24], metavar="A,B,...",
+                        help="lengths of the default random prompts, each at least 1 (default 3,11,24)")
+    parser.add_argument("--steps", type=_positive_int, default=16, metavar="N",
+                        help="greedy steps per prompt, at least 1 (default 16)")
+    parser.add_argument("--top-k", type=_int_list(0), default=None, metavar="K,...",
+                        help="comma-separated top_k values, 0 = dense (default: 0, 1 and n)")
+    parser.add_argument("--atol-logits", type=_positive_float, metavar="X",
+                        help="logits tolerance, > 0 (default by dtype: 1e-4 fp32)")
+    parser.add_argument("--atol-scalings", type=_positive_float, metavar="X",
+                        help="scalings tolerance, > 0 (default by dtype: 1e-5 fp32)")
     parser.add_argument("--provider", default="cpu", help="runtime execution provider: cpu, cuda, tensorrt")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the parity suite; 0 when every case passes, 1 otherwise (or on a user error)."""
-    args = build_parser().parse_args(argv)
+    """Run the parity suite; returns the exit code (0 every case passed, 1 a case failed or a user error,
+    2 usage error, 130 interrupted)."""
     try:
-        import transformers
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help (0) and usage errors (2): argparse has already printed
+            return e.code if isinstance(e.code, int) else 2
+        try:
+            return _run(args)
+        except (XLoraError, OSError) as e:  # OSError: the JSON report cannot be written
+            print(f"xlora-parity: error: {e}", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:
+        print("xlora-parity: interrupted", file=sys.stderr)
+        return 130
 
-        transformers.utils.logging.disable_progress_bar()
-        session = XLoraSession(args.graph, provider=args.provider)
-        dtype = session.info.record["dtype"]
-        if dtype not in TOLERANCES:
-            raise XLoraError(f"{args.graph}: a {dtype} graph cannot be fed from numpy on this runtime")
-        checkpoint = read_checkpoint(args.model_dir, base_model=args.base_model)
-        check_graph_source(checkpoint, session.info)
-        model = load_model(checkpoint, dtype={"fp32": torch.float32, "fp16": torch.float16}[dtype])[0]
-        check_graph_source(checkpoint, session.info, model)
-        if args.prompt:
-            if session.tokenizer is None:
-                raise XLoraError("--prompt needs the tokenizer that travels with the export")
-            prompts = [session.tokenizer.encode(p).ids for p in args.prompt]
-        else:
-            prompts = validation_prompts(session.info.vocab_size, tuple(int(x) for x in args.lengths.split(",")))
-        n = session.info.n_experts
-        top_ks = sorted({0, 1, n}) if args.top_k is None else [int(k) for k in args.top_k.split(",")]
-        for k in top_ks:
-            session.check_top_k(k)
-        atol_logits = args.atol_logits if args.atol_logits is not None else TOLERANCES[dtype][C.LOGITS]
-        atol_scalings = args.atol_scalings if args.atol_scalings is not None else TOLERANCES[dtype][C.SCALINGS]
-        cases = run_parity(model, session, prompts, args.steps, top_ks, atol_logits, atol_scalings)
-    except XLoraError as e:
-        print(f"xlora-parity: error: {e}", file=sys.stderr)
-        return 1
+
+def _run(args: argparse.Namespace) -> int:
+    """The parity suite of `main`, once the arguments are parsed."""
+    import torch
+    import transformers
+
+    from xlora_runtime import Generator, XLoraSession
+    from xlora_runtime import contract as C
+
+    from .checkpoints import read_checkpoint
+    from .validate import TOLERANCES, validation_prompts
+    from .xlora_utils import load_model
+
+    if args.json is not None:  # before minutes of work, not after
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            raise XLoraError(f"--json {args.json}: the folder {folder} does not exist")
+    transformers.utils.logging.disable_progress_bar()
+    session = XLoraSession(args.graph, provider=args.provider)
+    dtype = session.info.record["dtype"]
+    if dtype not in TOLERANCES:
+        raise XLoraError(f"{args.graph}: a {dtype} graph cannot be fed from numpy on this runtime")
+    checkpoint = read_checkpoint(args.model_dir, base_model=args.base_model)
+    check_graph_source(checkpoint, session.info)
+    model = load_model(checkpoint, dtype={"fp32": torch.float32, "fp16": torch.float16}[dtype])[0]
+    check_graph_source(checkpoint, session.info, model)
+    if args.prompt:
+        if session.tokenizer is None:
+            raise XLoraError("--prompt needs the tokenizer that travels with the export")
+        prompts = args.prompt
+    else:
+        prompts = validation_prompts(session.info.vocab_size, tuple(args.lengths))
+    prompts = Generator(session).encode(prompts)  # empty, too long: the runtime's one-line errors, before any run
+    n = session.info.n_experts
+    top_ks = sorted({0, 1, n}) if args.top_k is None else args.top_k
+    for k in top_ks:
+        session.check_top_k(k)
+    atol_logits = args.atol_logits if args.atol_logits is not None else TOLERANCES[dtype][C.LOGITS]
+    atol_scalings = args.atol_scalings if args.atol_scalings is not None else TOLERANCES[dtype][C.SCALINGS]
+    cases = run_parity(model, session, prompts, args.steps, top_ks, atol_logits, atol_scalings)
     print(format_table(cases, atol_logits, atol_scalings))
     passed = all(c.passed for c in cases)
     if args.json:

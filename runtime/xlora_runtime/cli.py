@@ -3,8 +3,10 @@
 `xlora-generate OUT.onnx PROMPT [PROMPT ...]`: generate with an exported graph (a thin command over `Generator`).
 `xlora-plot-scalings LOG_PATH OUT.png`: draw a generation's scalings log as a token-by-expert heatmap.
 
-Both print a user error (`XLoraError`) as one line on stderr and exit with code 1; `generate_main` and
-`plot_main` take `argv` and return the exit code, so tests call them in-process.
+Both print a user error (`XLoraError`) as one line on stderr and exit with code 1, a usage error with exit
+code 2, and Ctrl-C as one line with exit code 130; `generate_main` and `plot_main` take `argv` and return the
+exit code, so tests call them in-process. Only the standard library is imported at module level: numpy and
+onnxruntime are imported inside the error handling (Ctrl-C while they load is one line too).
 """
 
 from __future__ import annotations
@@ -16,32 +18,32 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .errors import XLoraError
-from .generation import Generator, TokenEvent
-from .scalings_log import load_scalings_arrays, load_tokens_record
-from .session import PROVIDERS, XLoraSession
+
+if TYPE_CHECKING:
+    from .generation import TokenEvent
+    from .session import XLoraSession
 
 __all__ = ["build_generate_parser", "build_plot_parser", "generate_main", "plot_main"]
 
-_STREAM_DEFAULTS = {name: p.default for name, p in inspect.signature(Generator.stream).parameters.items()}
 
-
-def _run(prog: str, parser: argparse.ArgumentParser, command: Callable[[argparse.Namespace], int],
-         argv: list[str] | None) -> int:
-    """Parse, run, and turn a user error into one line on stderr and exit code 1."""
+def _run(prog: str, build_parser: Callable[[], argparse.ArgumentParser],
+         command: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
+    """Build the parser, parse, run; a user error is one line on stderr and exit code 1, Ctrl-C (also while
+    numpy or onnxruntime is imported) one line and exit code 130."""
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help (0) and usage errors (2): argparse has already printed
-        return e.code if isinstance(e.code, int) else 2
-    try:
-        return command(args)
-    except XLoraError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help (0) and usage errors (2): argparse has already printed
+            return e.code if isinstance(e.code, int) else 2
+        try:
+            return command(args)
+        except XLoraError as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -49,7 +51,11 @@ def _run(prog: str, parser: argparse.ArgumentParser, command: Callable[[argparse
 
 # ----------------------------------------------------------------------------------------------- xlora-generate
 def build_generate_parser() -> argparse.ArgumentParser:
-    """The options of `xlora-generate`, grouped by concern."""
+    """The options of `xlora-generate`, grouped by concern (imports onnxruntime: the defaults are `stream`'s)."""
+    from .generation import Generator
+    from .session import PROVIDERS
+
+    defaults = {name: p.default for name, p in inspect.signature(Generator.stream).parameters.items()}
     parser = argparse.ArgumentParser(
         prog="xlora-generate", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Generate with a graph exported by xlora-export (ONNX Runtime, no torch). Prints each "
@@ -62,13 +68,13 @@ def build_generate_parser() -> argparse.ArgumentParser:
     inp.add_argument("--ids", action="store_true", help="prompts are comma-separated token ids (e.g. 5,17,42) "
                      "instead of text")
     gen = parser.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=int, default=_STREAM_DEFAULTS["max_new_tokens"], metavar="N",
-                     help=f"new tokens per prompt (default {_STREAM_DEFAULTS['max_new_tokens']})")
+    gen.add_argument("--max-new-tokens", type=int, default=defaults["max_new_tokens"], metavar="N",
+                     help=f"new tokens per prompt (default {defaults['max_new_tokens']})")
     gen.add_argument("--sample", action="store_true", help="sample the next token (default: greedy)")
     gen.add_argument("--temperature", type=float, metavar="T", help="softmax temperature, with --sample "
-                     f"(default {_STREAM_DEFAULTS['temperature']})")
+                     f"(default {defaults['temperature']})")
     gen.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep the smallest set of tokens "
-                     f"whose probability reaches P, with --sample (default {_STREAM_DEFAULTS['top_p']})")
+                     f"whose probability reaches P, with --sample (default {defaults['top_p']})")
     gen.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
     gen.add_argument("--stop-id", type=int, action="append", default=[], metavar="ID", help="also stop a "
                      "sequence at this token id (repeatable)")
@@ -162,6 +168,11 @@ def _format_bytes(n: int) -> str:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .generation import Generator
+    from .session import XLoraSession
+
     if args.log_scalings:
         _check_log_path(args.log_scalings)
     if args.threads is not None and args.threads < 1:
@@ -203,7 +214,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def generate_main(argv: list[str] | None = None) -> int:
     """`xlora-generate`; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
-    return _run("xlora-generate", build_generate_parser(), _generate, argv)
+    return _run("xlora-generate", build_generate_parser, _generate, argv)
 
 
 # ------------------------------------------------------------------------------------------ xlora-plot-scalings
@@ -238,6 +249,7 @@ def build_plot_parser() -> argparse.ArgumentParser:
 
 def _plot(args: argparse.Namespace) -> int:
     from .plot import plot_scalings, row_scalings
+    from .scalings_log import load_scalings_arrays, load_tokens_record
 
     log = load_scalings_arrays(args.log)
     record = load_tokens_record(args.log)
@@ -258,8 +270,8 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def plot_main(argv: list[str] | None = None) -> int:
-    """`xlora-plot-scalings`; returns the exit code (0 ok, 1 user error, 2 usage error)."""
-    return _run("xlora-plot-scalings", build_plot_parser(), _plot, argv)
+    """`xlora-plot-scalings`; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
+    return _run("xlora-plot-scalings", build_plot_parser, _plot, argv)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     log (list of (b, s, L, n)) --row_scalings--> (tokens, L, n) --plot_scalings--> PNG
                                                  one module, or the mean over modules
 
-matplotlib is optional (`pip install xlora-runtime[plot]`) and imported only when a plot is drawn; the
+matplotlib is optional (`pip install "./runtime[plot]"`) and imported only when a plot is drawn; the
 figure is built with matplotlib's object API on the Agg canvas, so pyplot's global state is never touched.
 """
 
@@ -75,7 +75,7 @@ def plot_scalings(scalings: np.ndarray, path: str, expert_names: list[str], toke
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise XLoraError("plotting needs matplotlib: pip install xlora-runtime[plot]") from None
+        raise XLoraError('plotting needs matplotlib: pip install "./runtime[plot]"') from None
 
     if module is None:
         values, what = scalings.mean(axis=1), f"mean over {n_modules} modules"
@@ -186,8 +186,9 @@ def _recorded_row(log: list[np.ndarray], row: int, include_prompt: bool, record:
     expected = [(len(prompts), width)] + [(len(prompts), 1)] * (max(lengths) - 1)
     actual = [a.shape[:2] for a in log[first:first + count]]
     if count != len(expected) or actual != expected:
-        raise XLoraError(f"the tokens record does not describe this log: call {call}'s entries have (rows, "
-                         f"positions) {_brief(actual)}, the record implies {_brief(expected)}")
+        raise XLoraError(f"the tokens record does not describe this log: call {call} lists {count} entries from "
+                         f"entry {first}, whose (rows, positions) are {_brief(actual)}; its prompts imply "
+                         f"{_brief(expected)}")
     entries = log[first:first + count]
     prompt = prompts[row]
     values = [entries[0][row, width - widths[row]:] if include_prompt else entries[0][row, -1:]]

@@ -84,8 +84,10 @@ def load_tokens_record(path: str) -> dict[str, Any] | None:
 def _remove_previous(path: str) -> None:
     mapping_path = f"{path}-mapping.json"
     if os.path.isfile(mapping_path):
-        with open(mapping_path) as f:
-            names = list(json.load(f))
+        try:
+            names = list(_read_mapping(mapping_path))
+        except XLoraError:  # a garbage mapping names no file to remove; the mapping itself goes
+            names = []
         for name in names:
             old = os.path.join(os.path.dirname(path), os.path.basename(name))
             if os.path.isfile(old):
@@ -97,28 +99,69 @@ def _remove_previous(path: str) -> None:
 
 
 def load_scalings_arrays(path: str, verbose: bool = False) -> list[np.ndarray]:
-    """Read a log written by `save_scalings_arrays`: the list of (b, s, L, n) arrays, in logged order."""
+    """Read a log written by `save_scalings_arrays`: the list of (b, s, L, n) arrays, in logged order.
+
+    Raises:
+        XLoraError: no log at `path`, a `.npy` file that numpy cannot read or that is not a stack of
+            (b, s, L, n) arrays, a `-mapping.json` that is not an object file name -> indices, or that
+            disagrees with its files.
+    """
     single = path if path.endswith(".npy") and os.path.isfile(path) else f"{path}.npy"
     if os.path.isfile(single):
-        stacked = np.load(single)
+        stacked = _load_stack(single)
         if verbose:
             print(f"Loaded {stacked.shape[0]} scalings of shape {stacked.shape[1:]} from {single}")
         return list(stacked)
     mapping_path = f"{path}-mapping.json"
     if not os.path.isfile(mapping_path):
-        raise XLoraError(f"load_scalings_log: neither {path}.npy nor {mapping_path} exists")
-    with open(mapping_path) as f:
-        mapping = json.load(f)
+        raise XLoraError(f"load_scalings_arrays: neither {path}.npy nor {mapping_path} exists")
+    mapping = _read_mapping(mapping_path)
     entries: dict[int, np.ndarray] = {}
     folder = os.path.dirname(path)
     for name, indices in mapping.items():
-        stacked = np.load(os.path.join(folder, os.path.basename(name)))  # the original stored full paths
+        file = os.path.join(folder, os.path.basename(name))  # the original stored full paths
+        if not os.path.isfile(file):
+            raise XLoraError(f"load_scalings_arrays: {mapping_path} names {name}, and {file} does not exist")
+        stacked = _load_stack(file)
         if len(stacked) != len(indices):
-            raise XLoraError(f"load_scalings_log: {name} holds {len(stacked)} entries, {mapping_path} lists "
+            raise XLoraError(f"load_scalings_arrays: {name} holds {len(stacked)} entries, {mapping_path} lists "
                              f"{len(indices)}")
         entries.update(zip(indices, stacked))
         if verbose:
             print(f"Loaded {len(indices)} scalings of shape {stacked.shape[1:]} from {name}")
     if sorted(entries) != list(range(len(entries))):
-        raise XLoraError(f"load_scalings_log: {mapping_path} does not cover indices 0..{len(entries) - 1}")
+        raise XLoraError(f"load_scalings_arrays: {mapping_path} does not cover indices 0..{len(entries) - 1}")
     return [entries[i] for i in range(len(entries))]
+
+
+def _load_stack(file: str) -> np.ndarray:
+    """One `.npy` of the log: a stack (k, b, s, L, n) of numbers."""
+    try:
+        stacked = np.load(file)  # allow_pickle=False: a pickle is refused, never run
+    except (OSError, ValueError, EOFError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise XLoraError(f"load_scalings_arrays: cannot read {file} ({reason})") from None
+    if not isinstance(stacked, np.ndarray):  # an .npz archive under the .npy name
+        stacked.close()
+        raise XLoraError(f"load_scalings_arrays: {file} holds an archive; expected a stack (entries, b, s, L, n) "
+                         f"of numbers")
+    if stacked.ndim != 5 or not np.issubdtype(stacked.dtype, np.number):
+        what = f"shape {stacked.shape} of {stacked.dtype}"
+        raise XLoraError(f"load_scalings_arrays: {file} holds {what}; expected a stack (entries, b, s, L, n) of "
+                         f"numbers")
+    return stacked
+
+
+def _read_mapping(mapping_path: str) -> dict[str, list[int]]:
+    """`PATH-mapping.json`: file basename -> the log indices that file holds."""
+    try:
+        with open(mapping_path, encoding="utf-8") as f:
+            mapping = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise XLoraError(f"load_scalings_arrays: {mapping_path}: cannot read it ({e})") from None
+    if not isinstance(mapping, dict) or not all(
+            isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+            for v in mapping.values()):
+        raise XLoraError(f"load_scalings_arrays: {mapping_path}: expected a JSON object file name -> list of "
+                         f"indices")
+    return mapping
