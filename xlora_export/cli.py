@@ -17,6 +17,8 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from xlora_runtime import contract as C
+
 if TYPE_CHECKING:
     from .export import ExportReport
 
@@ -24,10 +26,7 @@ if TYPE_CHECKING:
 # (seconds), so that Ctrl-C at any moment is "interrupted", exit 130, never a traceback.
 
 DTYPES = ("fp32", "fp16", "bf16")  # the keys of export.DTYPES (a test keeps them equal)
-# The graph needs opset 14; torch 2.13's TorchScript exporter supports up to 20
-# (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET; a test keeps it equal). 17 is the default
-# because TensorRT's ONNX parser reads it.
-OPSET_MIN, OPSET_MAX, OPSET_DEFAULT = 14, 20, 17
+OPSET_MIN, OPSET_MAX, OPSET_DEFAULT = C.OPSET_MIN, C.OPSET_MAX, C.OPSET_DEFAULT  # the contract's opset range
 
 
 def _opset(text: str) -> int:
@@ -152,8 +151,6 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             import transformers
-
-            from xlora_runtime import contract as C
 
             from .export import ExportOptions, export
 

@@ -29,7 +29,6 @@ from xlora_runtime.session import open_graph
 from . import __version__
 from .architectures import DYNAMIC_ROPE_TYPES, DecoderSpec
 from .checkpoints import TOKENIZER_FILE, Checkpoint, read_checkpoint
-from .cli import OPSET_MAX, OPSET_MIN
 from .errors import XLoraError
 from .experts import follow_umask
 from .graph import XLoraGraph
@@ -275,9 +274,9 @@ def export(model_dir: str, out_path: str, options: ExportOptions | None = None,
     options = options or ExportOptions()
     if options.dtype not in DTYPES:
         raise XLoraError(f"--dtype {options.dtype!r}: expected one of {', '.join(DTYPES)}")
-    if not OPSET_MIN <= options.opset <= OPSET_MAX:
-        raise XLoraError(f"opset {options.opset}: expected {OPSET_MIN} to {OPSET_MAX} (the graph needs {OPSET_MIN}, "
-                         f"torch's TorchScript exporter stops at {OPSET_MAX}; 17 is the default)")
+    if not C.OPSET_MIN <= options.opset <= C.OPSET_MAX:
+        raise XLoraError(f"opset {options.opset}: expected {C.OPSET_MIN} to {C.OPSET_MAX} (the graph needs "
+                         f"{C.OPSET_MIN}, torch's TorchScript exporter stops at {C.OPSET_MAX}; 17 is the default)")
     _check_output(out_path, options)
     report = ExportReport()
     t0 = time.perf_counter()

@@ -19,13 +19,18 @@ Frozen graph `OUT.frozen.onnx` (real pass only): the same inputs minus the scali
 from __future__ import annotations
 
 __all__ = [
-    "ATTENTION_MASK", "BATCH", "FORMAT_VERSION", "INPUT_IDS", "LOGITS", "METADATA_KEY", "PAST_SEQUENCE",
+    "ATTENTION_MASK", "BATCH", "FORMAT_VERSION", "INPUT_IDS", "LOGITS", "METADATA_KEY", "OPSET_DEFAULT",
+    "OPSET_MAX", "OPSET_MIN", "PAST_SEQUENCE",
     "POSITION_IDS", "SCALINGS", "SEQUENCE", "TOP_K", "TOTAL_SEQUENCE", "dynamic_axes", "frozen_path",
     "input_names", "output_names", "past_names", "present_names", "tokenizer_path",
 ]
 
 FORMAT_VERSION = 1
 METADATA_KEY = "xlora_export"  # metadata_props key holding the JSON record
+# Opsets a graph may have: the graph needs 14; torch 2.13's TorchScript exporter writes up to 20
+# (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET; a test keeps them equal). 17 is the default
+# because TensorRT's ONNX parser reads it.
+OPSET_MIN, OPSET_MAX, OPSET_DEFAULT = 14, 20, 17
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
