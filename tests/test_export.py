@@ -474,7 +474,30 @@ def test_greedy_token_flip_is_caught_unless_within_tolerance():
 
     session = open_graph(exported("llama"))
     spec = model.spec
-    clear = compare_with_reference(reference, Flipping(session, 5.0), spec.num_layers, spec.kv_heads, spec.head_dim)
+    clear = compare_with_reference(reference, Flipping(session, 5.0), spec.num_layers, spec.kv_heads, spec.head_dim,
+                                   1e-5)
     assert clear.token_mismatches > 0
-    honest = compare_with_reference(reference, session, spec.num_layers, spec.kv_heads, spec.head_dim)
+    honest = compare_with_reference(reference, session, spec.num_layers, spec.kv_heads, spec.head_dim, 1e-5)
     assert honest.token_mismatches == 0
+
+
+def test_logits_after_a_top_k_near_tie_are_not_compared():
+    """All-equal scalings (a zero classifier): top-1 may keep any expert, so no logits are held to the eager
+    ones from the first position on; the scalings still are. With distinct scalings nothing is skipped."""
+    from xlora_export.validate import compare_with_reference, eager_reference
+    from xlora_runtime.session import open_graph
+
+    model = xlora.xlora_utils.load_model(checkpoint("llama"))[0]
+    spec = model.spec
+    session = open_graph(exported("llama"))
+    distinct = compare_with_reference(eager_reference(model, 1, 2), session, spec.num_layers, spec.kv_heads,
+                                      spec.head_dim, 1e-5)
+    assert distinct.skipped_positions == 0 and distinct.max_diff[C.LOGITS] < 1e-4
+    with torch.no_grad():
+        for p in model.internal_xlora_classifier.parameters():
+            p.zero_()
+    tied = compare_with_reference(eager_reference(model, 1, 2), session, spec.num_layers, spec.kv_heads,
+                                  spec.head_dim, 1e-5)
+    assert tied.skipped_positions == 7 + 3 + 2 * 2  # every real prompt position and both rows' two steps
+    assert tied.max_diff.get(C.LOGITS, 0.0) == 0.0  # nothing compared
+    assert tied.max_diff[C.SCALINGS] > 0.01  # still compared: the graph has the real classifier

@@ -230,7 +230,9 @@ def _validate(references: dict[str, list[EagerReference]], spec: DecoderSpec, hi
     for kind, refs in references.items():
         _say(progress, f"validating the {kind} graph with ONNX Runtime")
         session = open_graph(paths[kind])
-        results = [compare_with_reference(r, session, spec.num_layers, spec.kv_heads, spec.head_dim) for r in refs]
+        scalings_tolerance = tolerance(options.dtype, C.SCALINGS, 0.0, factor)
+        results = [compare_with_reference(r, session, spec.num_layers, spec.kv_heads, spec.head_dim,
+                                          scalings_tolerance) for r in refs]
         del session
         worst = ParityResult(steps=options.validation_steps)
         for r in results:
@@ -238,6 +240,7 @@ def _validate(references: dict[str, list[EagerReference]], spec: DecoderSpec, hi
                 worst.max_diff[name] = max(worst.max_diff.get(name, 0.0), diff)
             worst.logits_magnitude = max(worst.logits_magnitude, r.logits_magnitude)
             worst.token_mismatches += r.token_mismatches
+            worst.skipped_positions += r.skipped_positions
         tolerances = {name: tolerance(options.dtype, name, worst.logits_magnitude, factor) for name in worst.max_diff}
         if options.atol is not None:
             tolerances[C.LOGITS] = options.atol
