@@ -110,8 +110,8 @@ def format_report(report: ExportReport) -> str:
         lines += [f"VALIDATION SKIPPED: {report.validation_skipped}"]
     for kind, result in report.parity.items():
         figures = ", ".join(f"{k} {v:.2e} (tolerance {result.tolerances[k]:.1e})" for k, v in result.max_diff.items())
-        ties = (f"; logits of {result.skipped_positions} position(s) after a near-tie of the top-k selection not "
-                f"compared") if result.skipped_positions else ""
+        ties = (f"; logits of {result.skipped_positions} position(s) not compared, after the graph's top-k kept "
+                f"other near-tied experts") if result.skipped_positions else ""
         lines += [f"parity ({kind} graph vs eager, prefill + {result.steps} decode steps, every top_k): max abs "
                   f"diff {figures}; greedy tokens agree{ties}"]
     if report.tensorrt_findings:

@@ -8,8 +8,8 @@ would otherwise be held three times: eager, main graph, frozen graph):
    step's inputs, logits, scalings and chosen tokens (small: only real positions are kept).
 2. `compare_with_reference`: the graph fed the same inputs step by step, its own `present`
    outputs as the next past; the max abs difference of each output over real positions, and
-   the greedy tokens (logits and tokens only up to a near-tie of the top-k selection, see
-   `compare_with_reference`).
+   the greedy tokens (logits and tokens only as long as the graph's top-k keeps the experts the
+   eager model kept, see `compare_with_reference`).
 
 Tolerances scale with what is compared (SPEC section 8): logits within max(floor, relative x the
 largest |logit|), scalings within floor x a factor that grows with depth and width (float error
@@ -71,7 +71,7 @@ class ParityResult:
     token_mismatches: int = 0
     logits_magnitude: float = 0.0
     tolerances: dict[str, float] = field(default_factory=dict)  # what the exporter held the differences to
-    skipped_positions: int = 0  # logits not compared after a near-tie of the top-k selection
+    skipped_positions: int = 0  # logits not compared once the graph's top-k kept other experts (a near-tie)
 
     def update(self, name: str, graph: np.ndarray, eager: np.ndarray) -> None:
         """Fold in one step's comparison of output `name` (arrays of the same shape)."""
@@ -87,7 +87,6 @@ class _Step:
     real: np.ndarray  # bool (b, s): real tokens (not padding)
     logits: np.ndarray  # eager logits (b, s, vocab)
     scalings: np.ndarray | None  # eager scalings (b, s, L, n); None for the frozen graph
-    margin: np.ndarray  # (b, s): the smallest gap, over modules, between the k-th and (k+1)-th gates (inf: no top-k)
 
 
 @dataclass
@@ -133,34 +132,32 @@ def eager_reference(model: xLoRAModel, top_k: int = 0, steps: int = 8, frozen: b
     for step in model.decode(ids, mask, steps + 1, expert_top_k=top_k, scalings=fixed):
         feed = {C.INPUT_IDS: step.input_ids.numpy(), C.ATTENTION_MASK: step.attention_mask.numpy(),
                 C.POSITION_IDS: step.position_ids.numpy()}
-        scalings = _numpy(step.scalings)
         out.append(_Step(feed, real if step.step == 0 else np.ones((ids.shape[0], 1), bool), _numpy(step.logits),
-                         None if frozen else scalings, _top_k_margin(scalings, top_k)))
+                         None if frozen else _numpy(step.scalings)))
     dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[model.model.lm_head.weight.dtype]
     return EagerReference(top_k, frozen, out, None if fixed is None else _numpy(fixed), dtype)
 
 
-def _top_k_margin(scalings: np.ndarray, top_k: int) -> np.ndarray:
-    """(b, s): per position, the smallest gap over modules between the k-th and (k+1)-th largest scalings
-    (b, s, L, n); inf where top-k keeps every expert."""
+def _kept(scalings: np.ndarray, top_k: int) -> np.ndarray:
+    """bool (..., n): the experts top-k keeps (ties to the lower index, as `classifier.top_k_gates` does)."""
     n = scalings.shape[-1]
-    if not 0 < top_k < n:
-        return np.full(scalings.shape[:2], np.inf)
-    ordered = -np.sort(-scalings.astype(np.float64), axis=-1)
-    return (ordered[..., top_k - 1] - ordered[..., top_k]).min(-1)
+    k = n if top_k <= 0 else min(top_k, n)
+    x = scalings.astype(np.float64)
+    idx = np.arange(n)
+    beats = (x[..., None, :] > x[..., :, None]) | ((x[..., None, :] == x[..., :, None]) & (idx[None, :] < idx[:, None]))
+    return beats.sum(-1) < k
 
 
 def compare_with_reference(reference: EagerReference, session: ort.InferenceSession, num_layers: int,
-                           kv_heads: int, head_dim: int, scalings_tolerance: float) -> ParityResult:
+                           kv_heads: int, head_dim: int) -> ParityResult:
     """Feed the graph the reference's inputs (its own presents as pasts) and compare (module docstring).
 
-    Top-k is discontinuous: where the k-th and (k+1)-th scalings are within twice `scalings_tolerance`, the
-    graph may keep the other expert, legitimately. From such a position on, a row's logits (and tokens) are
-    not compared (its later positions attend to it); its scalings, which do not depend on top-k, still are.
+    Top-k is discontinuous: where the graph's scalings, within tolerance of the eager ones, rank two
+    near-tied experts the other way, it keeps another expert, legitimately. From such a position on, a row's
+    logits (and tokens) are not compared (its later positions attend to it); its scalings still are.
 
     Args:
-        session: the main graph, or the frozen graph for a frozen reference.
-        scalings_tolerance: the allowed difference of the scalings (`tolerance`).
+        session: the main graph, or the frozen graph for a frozen reference (whose scalings are the eager ones).
     """
     frozen = reference.frozen
     b = reference.steps[0].feed[C.INPUT_IDS].shape[0]
@@ -177,7 +174,9 @@ def compare_with_reference(reference: EagerReference, session: ort.InferenceSess
     for step in reference.steps:
         feed.update(step.feed)
         outs = dict(zip(C.output_names(num_layers, frozen), session.run(None, feed)))
-        clear = np.logical_and.accumulate((step.margin > 2 * scalings_tolerance) | ~step.real, axis=1)
+        same = np.ones(step.real.shape, bool) if frozen else (
+            _kept(outs[C.SCALINGS], reference.top_k) == _kept(step.scalings, reference.top_k)).all((-2, -1))
+        clear = np.logical_and.accumulate(same | ~step.real, axis=1)  # (b, s) before any selection differs
         compared = step.real & clear & clear_rows[:, None]  # (b, s)
         result.skipped_positions += int((step.real & ~compared).sum())
         result.update(C.LOGITS, outs[C.LOGITS][compared], step.logits[compared])
@@ -207,7 +206,4 @@ def compare_with_eager(model: xLoRAModel, graph: str, top_k: int = 0, steps: int
     reference = eager_reference(model, top_k, steps, frozen, prompts)
     path = C.frozen_path(graph) if frozen else graph
     spec = model.spec
-    scalings_tolerance = tolerance(reference.dtype, C.SCALINGS, 0.0, size_factor(spec.num_layers,
-                                                                                  model.config.hidden_size))
-    return compare_with_reference(reference, open_graph(path), spec.num_layers, spec.kv_heads, spec.head_dim,
-                                  scalings_tolerance)
+    return compare_with_reference(reference, open_graph(path), spec.num_layers, spec.kv_heads, spec.head_dim)

@@ -130,10 +130,16 @@ def _read_info(session: ort.InferenceSession, path: str) -> GraphInfo:
     return GraphInfo(path, record)
 
 
-def open_graph(path: str, provider: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+def open_graph(path: str, provider: str = "cpu", threads: int | None = None,
+               lean: bool = False) -> ort.InferenceSession:
     """One ONNX Runtime session of one graph file, idle threads not spinning (two sessions on a few cores
     must not compete).
 
+    Args:
+        lean: run the graph as written: no graph optimizations and no pre-packed weights, so that the session
+            holds the weights once (on the CPU, ONNX Runtime otherwise adds packed copies and, for fp16 graphs,
+            fp32 copies of every weight; its memory arena would keep a run's temporaries); slower, for one-off
+            checks such as the exporter's validation.
     Raises:
         XLoraError: the graph cannot be loaded.
     """
@@ -141,6 +147,11 @@ def open_graph(path: str, provider: str = "cpu", threads: int | None = None) -> 
     if threads is not None:
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if lean:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_cpu_mem_arena = False  # per-run temporaries (fp16 weights cast to fp32) are freed at once
+        options.enable_mem_pattern = False  # and not planned into one block that holds them all
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
     try:
         return ort.InferenceSession(path, options, providers=providers)
