@@ -426,10 +426,10 @@ def test_validation_covers_every_top_k_and_releases_the_eager_model(tmp_path, mo
         recording_reference.model = weakref.ref(model)
         return original_reference(model, top_k, steps, frozen, prompts)
 
-    def checking_open(path, *args):
+    def checking_open(path, *args, **kwargs):
         gc.collect()
         alive.append(recording_reference.model() is not None)
-        return original_open(path, *args)
+        return original_open(path, *args, **kwargs)
 
     monkeypatch.setattr(export_module, "eager_reference", recording_reference)
     monkeypatch.setattr(export_module, "open_graph", checking_open)
