@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from xlora_runtime import Generator, XLoraSession
 from xlora_runtime import contract as C
 
 EXPORTS = tempfile.mkdtemp(prefix="xlora-test-exports-")
+atexit.register(shutil.rmtree, EXPORTS, True)
 PROMPTS3 = ([5, 17, 99, 230, 41, 8, 77], [300, 22, 9], [12, 250, 14, 140, 33])
 
 # name -> (recipe, config overrides, export options)
