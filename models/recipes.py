@@ -194,6 +194,7 @@ def build(recipe: Recipe, out_dir: str) -> str:
     from transformers import AutoModelForCausalLM
 
     import xlora_export as xlora
+    from xlora_export.experts import follow_umask
 
     shutil.rmtree(out_dir, ignore_errors=True)
     base_dir = build_base(recipe, os.path.join(out_dir, "base"))
@@ -211,18 +212,8 @@ def build(recipe: Recipe, out_dir: str) -> str:
             p.normal_(0.0, recipe.classifier_std)
     xmodel.save_pretrained(out_dir)
     shutil.rmtree(staging)
-    _follow_umask(out_dir)
+    follow_umask(out_dir)  # the base model's safetensors are written 0600 (safetensors issue 782)
     return out_dir
-
-
-def _follow_umask(folder: str) -> None:
-    """safetensors >= 0.8 writes a temporary file with mode 0600 and renames it into place (safetensors
-    issue 782): give every file under `folder` the mode any other new file gets, 0666 less the umask."""
-    mask = os.umask(0o077)  # reading the umask sets it: briefly a restrictive one
-    os.umask(mask)
-    for parent, _, files in os.walk(folder):
-        for name in files:
-            os.chmod(os.path.join(parent, name), 0o666 & ~mask)
 
 
 PHI3_EXPERTS = [
