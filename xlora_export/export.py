@@ -153,7 +153,6 @@ def _metadata(model: xLoRAModel, options: ExportOptions, out_path: str, frozen: 
         "num_layers": cfg.num_hidden_layers,
         "num_key_value_heads": spec.kv_heads,
         "head_dim": spec.head_dim,
-        "sliding_windows": list(spec.windows),
         "hidden_size": cfg.hidden_size,
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_position_embeddings,

@@ -45,7 +45,6 @@ class WeightStore:
         self.data_path = data_path
         self._offsets: dict[str, tuple[int, int]] = {}  # name -> (offset, length) in the data file
         self._file = open(data_path, "wb") if data_path else None  # noqa: SIM115 - closed by close()
-        self.nbytes = 0
 
     def tensor(self, name: str, value: torch.Tensor) -> TensorProto:
         """The initializer `name` holding `value` (written once per name; later calls reuse the bytes)."""
@@ -60,7 +59,6 @@ class WeightStore:
             self._file.seek(offset)
             self._file.write(memoryview(raw.reshape(-1)))
             self._offsets[name] = (offset, raw.size)
-            self.nbytes += raw.size
         offset, length = self._offsets[name]
         proto.data_location = TensorProto.EXTERNAL
         for key, v in (("location", os.path.basename(self.data_path)), ("offset", str(offset)),
