@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--opset", type=_opset, default=OPSET_DEFAULT, metavar="N",
                        help=f"ONNX opset, {OPSET_MIN} to {OPSET_MAX} (default {OPSET_DEFAULT}, which TensorRT parses)")
     graph.add_argument("--frozen-scalings", action="store_true", help="also write OUT.frozen.onnx, the "
-                       "single-pass graph that takes scalings as an input")
+                       "single-pass graph that takes scalings as an input (both graphs then share OUT.onnx.data)")
     graph.add_argument("--external-data", action="store_true", help="store weights in OUT.onnx.data (automatic "
-                       "above 2 GB)")
+                       "above 2 GB and with --frozen-scalings)")
     graph.add_argument("--max-batch", type=_positive_int, default=8, metavar="N", help="TensorRT profile hint "
                        "recorded in the metadata, at least 1 (default 8)")
     check = parser.add_argument_group("validation")
