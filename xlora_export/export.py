@@ -52,7 +52,8 @@ class ExportOptions:
     dtype: str = "fp32"
     opset: int = 17
     frozen_scalings: bool = False
-    atol: float | None = None  # logits tolerance; scalings use the dtype's default
+    atol: float | None = None  # logits tolerance (default: `validate.tolerance`)
+    atol_scalings: float | None = None  # scalings tolerance (default: `validate.tolerance`)
     validate: bool = True
     force: bool = False
     external_data: bool = False
@@ -268,6 +269,8 @@ def _validate(references: dict[str, list[EagerReference]], spec: DecoderSpec, hi
         tolerances = {name: tolerance(options.dtype, name, worst.logits_magnitude, factor) for name in worst.max_diff}
         if options.atol is not None:
             tolerances[C.LOGITS] = options.atol
+        if options.atol_scalings is not None and C.SCALINGS in tolerances:
+            tolerances[C.SCALINGS] = options.atol_scalings
         worst.tolerances = tolerances
         report.parity[kind] = worst
         for name, diff in worst.max_diff.items():

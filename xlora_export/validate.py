@@ -19,7 +19,6 @@ equal to the eager one wherever the eager top-2 margin exceeds the logits tolera
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,14 +37,15 @@ __all__ = ["TOLERANCES", "EagerReference", "ParityResult", "compare_with_eager",
 # Absolute floors of the max abs difference between a graph and the eager model of the same dtype (SPEC 8).
 TOLERANCES = {"fp32": {C.LOGITS: 1e-4, C.SCALINGS: 1e-5}, "fp16": {C.LOGITS: 5e-2, C.SCALINGS: 1e-2}}
 # Logits: the tolerance also covers this fraction of the largest |logit| compared.
-RELATIVE_LOGITS = {"fp32": 2e-5, "fp16": 5e-3}
+RELATIVE_LOGITS = {"fp32": 5e-5, "fp16": 5e-3}
 FIRST_ORDINARY_ID = 3  # ids below are special tokens in the usual vocabularies (pad, bos, eos)
 
 
 def size_factor(num_layers: int, hidden_size: int) -> float:
-    """How much float error the scaling pass accumulates against the tiny fixtures (2 layers, width 64): the
-    square root of depth x width relative to them, at least 1 (TinyLlama-1.1B: about 19)."""
-    return max(1.0, math.sqrt(num_layers * hidden_size / 128))
+    """How much float error the scaling pass accumulates against the tiny fixtures (2 layers, width 64): depth
+    x width relative to them to the power 0.6 (a little faster than the random-walk square root), at least 1
+    (TinyLlama-1.1B: about 34, where a correct graph's scalings differ by up to 1.7e-4)."""
+    return max(1.0, (num_layers * hidden_size / 128) ** 0.6)
 
 
 def tolerance(dtype: str, name: str, magnitude: float, factor: float = 1.0) -> float:
