@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from xlora_runtime import contract as C
+
 from .cli import _integer, _positive_float, _positive_int
 from .errors import XLoraError
 
@@ -115,16 +117,26 @@ def check_graph_source(checkpoint: Checkpoint, info: GraphInfo, model: xLoRAMode
 
 
 def run_parity(model: xLoRAModel, session: XLoraSession, prompts: list[list[int]], steps: int,
-               top_ks: list[int], atol_logits: float, atol_scalings: float) -> list[ParityCase]:
-    """Compare eager and runtime on every (top_k, prompt)."""
+               top_ks: list[int], atol_logits: float | None, atol_scalings: float) -> tuple[list[ParityCase], float]:
+    """Compare eager and runtime on every (top_k, prompt).
+
+    Returns:
+        The cases, and the logits tolerance applied: `atol_logits`, or by default the exporter's
+        (`validate.tolerance`: it scales with the largest |eager logit|).
+    """
     import numpy as np
 
     from xlora_runtime import Generator
 
+    from .validate import tolerance
+
     generator = Generator(session)
+    runs = [(top_k, *eager_greedy(model, prompts, steps, top_k)) for top_k in top_ks]
+    if atol_logits is None:
+        magnitude = max(float(np.abs(logits).max()) for _, _, logits, _ in runs)
+        atol_logits = tolerance(session.info.record["dtype"], C.LOGITS, magnitude)
     cases = []
-    for top_k in top_ks:
-        tokens, logits, scalings = eager_greedy(model, prompts, steps, top_k)
+    for top_k, tokens, logits, scalings in runs:
         results = generator.generate(prompts, max_new_tokens=steps, stop_token_ids=[], expert_top_k=top_k,
                                      return_logits=True)
         for i, result in enumerate(results):
@@ -137,7 +149,7 @@ def run_parity(model: xLoRAModel, session: XLoraSession, prompts: list[list[int]
             equal = first is None
             cases.append(ParityCase(top_k, i, len(prompts[i]), steps, equal, first, dl, ds,
                                     equal and dl <= atol_logits and ds <= atol_scalings))
-    return cases
+    return cases, atol_logits
 
 
 def format_table(cases: list[ParityCase], atol_logits: float, atol_scalings: float) -> str:
@@ -186,9 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=_int_list(0), default=None, metavar="K,...",
                         help="comma-separated top_k values, 0 = dense (default: 0, 1 and n)")
     parser.add_argument("--atol-logits", type=_positive_float, metavar="X",
-                        help="logits tolerance, > 0 (default by dtype: 1e-4 fp32)")
+                        help="logits tolerance, > 0 (default: xlora-export's, the larger of 1e-4 and 5e-5 x the "
+                        "largest |logit| in fp32)")
     parser.add_argument("--atol-scalings", type=_positive_float, metavar="X",
-                        help="scalings tolerance, > 0 (default by dtype: 1e-5 fp32)")
+                        help="scalings tolerance, > 0 (default: xlora-export's, 1e-5 in fp32 times (layers x "
+                        "hidden / 128) ** 0.6 when above 1)")
     parser.add_argument("--provider", default="cpu", help="runtime execution provider: cpu, cuda, tensorrt")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
     return parser
@@ -218,10 +232,9 @@ def _run(args: argparse.Namespace) -> int:
     import transformers
 
     from xlora_runtime import Generator, XLoraSession
-    from xlora_runtime import contract as C
 
     from .checkpoints import read_checkpoint
-    from .validate import TOLERANCES, validation_prompts
+    from .validate import TOLERANCES, size_factor, tolerance, validation_prompts
     from .xlora_utils import load_model
 
     if args.json is not None:  # before minutes of work, not after
@@ -248,9 +261,9 @@ def _run(args: argparse.Namespace) -> int:
     top_ks = sorted({0, 1, n}) if args.top_k is None else args.top_k
     for k in top_ks:
         session.check_top_k(k)
-    atol_logits = args.atol_logits if args.atol_logits is not None else TOLERANCES[dtype][C.LOGITS]
-    atol_scalings = args.atol_scalings if args.atol_scalings is not None else TOLERANCES[dtype][C.SCALINGS]
-    cases = run_parity(model, session, prompts, args.steps, top_ks, atol_logits, atol_scalings)
+    atol_scalings = args.atol_scalings if args.atol_scalings is not None else tolerance(
+        dtype, C.SCALINGS, 0.0, size_factor(model.spec.num_layers, model.config.hidden_size))
+    cases, atol_logits = run_parity(model, session, prompts, args.steps, top_ks, args.atol_logits, atol_scalings)
     print(format_table(cases, atol_logits, atol_scalings))
     passed = all(c.passed for c in cases)
     if args.json:
