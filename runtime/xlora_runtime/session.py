@@ -152,6 +152,7 @@ def open_graph(path: str, provider: str = "cpu", threads: int | None = None,
         options.add_session_config_entry("session.disable_prepacking", "1")
         options.enable_cpu_mem_arena = False  # per-run temporaries (fp16 weights cast to fp32) are freed at once
         options.enable_mem_pattern = False  # and not planned into one block that holds them all
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # a tensor's producer runs close to its use
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
     try:
         return ort.InferenceSession(path, options, providers=providers)
