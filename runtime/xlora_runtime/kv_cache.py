@@ -2,7 +2,7 @@
 
 Sequences that advance together (same total length: prompts left padded to one width, then one
 token per step) form a `CacheGroup`. Each step binds the group's pasts to the graph's inputs and
-its outputs to fresh device buffers with ONNX Runtime IO binding, and the `present.*` /
+its outputs to the device with the group's one ONNX Runtime IO binding, and the `present.*` /
 `scaling_present.*` buffers become the next step's pasts as they are: no host round trip, no
 per-step Python work that grows with the sequence (the concat inside the graph is the contract's; the
 attention-mask input is one (g, total) int64 copy per step, which the contract's mask input implies).
@@ -64,6 +64,10 @@ class CacheGroup:
             empty = np.zeros((len(self.rows), info.kv_heads, 0, info.head_dim), info.kv_dtype)
             pasts = {name: self._to_device(empty) for name in self.past_names}
         self.pasts = pasts
+        # bytes per row and position over every cache tensor: nbytes() is arithmetic, not a walk of the tensors
+        self._row_position_bytes = info.kv_heads * info.head_dim * np.dtype(info.kv_dtype).itemsize
+        self._graph = session.frozen if frozen else session.main
+        self._binding = self._graph.io_binding()  # one for the group's life, rebound every step
         session.track_cache(self)
 
     def __len__(self) -> int:
@@ -75,8 +79,7 @@ class CacheGroup:
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
             top_k: int) -> StepOutput:
         """One step: the group's new tokens (g, s) through its graph; the caches advance by s."""
-        graph = self.session.frozen if self.frozen else self.session.main
-        binding = graph.io_binding()
+        binding = self._binding
         binding.bind_cpu_input(C.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input(C.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
         binding.bind_cpu_input(C.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
@@ -85,10 +88,11 @@ class CacheGroup:
             binding.bind_cpu_input(C.SCALINGS, self.fixed_scalings.astype(self.session.info.kv_dtype))
         for name in self.past_names:
             binding.bind_ortvalue_input(name, self.pasts[name])
-        for name in self.output_names:
+        for name in self.output_names:  # every step: a bound output that holds a tensor would be reused as is
             binding.bind_output(name, self.session.device)
-        graph.run_with_iobinding(binding)
+        self._graph.run_with_iobinding(binding)
         outputs = dict(zip(self.output_names, binding.get_outputs()))
+        binding.clear_binding_inputs()  # the old pasts are freed now, not when the next step rebinds
         self.pasts = {p: outputs[q] for p, q in zip(self.past_names, self.present_names)}
         self.length += input_ids.shape[1]
         logits = outputs[C.LOGITS].numpy()[:, -1].astype(np.float32)
@@ -124,8 +128,8 @@ class CacheGroup:
     def release(self) -> None:
         """Free the caches now (a finished, cancelled or failed generation); the group cannot run again."""
         self.pasts = {}
+        self._binding.clear_binding_outputs()  # it holds the last presents
 
     def nbytes(self) -> int:
-        """Bytes held by this group's caches."""
-        itemsize = np.dtype(self.session.info.kv_dtype).itemsize
-        return sum(int(np.prod(v.shape())) * itemsize for v in self.pasts.values())
+        """Bytes held by this group's caches (0 once released)."""
+        return len(self.pasts) * len(self.rows) * self.length * self._row_position_bytes
