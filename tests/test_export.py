@@ -127,7 +127,7 @@ def test_metadata_is_enough_to_drive_the_graph():
     assert set(meta["tensorrt_profile"]) == {"max_batch", "max_sequence", "max_past"}
     assert os.path.isfile(os.path.join(EXPORTS, meta["files"]["tokenizer"]))
     # Build every cache input from the metadata alone and run a prefill of batch 1.
-    session = XLoraSession(path).main
+    session = XLoraSession(path).main.session
     feed = {C.INPUT_IDS: np.array([[5, 6, 7]]), C.ATTENTION_MASK: np.ones((1, 3), np.int64),
             C.POSITION_IDS: np.array([[0, 1, 2]]), C.TOP_K: np.array(meta["default_top_k"], np.int64)}
     for entry in meta["caches"].values():
@@ -162,7 +162,7 @@ def test_frozen_graph_matches_eager_with_the_same_scalings(top_k):
 
 def test_top_k_input_changes_the_graph_output():
     """`top_k` is honoured at run time: the graph's outputs differ between 1 and dense, like the eager model."""
-    session, meta = XLoraSession(exported("llama")).main, metadata(exported("llama"))
+    session, meta = XLoraSession(exported("llama")).main.session, metadata(exported("llama"))
     feed = {C.INPUT_IDS: np.array([[5, 6, 7]]), C.ATTENTION_MASK: np.ones((1, 3), np.int64),
             C.POSITION_IDS: np.array([[0, 1, 2]])}
     for entry in meta["caches"].values():
