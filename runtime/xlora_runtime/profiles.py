@@ -11,9 +11,13 @@ every profile by construction (`check_profile` proves it for the built profiles)
 
 B = max_batch, S = max_sequence (longest prompt), T = max_total (prompt + new tokens: positions a cache holds).
 The runtime's calls are exactly these two kinds: a prefill has no past, a decode step one new token per row.
-A TensorRT engine gets both profiles (tactics tuned at each opt point; `select_profile` picks per step);
-ONNX Runtime's TensorRT execution provider gets their union (`wide_profile`, opt at decode's point), because it
-runs every shape through one profile.
+A TensorRT engine gets both profiles (tactics tuned at each opt point; `select_profile` picks per step).
+ONNX Runtime's TensorRT execution provider runs every shape through one profile (`wide_profile`, opt at decode's
+point). One profile covering both kinds of call must stay consistent at its max corner too (TensorRT sizes the
+network at min, opt and max), so its mask reaches T + S - 1 positions: a prompt of S tokens after T - 1 cached
+ones, which no call makes, and activation memory sized for it.
+
+    wide      1..opt_b..B     1..1..S         0..opt_t-1..T-1        1..opt_t..T+S-1
 """
 
 from __future__ import annotations
@@ -127,11 +131,13 @@ def engine_profiles(record: dict[str, Any], limits: ProfileLimits,
 
 
 def wide_profile(record: dict[str, Any], limits: ProfileLimits) -> Shapes:
-    """One profile covering prefill and decode (elementwise min and max), tuned at decode's opt point: for ONNX
-    Runtime's TensorRT execution provider, which runs every call through one profile."""
-    prefill, decode = engine_profiles(record, limits)
-    return {name: (tuple(map(min, prefill[name][0], decode[name][0])), decode[name][1],
-                   tuple(map(max, prefill[name][2], decode[name][2]))) for name in decode}
+    """One profile holding prefill and decode calls, tuned at decode's opt point and consistent at its corners
+    (see the module's table): for ONNX Runtime's TensorRT execution provider, which runs every call through one
+    profile."""
+    s, t = limits.max_sequence, limits.max_total
+    symbols = {C.BATCH: (1, limits.opt_batch, limits.max_batch), C.SEQUENCE: (1, 1, s),
+               C.PAST_SEQUENCE: (0, limits.opt_total - 1, t - 1), C.TOTAL_SEQUENCE: (1, limits.opt_total, t + s - 1)}
+    return profile_shapes(input_dims(record), symbols)
 
 
 def check_profile(record: dict[str, Any], shapes: Shapes) -> None:
