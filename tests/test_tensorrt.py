@@ -30,10 +30,26 @@ from xlora_runtime.backends import cuda as cuda_memory
 from xlora_runtime.backends import tensorrt as trt_backend
 from xlora_runtime.backends.cuda import row_runs
 from xlora_runtime.backends.onnxruntime import provider_options
-from xlora_runtime.engine import (build_engines, engine_companions, main, polygraphy_loaders, read_record,
-                                  read_sidecar, sidecar, write_sidecar)
-from xlora_runtime.profiles import (PHASES, ProfileLimits, check_profile, engine_profiles, input_dims, limits_for,
-                                    select_profile, wide_profile)
+from xlora_runtime.engine import (
+    build_engines,
+    engine_companions,
+    main,
+    polygraphy_loaders,
+    read_record,
+    read_sidecar,
+    sidecar,
+    write_sidecar,
+)
+from xlora_runtime.profiles import (
+    PHASES,
+    ProfileLimits,
+    check_profile,
+    engine_profiles,
+    input_dims,
+    limits_for,
+    select_profile,
+    wide_profile,
+)
 
 PROMPTS = ([5, 17, 99, 230, 41, 8, 77], [300, 22, 9], [12, 250, 14, 140, 33])
 
