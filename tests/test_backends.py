@@ -9,6 +9,9 @@ the graph's dtype, the backend reads the metadata record itself, and its one-lin
 
 from __future__ import annotations
 
+import json
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -128,5 +131,29 @@ def test_backend_errors(tmp_path):
         XLoraSession(exported("tiny-llama"), provider="cpu", device=1)
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x00\x01this is not a protobuf\xff" * 50)
-    with pytest.raises(XLoraError, match=r"garbage.onnx: OpenVINO cannot read it \(.+\)$"):
+    with pytest.raises(XLoraError, match=r"garbage.onnx: OpenVINO cannot load it on CPU \(.+\)$"):
         XLoraSession(str(garbage), provider="openvino")
+
+
+def test_a_missing_engine_package_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now fails
+    monkeypatch.delitem(sys.modules, "xlora_runtime.backends.openvino", raising=False)
+    with pytest.raises(XLoraError) as info:
+        open_backend("openvino")
+    assert str(info.value) == 'provider \'openvino\' needs the openvino package: pip install "xlora-runtime[openvino]"'
+
+
+def test_commands_run_on_openvino(tmp_path, capsys):
+    """`xlora-generate` and `xlora-parity` take the provider (and the device) like every other one."""
+    from xlora_export.parity import main as parity
+    from xlora_runtime.cli import generate_main
+
+    path = exported("tiny-llama")
+    assert generate_main([path, "5,17,99", "--ids", "--max-new-tokens", "4", "--provider", "openvino", "--device",
+                          "CPU", "--json", "--threads", "1"]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    cpu = Generator(XLoraSession(path)).generate([[5, 17, 99]], max_new_tokens=4)
+    assert json.loads(line)["tokens"] == cpu[0].tokens
+    report = tmp_path / "parity.json"
+    assert parity([built("tiny-llama"), path, "--provider", "openvino", "--steps", "4", "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["passed"]

@@ -519,3 +519,95 @@ def test_engine_command_is_torch_free():
                                                                                                      "")])}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("deserialize", "m.engine: TensorRT cannot load this engine (built by another TensorRT version or for another GPU "
+                    "model?); rebuild it here with xlora-engine"),
+    ("tensors", "m.engine: the engine's tensors differ from its sidecar's graph (top_k)"),
+    ("profiles", "m.engine: the engine has 1 optimization profiles, its sidecar 2"),
+    ("dtype", "engine tensor of TensorRT type UINT8: expected one of ['float16', 'float32', 'int64']"),
+    ("context", "TensorRT could not create an execution context (out of GPU memory?)"),
+    ("profile", "TensorRT refused optimization profile 0"),
+    ("shape", "m.engine: TensorRT refused shape (3, 7) for input input_ids"),
+    ("output", "m.engine: the engine computes logits as (3, 7, 99), the graph contract (3, 7, 384)"),
+    ("execute", "m.engine: TensorRT failed to run a step (its log above says why)"),
+])
+def test_engine_failures_are_one_line(stand_in_engine, monkeypatch, fault, message):
+    engine = stand_in_engine.engines[stand_in_engine.source]
+    patches = {
+        "deserialize": lambda: stand_in_engine.engines.clear(),
+        "tensors": lambda: engine.inputs.remove(C.TOP_K) or setattr(engine, "num_io_tensors",
+                                                                    engine.num_io_tensors - 1),
+        "profiles": lambda: setattr(engine, "num_optimization_profiles", 1),
+        "dtype": lambda: engine.types.update({C.LOGITS: "UINT8"}),
+        "context": lambda: monkeypatch.setattr(_Engine, "create_execution_context", lambda self, strategy: None),
+        "profile": lambda: monkeypatch.setattr(_Context, "set_optimization_profile_async", lambda self, i, s: False),
+        "shape": lambda: monkeypatch.setattr(_Context, "set_input_shape", lambda self, name, shape: False),
+        "output": lambda: monkeypatch.setattr(_Context, "get_tensor_shape", lambda self, name: (3, 7, 99)),
+        "execute": lambda: monkeypatch.setattr(_Context, "execute_async_v3", lambda self, stream: False),
+    }
+    patches[fault]()
+    with pytest.raises(XLoraError) as info:
+        Generator(XLoraSession(stand_in_engine.path)).generate(list(PROMPTS), max_new_tokens=2)
+    text = str(info.value)
+    assert text.endswith(message) and "\n" not in text, text
+
+
+def test_engine_provider_needs_tensorrt_and_a_gpu(monkeypatch, stand_in_engine):
+    monkeypatch.undo()  # the real make_backend, on this machine
+    path = stand_in_engine.path
+    if _have_tensorrt_and_gpu() == "tensorrt does not import":
+        with pytest.raises(XLoraError, match=r"^provider 'trt-engine' needs TensorRT 10 or 11: pip install "
+                                             r"\"xlora-runtime\[tensorrt\]\"$"):
+            XLoraSession(path)
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.13"))
+    monkeypatch.setattr(cuda_memory, "gpu_count", lambda: 0)
+    with pytest.raises(XLoraError, match=r"^provider 'trt-engine' needs an NVIDIA GPU: the CUDA runtime sees none$"):
+        XLoraSession(path)
+    monkeypatch.setattr(cuda_memory, "gpu_count", lambda: 1)
+    with pytest.raises(XLoraError, match=r"^device=3: expected a GPU index in 0\.\.0$"):
+        XLoraSession(path, device=3)
+    from xlora_runtime.engine import tensorrt_version
+
+    monkeypatch.setattr(cuda_memory, "gpu_count", lambda: 0)
+    monkeypatch.setitem(sys.modules, "polygraphy", SimpleNamespace())
+    with pytest.raises(XLoraError, match=r"^xlora-engine needs an NVIDIA GPU: the CUDA runtime sees none \(an engine "
+                                         r"is built on the GPU model it will run on\)$"):
+        tensorrt_version()
+
+
+def test_a_failed_build_is_one_line(tmp_path, monkeypatch):
+    import xlora_runtime.engine as engine_module
+
+    def failing(*args):
+        def build():
+            raise RuntimeError("[E] 4: [network.cpp::validate] Error Code 4: API Usage Error\nInvalid Node - X")
+        return build
+
+    monkeypatch.setattr(engine_module, "tensorrt_version", lambda: "10.13")
+    monkeypatch.setattr(engine_module, "polygraphy_loaders", failing)
+    path = exported("tiny-llama")
+    with pytest.raises(XLoraError) as info:
+        build_engines(path, str(tmp_path / "m.engine"), {"max_total": 64})
+    assert str(info.value) == f"{path}: TensorRT could not build an engine (Invalid Node - X)"
+    assert not (tmp_path / "m.engine").exists()
+
+
+@pytest.mark.parametrize("value, says", [
+    ("{not json", "the 'xlora_export' metadata record is not valid JSON ("),
+    ('{"format_version": 99}', "the 'xlora_export' metadata record is not one this runtime reads (format_version 1)"),
+])
+def test_malformed_records_for_the_builder(tmp_path, value, says):
+    from onnx import TensorProto, helper, save
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph)
+    helper.set_model_props(model, {C.METADATA_KEY: value})
+    path = str(tmp_path / "g.onnx")
+    save(model, path)
+    with pytest.raises(XLoraError) as info:
+        read_record(path)
+    assert str(info.value).startswith(f"{path}: {says}")

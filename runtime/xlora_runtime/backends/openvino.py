@@ -115,19 +115,17 @@ class OpenVinoBackend(Backend):
         self.capabilities = list(self.core.get_property(device, "OPTIMIZATION_CAPABILITIES"))
 
     def open(self, path: str) -> OpenVinoGraph:
-        try:
+        try:  # OpenVINO raises RuntimeError subclasses with multi-line reasons
             model = self.core.read_model(path)
-        except Exception as e:  # OpenVINO raises RuntimeError subclasses with multi-line reasons
-            raise XLoraError(f"{path}: OpenVINO cannot read it ({_first_line(e)})") from None
-        graph_dtype = _GRAPH_DTYPES.get(model.output(C.LOGITS).get_element_type().get_type_name(), "float32") \
-            if any(o.get_any_name() == C.LOGITS for o in model.outputs) else "float32"
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision_hint(graph_dtype, self.capabilities)}
-        if self.threads is not None:
-            config["INFERENCE_NUM_THREADS"] = self.threads
-        try:
+            logits = [o for o in model.outputs if o.get_any_name() == C.LOGITS]
+            graph_dtype = _GRAPH_DTYPES.get(logits[0].get_element_type().get_type_name(), "float32") if logits \
+                else "float32"
+            config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision_hint(graph_dtype, self.capabilities)}
+            if self.threads is not None:
+                config["INFERENCE_NUM_THREADS"] = self.threads
             compiled = self.core.compile_model(model, self.device, config)
         except Exception as e:
-            raise XLoraError(f"{path}: OpenVINO cannot compile it for {self.device} ({_first_line(e)})") from None
+            raise XLoraError(f"{path}: OpenVINO cannot load it on {self.device} ({_first_line(e)})") from None
         return OpenVinoGraph(path, model, compiled)
 
     def empty(self, shape: tuple[int, ...], dtype: str) -> ov.Tensor:
