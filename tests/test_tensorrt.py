@@ -611,3 +611,32 @@ def test_malformed_records_for_the_builder(tmp_path, value, says):
     with pytest.raises(XLoraError) as info:
         read_record(path)
     assert str(info.value).startswith(f"{path}: {says}")
+
+
+_CTRL_C_AT_IMPORT = """
+import sys
+
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == sys.argv[1]:
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+from {module} import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("module, heavy, prog", [("xlora_runtime.engine", "polygraphy", "xlora-engine"),
+                                                 ("xlora_export.triton", "onnx", "xlora-triton")])
+def test_ctrl_c_is_one_line(tmp_path, module, heavy, prog):
+    """Ctrl-C while the command imports its heavy dependency (polygraphy before TensorRT; onnx for the served
+    graph): one line, exit 130."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "runtime"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    target = str(tmp_path / "m.engine") if prog == "xlora-engine" else str(tmp_path)
+    result = subprocess.run([sys.executable, "-c", _CTRL_C_AT_IMPORT.format(module=module), heavy,
+                             exported("tiny-llama"), target], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 130 and result.stderr == f"{prog}: interrupted\n", result.stderr
