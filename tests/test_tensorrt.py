@@ -147,6 +147,9 @@ def test_default_limits_come_from_the_export():
     limits = limits_for(record)
     assert limits == ProfileLimits(max_batch=record["tensorrt_profile"]["max_batch"], max_sequence=256,
                                    max_total=256, opt_batch=1, opt_sequence=128, opt_total=128)
+    long = {**record, "max_position_embeddings": 131072,
+            "tensorrt_profile": {"max_batch": 2, "max_sequence": 131072, "max_past": 131072}}
+    assert limits_for(long) == ProfileLimits(2, 1024, 4096, 1, 512, 2048)  # capped: memory grows with both
 
 
 # ----------------------------------------------------------------------------- ONNX Runtime provider options

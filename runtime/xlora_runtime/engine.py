@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "export with --dtype fp16 or bf16 for a reduced-precision engine.")
     parser.add_argument("graph", metavar="OUT.onnx", help="main graph written by xlora-export")
     parser.add_argument("engine", metavar="OUT.engine", help="engine to write")
-    lim = parser.add_argument_group("profiles (defaults: the export's --max-batch, the model's positions)")
+    lim = parser.add_argument_group("profiles (defaults: the export's --max-batch, prompts up to 1024 tokens, "
+                                    "4096 positions, never more than the model's)")
     lim.add_argument("--max-batch", type=positive_int, metavar="N", help="rows per call")
     lim.add_argument("--max-sequence", type=positive_int, metavar="N", help="longest prompt, in tokens")
     lim.add_argument("--max-total", type=positive_int, metavar="N", help="longest sequence, prompt + new tokens")

@@ -28,10 +28,14 @@ from typing import Any
 from . import contract as C
 from .errors import XLoraError
 
-__all__ = ["PHASES", "ProfileLimits", "Shapes", "check_profile", "engine_profiles", "input_dims", "limits_for",
-           "ort_tensorrt_options", "profile_shapes", "select_profile", "wide_profile"]
+__all__ = ["DEFAULT_MAX_SEQUENCE", "DEFAULT_MAX_TOTAL", "PHASES", "ProfileLimits", "Shapes", "check_profile",
+           "engine_profiles", "input_dims", "limits_for", "ort_tensorrt_options", "profile_shapes", "select_profile",
+           "wide_profile"]
 
 PHASES = ("prefill", "decode")
+# Defaults where the user gives no limit (never above the model's positions): memory for activations grows with
+# prompt x positions, so a 128k-position model does not get a profile (and a workspace) for 128k by default.
+DEFAULT_MAX_TOTAL, DEFAULT_MAX_SEQUENCE = 4096, 1024
 Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # input -> (min, opt, max) shapes
 
 
@@ -53,8 +57,9 @@ class ProfileLimits:
 def limits_for(record: dict[str, Any], max_batch: int | None = None, max_sequence: int | None = None,
                max_total: int | None = None, opt_batch: int | None = None, opt_sequence: int | None = None,
                opt_total: int | None = None) -> ProfileLimits:
-    """The limits, defaults from the record's `tensorrt_profile` hints (written by `xlora-export --max-batch`),
-    capped by the model's positions; opt points default to batch 1 and half of each maximum.
+    """The limits; by default the record's `tensorrt_profile` hints (`xlora-export --max-batch`, the model's
+    positions) capped at `DEFAULT_MAX_TOTAL` positions and `DEFAULT_MAX_SEQUENCE`-token prompts; opt points
+    default to batch 1 and half of each maximum.
 
     Raises:
         XLoraError: a limit < 1, a prompt longer than the total, a total beyond the model's positions, an opt point
@@ -63,8 +68,9 @@ def limits_for(record: dict[str, Any], max_batch: int | None = None, max_sequenc
     hints = record.get("tensorrt_profile") or {}
     positions = int(record["max_position_embeddings"])
     b = max_batch if max_batch is not None else int(hints.get("max_batch", 8))
-    t = max_total if max_total is not None else min(int(hints.get("max_past", positions)), positions)
-    s = max_sequence if max_sequence is not None else min(int(hints.get("max_sequence", t)), t)
+    t = max_total if max_total is not None else min(int(hints.get("max_past", positions)), positions,
+                                                    DEFAULT_MAX_TOTAL)
+    s = max_sequence if max_sequence is not None else min(int(hints.get("max_sequence", t)), t, DEFAULT_MAX_SEQUENCE)
     for flag, value in (("--max-batch", b), ("--max-sequence", s)):
         if value < 1:
             raise XLoraError(f"{flag} {value}: expected an int >= 1")

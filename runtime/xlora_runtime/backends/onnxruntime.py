@@ -8,9 +8,10 @@ Rows gathered or joined (a finished row, a row moving to the frozen graph) go th
 GPU, they are device-to-device copies of whole rows (`backends/cuda.py`), so bf16 caches, which numpy cannot
 hold, never leave the device.
 
-The TensorRT execution provider is given an explicit profile, the union of the engine builder's prefill and
-decode profiles (`profiles.wide_profile`, from the graph's metadata): without one it rebuilds its engine whenever
-a shape leaves the range it has seen. Its engines and timing cache are kept beside the graph (`OUT.onnx.trt/`).
+The TensorRT execution provider is given an explicit profile holding the engine builder's prefill and decode
+profiles (`profiles.wide_profile`, from the graph's metadata and the default limits of `profiles.limits_for`):
+without one it rebuilds its engine whenever a shape leaves the range it has seen. Its engines and timing cache
+are kept beside the graph (`OUT.onnx.trt/`). Other ranges: build an engine with `xlora-engine` and its limits.
 """
 
 from __future__ import annotations
