@@ -139,7 +139,7 @@ def test_last_position_logits_are_those_of_the_all_logits_graph(frozen):
             feed[C.SCALINGS] = np.full((2, meta["n_modules"], meta["n_experts"]), 0.4, np.float32)
         else:
             feed.update({n: empty for n in C.past_names(meta["num_layers"], scaling=True)})
-        outs[name] = (session.frozen if frozen else session.main).run([C.LOGITS], feed)[0]
+        outs[name] = (session.frozen if frozen else session.main).session.run([C.LOGITS], feed)[0]
     assert outs["llama"].shape == (2, 1, outs["llama-all-logits"].shape[-1])
     assert outs["llama-all-logits"].shape[1] == 4
     np.testing.assert_allclose(outs["llama"][:, 0], outs["llama-all-logits"][:, -1], atol=1e-5)
@@ -157,7 +157,7 @@ def test_metadata_is_enough_to_drive_the_graph():
     assert set(meta["tensorrt_profile"]) == {"max_batch", "max_sequence", "max_past"}
     assert os.path.isfile(os.path.join(EXPORTS, meta["files"]["tokenizer"]))
     # Build every cache input from the metadata alone and run a prefill of batch 1.
-    session = XLoraSession(path).main
+    session = XLoraSession(path).main.session
     feed = {C.INPUT_IDS: np.array([[5, 6, 7]]), C.ATTENTION_MASK: np.ones((1, 3), np.int64),
             C.POSITION_IDS: np.array([[0, 1, 2]]), C.TOP_K: np.array(meta["default_top_k"], np.int64)}
     for entry in meta["caches"].values():
@@ -194,7 +194,7 @@ def test_frozen_graph_matches_eager_with_the_same_scalings(top_k):
 
 def test_top_k_input_changes_the_graph_output():
     """`top_k` is honoured at run time: the graph's outputs differ between 1 and dense, like the eager model."""
-    session, meta = XLoraSession(exported("llama")).main, metadata(exported("llama"))
+    session, meta = XLoraSession(exported("llama")).main.session, metadata(exported("llama"))
     feed = {C.INPUT_IDS: np.array([[5, 6, 7]]), C.ATTENTION_MASK: np.ones((1, 3), np.int64),
             C.POSITION_IDS: np.array([[0, 1, 2]])}
     for entry in meta["caches"].values():
