@@ -172,17 +172,18 @@ def test_broken_quantized_graph_fails_and_leaves_nothing(tmp_path, capsys, monke
     assert err.count("\n") == 1 and os.listdir(tmp_path) == []
 
 
-def test_min_agreement_fails_the_export(tmp_path, capsys, monkeypatch):
+def test_min_agreement_fails(tmp_path, monkeypatch):
     def poor(floats, quantized, tokenizer):
         return {"main": quantize.Agreement(positions=100, tokens=0.4, logits_error=0.2)}, "stub"
 
     monkeypatch.setattr(quantize, "measure_agreement", poor)
-    argv = [built(RECIPE), str(tmp_path / "m.onnx"), "--quantize", "int8", "--min-agreement", "0.5"]
-    assert cli.main(argv) == 1
-    err = capsys.readouterr().err
-    assert "top-1 tokens agree with the float graph's at 40% of 100 positions (--min-agreement 0.5)" in err
-    assert os.listdir(tmp_path) == []
-    assert cli.main(argv[:-2] + ["-q"]) == 0  # default 0: only a clearly broken graph fails
+    floats = {"main": exported(None)[0]}
+    outputs = {"main": str(tmp_path / "m.onnx")}
+    with pytest.raises(xlora.XLoraError, match=r"the int8 main graph's top-1 tokens agree with the float graph's at "
+                                               r"40% of 100 positions \(--min-agreement 0.5\); no file was written"):
+        quantize.quantize_files(floats, outputs, QuantizeOptions("int8", min_agreement=0.5), validate=True)
+    report = quantize.quantize_files(floats, outputs, QuantizeOptions("int8"), validate=True)  # default 0
+    assert report.agreement["main"].tokens == 0.4
 
 
 @pytest.mark.parametrize("args, message", [

@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +50,7 @@ from .trt_check import check_tensorrt, op_counts
 from .validate import validation_prompts
 
 __all__ = ["MODES", "Agreement", "QuantizeOptions", "QuantizeReport", "measure_agreement", "quantize_export",
-           "quantize_graph", "quantize_staged", "quantized_weights"]
+           "quantize_files", "quantize_graph", "quantized_weights"]
 
 MODES = ("int8", "int4")
 BLOCK_SIZE = 32  # int4 default: the best agreement of 32/64/128 at about the same speed (benchmarks/README.md)
@@ -101,7 +102,7 @@ class QuantizeOptions:
                              f"and float LoRA terms), got --dtype {dtype}")
         if self.mode == "int4" and importlib.util.find_spec("onnx_ir") is None:
             raise XLoraError("--quantize int4 needs the onnx-ir package, which ONNX Runtime's int4 quantizer imports "
-                             "without declaring it: pip install onnx-ir (or xlora-export[quantize])")
+                             "without declaring it (xlora-export depends on it): pip install onnx-ir")
 
 
 @dataclass
@@ -118,7 +119,7 @@ class Agreement:
 
 @dataclass
 class QuantizeReport:
-    """What `quantize_staged` did and measured."""
+    """What `quantize_files` did and measured."""
 
     options: QuantizeOptions
     quantized: dict[str, int] = field(default_factory=dict)  # graph kind -> MatMuls quantized
@@ -239,36 +240,31 @@ def _write(proto: onnx.ModelProto, path: str, store: WeightStore | None, weights
     onnx.save_model(proto, path)
 
 
-def quantize_staged(staged: dict[str, str], options: QuantizeOptions, validate: bool,
-                    progress: Callable[[str], None] | None = None) -> tuple[QuantizeReport, onnx.ModelProto]:
-    """Replace the staged float graphs (`staged`: kind -> path, "main" and maybe "frozen", in one folder) by
-    their quantized versions, sharing one weights file when the float ones did (module docstring).
+def quantize_files(floats: dict[str, str], outputs: dict[str, str], options: QuantizeOptions, validate: bool,
+                   progress: Callable[[str], None] | None = None) -> QuantizeReport:
+    """Quantize float graphs into new files and measure them against the float ones (module docstring).
 
-    Returns:
-        the report and the quantized main graph (without its external weights loaded).
+    Args:
+        floats: kind ("main", and "frozen" when exported) -> a float graph written by the exporter (read only).
+        outputs: kind -> where its quantized graph goes, all in one folder; they share `outputs["main"] + ".data"`
+            when the float graphs had external data, else hold their weights inside.
+        validate: measure the agreement (prompts through the tokenizer beside `outputs["main"]` or the float graph).
     Raises:
         XLoraError: a quantized graph is clearly broken (`BROKEN_LOGITS_ERROR`) or its top-1 token agreement is
             below `options.min_agreement`.
     """
-    folder = os.path.dirname(staged["main"])
-    aside = os.path.join(folder, _FLOAT_DIR)
-    os.makedirs(aside)
-    data = staged["main"] + ".data"
+    data = floats["main"] + ".data"
     external = os.path.isfile(data)
-    moved = [*staged.values()] + ([data] if external else [])
-    report = QuantizeReport(options, float_bytes=sum(os.path.getsize(p) for p in moved))
-    floats = {kind: os.path.join(aside, os.path.basename(path)) for kind, path in staged.items()}
-    for path in moved:
-        os.replace(path, os.path.join(aside, os.path.basename(path)))
-    store = WeightStore(data if external else None)
+    report = QuantizeReport(options, float_bytes=sum(os.path.getsize(p) for p in [*floats.values()]
+                                                     + ([data] if external else [])))
+    store = WeightStore(outputs["main"] + ".data" if external else None)
     digests: dict[str, bytes] = {}
     try:
-        for kind, path in staged.items():
+        for kind, path in outputs.items():
             _say(progress, f"quantizing the {kind} graph ({options.mode})")
             weights = {i.name for i in onnx.load(floats[kind], load_external_data=False).graph.initializer
                        if i.data_location == onnx.TensorProto.EXTERNAL}
-            work = os.path.join(folder, f"{_FLOAT_DIR}-work")
-            os.makedirs(work)
+            work = tempfile.mkdtemp(prefix=".quantize-", dir=os.path.dirname(path))
             try:
                 proto, report.quantized[kind] = quantize_graph(floats[kind], options, work)
             finally:
@@ -278,31 +274,41 @@ def quantize_staged(staged: dict[str, str], options: QuantizeOptions, validate: 
             del proto
     finally:
         store.close()
-    report.bytes = sum(os.path.getsize(p) for p in moved)
+    report.bytes = sum(os.path.getsize(p) for p in [*outputs.values()] + ([store.data_path] if external else []))
     if not validate:
         report.skipped = "--no-validate"
-    else:
-        _say(progress, "measuring the quantized graphs' agreement with the float graphs")
-        tokenizer = C.tokenizer_path(staged["main"])
-        report.agreement, report.prompts = measure_agreement(floats, staged, tokenizer)
-        for kind, a in report.agreement.items():  # on failure the export removes the staging folder
-            if a.logits_error >= BROKEN_LOGITS_ERROR:
-                raise XLoraError(f"validation failed: the {options.mode} {kind} graph's logits differ from the float "
-                                 f"graph's by {a.logits_error:.0%} of their size (median over {a.positions} positions; "
-                                 f"unrelated logits differ by about 141%); no file was written")
-            if a.tokens < options.min_agreement:
-                raise XLoraError(f"validation failed: the {options.mode} {kind} graph's top-1 tokens agree with the "
-                                 f"float graph's at {a.tokens:.0%} of {a.positions} positions (--min-agreement "
-                                 f"{options.min_agreement:g}); no file was written")
-    shutil.rmtree(aside)
-    return report, onnx.load(staged["main"], load_external_data=False)
+        return report
+    _say(progress, "measuring the quantized graphs' agreement with the float graphs")
+    tokenizer = next((t for t in (C.tokenizer_path(outputs["main"]), C.tokenizer_path(floats["main"]))
+                      if os.path.isfile(t)), None)
+    report.agreement, report.prompts = measure_agreement(floats, outputs, tokenizer)
+    for kind, a in report.agreement.items():
+        if a.logits_error >= BROKEN_LOGITS_ERROR:
+            raise XLoraError(f"validation failed: the {options.mode} {kind} graph's logits differ from the float "
+                             f"graph's by {a.logits_error:.0%} of their size (median over {a.positions} positions; "
+                             f"unrelated logits differ by about 141%); no file was written")
+        if a.tokens < options.min_agreement:
+            raise XLoraError(f"validation failed: the {options.mode} {kind} graph's top-1 tokens agree with the "
+                             f"float graph's at {a.tokens:.0%} of {a.positions} positions (--min-agreement "
+                             f"{options.min_agreement:g}); no file was written")
+    return report
 
 
 def quantize_export(staged: dict[str, str], options: QuantizeOptions, report: Any, validate: bool,
                     progress: Callable[[str], None] | None = None) -> None:
-    """The export's hook: quantize the staged graphs and update `report` (an `export.ExportReport`): its
-    `quantization`, the main graph's op counts and TensorRT findings (MatMulNBits is an ONNX Runtime op)."""
-    report.quantization, main = quantize_staged(staged, options, validate, progress)
+    """The export's hook: replace the staged float graphs (`staged`: kind -> path, one folder, validated against
+    the eager model) by their quantized versions and update `report` (an `export.ExportReport`): `quantization`,
+    and the main graph's op counts and TensorRT findings (MatMulNBits is an ONNX Runtime op). On failure the
+    export removes the staging folder, float graphs included."""
+    aside = os.path.join(os.path.dirname(staged["main"]), _FLOAT_DIR)
+    os.makedirs(aside)
+    data = staged["main"] + ".data"
+    floats = {kind: os.path.join(aside, os.path.basename(path)) for kind, path in staged.items()}
+    for path in [*staged.values()] + ([data] if os.path.isfile(data) else []):
+        os.replace(path, os.path.join(aside, os.path.basename(path)))
+    report.quantization = quantize_files(floats, staged, options, validate, progress)
+    shutil.rmtree(aside)
+    main = onnx.load(staged["main"], load_external_data=False)
     report.op_counts = dict(op_counts(main).most_common())
     report.tensorrt_findings = check_tensorrt(main)
 
@@ -324,8 +330,8 @@ class _Run:
     fed: list[np.ndarray]
 
 
-def _prompts(tokenizer_path: str, vocab_size: int) -> tuple[list[list[int]], str]:
-    if os.path.isfile(tokenizer_path):
+def _prompts(tokenizer_path: str | None, vocab_size: int) -> tuple[list[list[int]], str]:
+    if tokenizer_path is not None:
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(tokenizer_path)
@@ -387,12 +393,12 @@ def _compare(reference: _Run, run: _Run) -> Agreement:
 
 
 def measure_agreement(floats: dict[str, str], quantized: dict[str, str],
-                      tokenizer_path: str) -> tuple[dict[str, Agreement], str]:
+                      tokenizer_path: str | None) -> tuple[dict[str, Agreement], str]:
     """Each quantized graph against its float graph (module docstring); one graph open at a time.
 
     Args:
         floats, quantized: kind ("main", "frozen") -> graph path.
-        tokenizer_path: the export's tokenizer file (absent: random-id prompts).
+        tokenizer_path: the export's tokenizer file (None: random-id prompts).
     Returns:
         kind -> Agreement, and a description of what was compared.
     """
