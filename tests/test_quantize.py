@@ -166,24 +166,26 @@ def test_broken_quantized_graph_fails_and_leaves_nothing(tmp_path, capsys, monke
         return proto, n
 
     monkeypatch.setattr(quantize, "quantize_graph", negated_scales)
-    code = cli.main([built(RECIPE), str(tmp_path / "m.onnx"), "--quantize", "int4", "--frozen-scalings"])
+    argv = [built(RECIPE), str(tmp_path / "m.onnx"), "--quantize", "int4", "--frozen-scalings", "--steps", "1"]
+    code = cli.main(argv)
     err = capsys.readouterr().err
     assert code == 1 and "validation failed: the int4 main graph's logits differ from the float graph's" in err
     assert err.count("\n") == 1 and os.listdir(tmp_path) == []
 
 
-def test_min_agreement_fails(tmp_path, monkeypatch):
+def test_min_agreement_fails_the_export(tmp_path, capsys, monkeypatch):
     def poor(floats, quantized, tokenizer):
         return {"main": quantize.Agreement(positions=100, tokens=0.4, logits_error=0.2)}, "stub"
 
     monkeypatch.setattr(quantize, "measure_agreement", poor)
-    floats = {"main": exported(None)[0]}
-    outputs = {"main": str(tmp_path / "m.onnx")}
-    with pytest.raises(xlora.XLoraError, match=r"the int8 main graph's top-1 tokens agree with the float graph's at "
-                                               r"40% of 100 positions \(--min-agreement 0.5\); no file was written"):
-        quantize.quantize_files(floats, outputs, QuantizeOptions("int8", min_agreement=0.5), validate=True)
-    report = quantize.quantize_files(floats, outputs, QuantizeOptions("int8"), validate=True)  # default 0
-    assert report.agreement["main"].tokens == 0.4
+    argv = [built(RECIPE), str(tmp_path / "m.onnx"), "--quantize", "int8", "--min-agreement", "0.5", "--steps", "1"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert ("the int8 main graph's top-1 tokens agree with the float graph's at 40% of 100 positions (--min-agreement "
+            "0.5); no file was written") in err and os.listdir(tmp_path) == []
+    report = quantize.quantize_files({"main": exported(None)[0]}, {"main": str(tmp_path / "m.onnx")},
+                                     QuantizeOptions("int8"), validate=True)
+    assert report.agreement["main"].tokens == 0.4  # the default threshold, 0, lets it pass
 
 
 @pytest.mark.parametrize("args, message", [
@@ -191,8 +193,9 @@ def test_min_agreement_fails(tmp_path, monkeypatch):
     (["--quantize", "int4", "--block-size", "24"], "argument --block-size: expected a power of two, at least 16"),
     (["--quantize", "int4", "--block-size", "8"], "argument --block-size: expected a power of two, at least 16"),
     (["--quantize", "int8", "--block-size", "32"], "--block-size applies to --quantize int4 only"),
-    (["--block-size", "32"], "--block-size applies to --quantize int8|int4 only"),
-    (["--quantize-lm-head"], "--quantize-lm-head applies to --quantize int8|int4 only"),
+    (["--block-size", "32"], "--block-size needs --quantize (int8 or int4)"),
+    (["--quantize-lm-head"], "--quantize-lm-head needs --quantize (int8 or int4)"),
+    (["--min-agreement", "0.9"], "--min-agreement needs --quantize (int8 or int4)"),
     (["--quantize", "int8", "--min-agreement", "1.5"], "argument --min-agreement: expected a fraction in 0..1"),
 ])
 def test_bad_quantize_options_are_usage_errors(args, message, tmp_path, capsys):

@@ -162,7 +162,7 @@ def _check_quantize_options(args: argparse.Namespace) -> None:
     given = [name for name, value in (("--block-size", args.block_size), ("--quantize-lm-head", args.quantize_lm_head),
                                       ("--min-agreement", args.min_agreement)) if value not in (None, False)]
     if given and not args.quantize:
-        build_parser().error(f"{given[0]} applies to --quantize int8|int4 only")
+        build_parser().error(f"{given[0]} needs --quantize (int8 or int4)")
     if args.block_size is not None and args.quantize != "int4":
         build_parser().error("--block-size applies to --quantize int4 only (int8 has one scale per column)")
 
