@@ -40,18 +40,19 @@ from bench_generate import CACHE, ROOT, machine, prepare, runtime_engine, timing
 
 
 # ----------------------------------------------------------------------------------------------- quantize
-def quantize_graph_files(float_graph: str, mode: str, block_size: int, out_root: str, say) -> dict:
-    """Quantize the float export at `float_graph` (and its frozen graph) into OUT/NAME-MODE/ (reused when nothing
-    changed); returns the paths, sizes and the agreement report."""
+def quantize_graph_files(float_graph: str, variant: str, block_size: int, out_root: str, say) -> dict:
+    """Quantize the float export at `float_graph` (and its frozen graph) into OUT/NAME-VARIANT/ (reused when nothing
+    changed; VARIANT: a mode, `+head` for lm_head too); returns the paths, sizes and the agreement report."""
     import dataclasses
 
     from xlora_export.quantize import QuantizeOptions, quantize_files
     from xlora_runtime import contract as C
 
     stem = os.path.basename(float_graph)[: -len(".onnx")]
-    folder = os.path.join(out_root, f"{stem}-{mode}")
+    folder = os.path.join(out_root, f"{stem}-{variant}")
     out = os.path.join(folder, os.path.basename(float_graph))
-    options = QuantizeOptions(mode, block_size=block_size)
+    mode = variant.removesuffix("+head")
+    options = QuantizeOptions(mode, block_size=block_size, lm_head=variant.endswith("+head"))
     floats = {"main": float_graph, "frozen": C.frozen_path(float_graph)}
     key = {"options": dataclasses.asdict(options), "float": {k: os.path.getmtime(p) for k, p in floats.items()}}
     stamp_path = os.path.join(folder, "stamp.json")
@@ -66,7 +67,7 @@ def quantize_graph_files(float_graph: str, mode: str, block_size: int, out_root:
     if os.path.isfile(tokenizer):
         with open(tokenizer, "rb") as src, open(C.tokenizer_path(out), "wb") as dst:
             dst.write(src.read())
-    say(f"{stem}: quantizing ({mode}) and measuring the agreement with the float graph")
+    say(f"{stem}: quantizing ({variant}) and measuring the agreement with the float graph")
     t0 = time.perf_counter()
     report = quantize_files(floats, {"main": out, "frozen": C.frozen_path(out)}, options, validate=True)
     stamp = {"key": key, "graph": out, "quantize_s": time.perf_counter() - t0, "float_bytes": report.float_bytes,
@@ -74,7 +75,7 @@ def quantize_graph_files(float_graph: str, mode: str, block_size: int, out_root:
              "agreement": {k: dataclasses.asdict(v) for k, v in report.agreement.items()}}
     with open(stamp_path, "w") as f:
         json.dump(stamp, f, indent=1)
-    say(f"{stem}: {mode} in {stamp['quantize_s']:.1f} s, {report.float_bytes / 1e6:.1f} MB -> "
+    say(f"{stem}: {variant} in {stamp['quantize_s']:.1f} s, {report.float_bytes / 1e6:.1f} MB -> "
         f"{report.bytes / 1e6:.1f} MB")
     return stamp
 
@@ -131,8 +132,9 @@ def bench_speed(name: str, graphs: dict[str, str], args: argparse.Namespace, say
 
     info = XLoraSession(graphs["float"]).info
     prompt = np.random.default_rng(args.seed).integers(3, info.vocab_size, args.prompt_len).tolist()
+    modes = (("granular", None),) if args.granular_only else (("granular", None), ("frozen", 0))
     engines = {f"{graph} {how}": runtime_engine(path, args.threads, freeze)
-               for how, freeze in (("granular", None), ("frozen", 0)) for graph, path in graphs.items()}
+               for how, freeze in modes for graph, path in graphs.items()}
     say(f"{name}: warm-up, then {args.runs} runs round-robin over {len(engines)} engines")
     first = {engine: run(prompt, args.new_tokens) for engine, run in engines.items()}
     samples: dict[str, list[dict]] = {engine: [] for engine in engines}
@@ -187,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                         "time and measure, read only")
     parser.add_argument("--modes", nargs="+", default=["int8", "int4"], choices=["int8", "int4"])
     parser.add_argument("--block-size", type=int, default=32, help="int4 block size")
+    parser.add_argument("--quantize-lm-head", action="store_true", help="also measure each mode with lm_head "
+                        "quantized (variants MODE+head)")
+    parser.add_argument("--granular-only", action="store_true", help="time the granular graphs only (a large model: "
+                        "each frozen engine opens the main graph again)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=5, help="timed runs per engine (medians), after one warm-up")
@@ -206,9 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     sources = {name: prepare(name, say)["graph"] for name in args.models + args.agreement_models}
     sources.update({os.path.basename(g)[: -len(".onnx")]: os.path.abspath(g) for g in args.graphs})
     timed = args.models + [os.path.basename(g)[: -len(".onnx")] for g in args.graphs]
-    quantized = {(name, mode): quantize_graph_files(graph, mode, args.block_size, args.out, say)
-                 for name, graph in sources.items() for mode in args.modes}
-    speed = [bench_speed(name, {"float": sources[name], **{m: quantized[name, m]["graph"] for m in args.modes}},
+    variants = args.modes + ([f"{m}+head" for m in args.modes] if args.quantize_lm_head else [])
+    quantized = {(name, v): quantize_graph_files(graph, v, args.block_size, args.out, say)
+                 for name, graph in sources.items() for v in variants}
+    speed = [bench_speed(name, {"float": sources[name], **{v: quantized[name, v]["graph"] for v in variants}},
                          args, say) for name in timed]
 
     info = machine(args.threads)

@@ -152,19 +152,13 @@ class QuantizeReport:
 
 def quantized_weights(proto: onnx.ModelProto, lm_head: bool = False) -> list[str]:
     """Names of the MatMul nodes to quantize: those whose weight (input B, an initializer) is a base decoder
-    Linear weight, plus lm_head's with `lm_head`. Nodes without a name are named here (the quantizers select
-    nodes by name)."""
+    Linear weight, plus lm_head's with `lm_head` (the quantizers select nodes by name: the exporter names every
+    node, uniquely). `proto` may be loaded without its external data."""
     initializers = {i.name for i in proto.graph.initializer}
-    chosen, names = [], set()
-    for index, node in enumerate(proto.graph.node):
-        if not node.name or node.name in names:
-            node.name = f"{node.name or node.op_type}/quantize_{index}"
-        names.add(node.name)
-        if node.op_type != "MatMul" or node.input[1] not in initializers:
-            continue
-        if _BASE_LINEAR.match(node.input[1]) or (lm_head and node.input[1] in _LM_HEAD):
-            chosen.append(node.name)
-    return chosen
+    matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"]
+    assert all(n.name for n in matmuls) and len({n.name for n in matmuls}) == len(matmuls), "MatMul names not unique"
+    return [n.name for n in matmuls if n.input[1] in initializers
+            and (_BASE_LINEAR.match(n.input[1]) or (lm_head and n.input[1] in _LM_HEAD))]
 
 
 @contextlib.contextmanager
@@ -180,32 +174,31 @@ def _quiet() -> Iterator[None]:
 
 def quantize_graph(path: str, options: QuantizeOptions, work: str) -> tuple[onnx.ModelProto, int]:
     """The float graph at `path`, quantized in memory (weights loaded), and the number of MatMuls quantized.
+    Peak memory: the float weights once plus the quantized ones. int8: quantize_dynamic writes a shape-inferred
+    copy of the graph (not of its weights) beside `path` for a moment.
 
     Args:
         work: an empty scratch folder (quantize_dynamic writes its result as a file).
     """
-    proto = onnx.load(path)
-    chosen = quantized_weights(proto, options.lm_head)
+    structure = onnx.load(path, load_external_data=False)
+    chosen = quantized_weights(structure, options.lm_head)
     with _quiet():
         if options.mode == "int4":
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-            others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in set(chosen)]
-            quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=options.block_size, is_symmetric=False,
-                                             accuracy_level=INT4_ACCURACY_LEVEL, nodes_to_exclude=others)
+            others = [n.name for n in structure.graph.node if n.op_type == "MatMul" and n.name not in set(chosen)]
+            quantizer = MatMulNBitsQuantizer(onnx.load(path), bits=4, block_size=options.block_size,
+                                             is_symmetric=False, accuracy_level=INT4_ACCURACY_LEVEL,
+                                             nodes_to_exclude=others)
             quantizer.process()
-            out = quantizer.model.model
-        else:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
+            return quantizer.model.model, len(chosen)
+        from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            named = os.path.join(work, "named.onnx")  # the nodes named by `quantized_weights`
-            onnx.save_model(proto, named, save_as_external_data=True, location="named.onnx.data")
-            del proto
-            result = os.path.join(work, "int8.onnx")
-            quantize_dynamic(named, result, op_types_to_quantize=["MatMul"], nodes_to_quantize=chosen,
-                             per_channel=INT8_PER_CHANNEL, weight_type=QuantType.QInt8, use_external_data_format=True)
-            out = onnx.load(result)
-    return out, len(chosen)
+        result = os.path.join(work, "int8.onnx")
+        quantize_dynamic(path, result, op_types_to_quantize=["MatMul"],
+                         nodes_to_quantize=chosen, per_channel=INT8_PER_CHANNEL, weight_type=QuantType.QInt8,
+                         use_external_data_format=True)
+        return onnx.load(result), len(chosen)
 
 
 def _record(proto: onnx.ModelProto, options: QuantizeOptions) -> None:
@@ -245,7 +238,8 @@ def quantize_files(floats: dict[str, str], outputs: dict[str, str], options: Qua
     """Quantize float graphs into new files and measure them against the float ones (module docstring).
 
     Args:
-        floats: kind ("main", and "frozen" when exported) -> a float graph written by the exporter (read only).
+        floats: kind ("main", and "frozen" when exported) -> a float graph written by the exporter (left as it
+            is; int8 writes a temporary file beside it).
         outputs: kind -> where its quantized graph goes, all in one folder; they share `outputs["main"] + ".data"`
             when the float graphs had external data, else hold their weights inside.
         validate: measure the agreement (prompts through the tokenizer beside `outputs["main"]` or the float graph).
@@ -345,8 +339,10 @@ def _prompts(tokenizer_path: str | None, vocab_size: int) -> tuple[list[list[int
 def _decode(path: str, info: dict, prompts: list[list[int]], frozen: bool, forced: list[np.ndarray] | None,
             fixed: np.ndarray | None) -> _Run:
     """Prefill the left-padded prompts, then `AGREEMENT_STEPS` decode steps, each feeding `forced[step]` (or the
-    graph's own greedy tokens), the graph's presents as the next pasts."""
-    session = open_graph(path)
+    graph's own greedy tokens), the graph's presents as the next pasts. A float graph (no `forced` tokens) runs
+    lean (its weights held once); a quantized one as the runtime runs it (its fused kernels are what it ships)."""
+    lean = forced is None
+    session = open_graph(path, lean=lean)
     n, b = info["num_layers"], len(prompts)
     width = max(map(len, prompts))
     ids = np.zeros((b, width), np.int64)
