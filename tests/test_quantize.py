@@ -35,7 +35,7 @@ QUANTIZED_OPS = {"int8": "MatMulInteger", "int4": "MatMulNBits"}
 def exported(mode: str | None) -> tuple[str, object]:
     """(path, report) of the recipe exported once per session with both graphs: float (None), int8 or int4."""
     path = os.path.join(EXPORTS, f"{mode or 'float'}.onnx")
-    options = ExportOptions(frozen_scalings=True, validate=mode is not None,
+    options = ExportOptions(frozen_scalings=True, validate=mode is not None, validation_steps=1,
                             quantize=QuantizeOptions(mode) if mode else None)
     return path, export(built(RECIPE), path, options)
 
