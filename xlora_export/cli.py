@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # (seconds), so that Ctrl-C at any moment is "interrupted", exit 130, never a traceback.
 
 DTYPES = ("fp32", "fp16", "bf16")  # the keys of export.DTYPES (a test keeps them equal)
+QUANTIZE = ("int8", "int4")  # quantize.MODES (a test keeps them equal)
 OPSET_MIN, OPSET_MAX, OPSET_DEFAULT = C.OPSET_MIN, C.OPSET_MAX, C.OPSET_DEFAULT  # the contract's opset range
 
 
@@ -49,6 +50,23 @@ def _positive_int(text: str) -> int:
     value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _block_size(text: str) -> int:
+    value = _integer(text)
+    if value < 16 or value & (value - 1):
+        raise argparse.ArgumentTypeError(f"expected a power of two, at least 16 (MatMulNBits), got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in 0..1, got {text}")
     return value
 
 
@@ -83,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "scoring); by default only the last position's, which is what generation needs")
     graph.add_argument("--max-batch", type=_positive_int, default=8, metavar="N", help="TensorRT profile hint "
                        "recorded in the metadata, at least 1 (default 8)")
+    quant = parser.add_argument_group("quantization (the float graph is exported and validated first, then "
+                                      "quantized and measured against it)")
+    quant.add_argument("--quantize", choices=QUANTIZE, help="quantize the base model's projection MatMuls of both "
+                       "graphs: int8 (dynamic: int8 weights, activations quantized per call) or int4 (weight-only, "
+                       "ONNX Runtime's MatMulNBits; needs onnx-ir); the classifier, LoRA A/B and lm_head stay float")
+    quant.add_argument("--block-size", type=_block_size, metavar="N", help="int4: weights per scale along the "
+                       "input dimension, a power of two >= 16 (default 32)")
+    quant.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (a tied embedding "
+                       "keeps its float table for the lookup)")
+    quant.add_argument("--min-agreement", type=_fraction, metavar="X", help="fail when a quantized graph's "
+                       "teacher-forced top-1 tokens agree with the float graph's at fewer than this fraction of the "
+                       "positions, 0..1 (default 0: only a clearly broken graph fails, one whose logits are no "
+                       "closer to the float graph's than unrelated logits)")
     check = parser.add_argument_group("validation")
     check.add_argument("--atol", type=_positive_float, metavar="X", help="logits tolerance, > 0 (default: the "
                        "larger of 1e-4 and 5e-5 x the largest |logit| in fp32, of 5e-2 and 5e-3 x it in fp16)")
@@ -115,14 +146,27 @@ def format_report(report: ExportReport) -> str:
         figures = ", ".join(f"{k} {v:.2e} (tolerance {result.tolerances[k]:.1e})" for k, v in result.max_diff.items())
         ties = (f"; logits of {result.skipped_positions} position(s) not compared, after the graph's top-k kept "
                 f"other near-tied experts") if result.skipped_positions else ""
-        lines += [f"parity ({kind} graph vs eager, prefill + {result.steps} decode steps, every top_k): max abs "
+        graph = f"float {kind}" if report.quantization else kind  # the quantized graphs' reference
+        lines += [f"parity ({graph} graph vs eager, prefill + {result.steps} decode steps, every top_k): max abs "
                   f"diff {figures}; greedy tokens agree{ties}"]
+    if report.quantization is not None:
+        lines += report.quantization.lines()
     if report.tensorrt_findings:
         lines += [f"TensorRT readiness: {len(report.tensorrt_findings)} finding(s):"]
         lines += [f"  {f}" for f in report.tensorrt_findings]
     else:
         lines += ["TensorRT readiness: nothing flagged"]
     return "\n".join(lines)
+
+
+def _check_quantize_options(args: argparse.Namespace) -> None:
+    """The quantization options that mean nothing without --quantize (or with int8) are usage errors."""
+    given = [name for name, value in (("--block-size", args.block_size), ("--quantize-lm-head", args.quantize_lm_head),
+                                      ("--min-agreement", args.min_agreement)) if value not in (None, False)]
+    if given and not args.quantize:
+        build_parser().error(f"{given[0]} needs --quantize (int8 or int4)")
+    if args.block_size is not None and args.quantize != "int4":
+        build_parser().error("--block-size applies to --quantize int4 only (int8 has one scale per column)")
 
 
 def _squash(values: list) -> list:
@@ -149,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             args = build_parser().parse_args(argv)
+            _check_quantize_options(args)
         except SystemExit as e:  # --help (0) and usage errors (2): argparse has already printed
             return e.code if isinstance(e.code, int) else 2
         target = args.out
@@ -166,12 +211,19 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.quiet:
                     print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
 
+            quantize = None
+            if args.quantize:
+                from .quantize import QuantizeOptions
+
+                quantize = QuantizeOptions(args.quantize, lm_head=args.quantize_lm_head)
+                quantize.block_size = args.block_size or quantize.block_size
+                quantize.min_agreement = quantize.min_agreement if args.min_agreement is None else args.min_agreement
             options = ExportOptions(dtype=args.dtype, opset=args.opset, frozen_scalings=args.frozen_scalings,
                                     all_logits=args.all_logits,
                                     atol=args.atol, atol_scalings=args.atol_scalings,
                                     validate=not args.no_validate, force=args.force,
                                     external_data=args.external_data, base_model=args.base_model,
-                                    validation_steps=args.steps, max_batch=args.max_batch)
+                                    validation_steps=args.steps, max_batch=args.max_batch, quantize=quantize)
             report = export(args.model_dir, args.out, options, progress)
         except (XLoraError, OSError) as e:  # OSError: a disk full or a permission denied while writing
             return _error(e)

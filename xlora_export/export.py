@@ -35,6 +35,7 @@ from .experts import follow_umask
 from .graph import XLoraGraph
 from .model import xLoRAModel
 from .onnx_passes import WeightStore, attach_weights, fold_constants, fp16_weights_per_use
+from .quantize import QuantizeOptions, QuantizeReport, quantize_export
 from .trt_check import Finding, check_tensorrt, op_counts
 from .validate import EagerReference, ParityResult, compare_with_reference, eager_reference, size_factor, tolerance
 from .xlora_utils import load_model
@@ -61,6 +62,7 @@ class ExportOptions:
     base_model: str | None = None
     validation_steps: int = 8
     max_batch: int = 8  # TensorRT profile hint
+    quantize: QuantizeOptions | None = None  # int8/int4 graphs (quantize.py), checked against the float ones
 
 
 @dataclass
@@ -76,6 +78,7 @@ class ExportReport:
     validation_skipped: str | None = None
     tensorrt_findings: list[Finding] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    quantization: QuantizeReport | None = None
 
 
 def _say(progress: Callable[[str], None] | None, message: str) -> None:
@@ -322,6 +325,8 @@ def export(model_dir: str, out_path: str, options: ExportOptions | None = None,
     if not C.OPSET_MIN <= options.opset <= C.OPSET_MAX:
         raise XLoraError(f"opset {options.opset}: expected {C.OPSET_MIN} to {C.OPSET_MAX} (the graph needs "
                          f"{C.OPSET_MIN}, torch's TorchScript exporter stops at {C.OPSET_MAX}; 17 is the default)")
+    if options.quantize is not None:
+        options.quantize.check(options.dtype)
     _check_output(out_path, options)
     report = ExportReport()
     t0 = time.perf_counter()
@@ -370,6 +375,8 @@ def export(model_dir: str, out_path: str, options: ExportOptions | None = None,
             del model  # the graphs are checked alone: peak memory is one copy of the weights, not three
             gc.collect()
             _validate(references, spec, hidden_size, report, staged, options, progress)
+        if options.quantize is not None:  # the validated float graphs are the reference, then replaced
+            quantize_export(staged, options.quantize, report, options.validate, progress)
         follow_umask(tmp)  # the mode of any new file, whatever a writer chose (safetensors, onnx: 0600)
         staged_files = sorted(os.listdir(tmp), key=lambda f: f == name)  # OUT.onnx renamed last
         for stale in _companions(out_path, options):  # with --force: an older export's other files

@@ -33,7 +33,7 @@ __all__ = ["WeightStore", "attach_weights", "fold_constants", "fp16_weights_per_
 
 _ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
                 torch.bfloat16: TensorProto.BFLOAT16, torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32,
-                torch.bool: TensorProto.BOOL}
+                torch.bool: TensorProto.BOOL, torch.uint8: TensorProto.UINT8, torch.int8: TensorProto.INT8}
 _ALIGN = 4096  # external tensors start on a page boundary (lets ONNX Runtime map them instead of copying)
 
 

@@ -253,6 +253,10 @@ def _run(args: argparse.Namespace) -> int:
     dtype = session.info.record["dtype"]
     if dtype not in TOLERANCES:
         raise XLoraError(f"{args.graph}: a {dtype} graph cannot be fed from numpy on this runtime")
+    quantized = session.info.record.get("quantization")
+    if quantized:
+        raise XLoraError(f"{args.graph}: an {quantized['mode']} graph; xlora-parity holds float graphs to the eager "
+                         f"model's tolerances (the export measured this one against its float graph)")
     checkpoint = read_checkpoint(args.model_dir, base_model=args.base_model)
     check_graph_source(checkpoint, session.info)
     model = load_model(checkpoint, dtype={"fp32": torch.float32, "fp16": torch.float16}[dtype])[0]

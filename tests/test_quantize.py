@@ -1,0 +1,226 @@
+"""`xlora-export --quantize int8|int4`: what is quantized, what stays float, one weights file, agreement with
+the float graph through the runtime, and the refusals."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from functools import cache
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+
+import xlora_export as xlora
+import xlora_export.quantize as quantize
+from helpers import built
+from xlora_export import cli, parity
+from xlora_export.export import ExportOptions, export
+from xlora_export.quantize import QuantizeOptions
+from xlora_runtime import Generator, XLoraSession
+from xlora_runtime import contract as C
+
+EXPORTS = tempfile.mkdtemp(prefix="xlora-test-quantized-")
+atexit.register(shutil.rmtree, EXPORTS, True)
+RECIPE = "tiny-llama-trained"  # peaked logits: greedy tokens are stable under quantization
+PROMPTS = ["the model mixes low rank", "a small classifier that reads the", "cache key value attention"]  # its corpus
+QUANTIZED_OPS = {"int8": "MatMulInteger", "int4": "MatMulNBits"}
+
+
+@cache
+def exported(mode: str | None) -> tuple[str, object]:
+    """(path, report) of the recipe exported once per session with both graphs: float (None), int8 or int4."""
+    path = os.path.join(EXPORTS, f"{mode or 'float'}.onnx")
+    options = ExportOptions(frozen_scalings=True, validate=mode is not None, validation_steps=1,
+                            quantize=QuantizeOptions(mode) if mode else None)
+    return path, export(built(RECIPE), path, options)
+
+
+def _greedy(path: str, freeze: int | None = None) -> np.ndarray:
+    generator = Generator(XLoraSession(path))
+    outs = generator.generate(list(PROMPTS), max_new_tokens=12, stop_token_ids=[], freeze_scalings_after=freeze)
+    return np.array([o.tokens for o in outs])
+
+
+def _graph(path: str) -> onnx.ModelProto:
+    return onnx.load(path, load_external_data=False)
+
+
+def _base_linear_weights() -> set[str]:
+    """The initializer names (without `.T`) that should be quantized, from the eager model's modules: every
+    nn.Linear inside the decoder blocks that is no LoRA matrix."""
+    model = xlora.xlora_utils.load_model(built(RECIPE))[0]
+    return {f"{name}.weight" for name, module in model.model.model.layers.named_modules(prefix="model.model.layers")
+            if isinstance(module, torch.nn.Linear) and "lora_" not in name}
+
+
+# ----------------------------------------------------------------------------------------- graphs
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_graphs_generate_like_the_float_graph(mode):
+    """Through the runtime: greedy tokens (both graphs, frozen too) mostly agree with the float graph's."""
+    float_path, q_path = exported(None)[0], exported(mode)[0]
+    for freeze in (None, 2):
+        reference, tokens = _greedy(float_path, freeze), _greedy(q_path, freeze)
+        assert (reference == tokens).mean() >= 0.8, (mode, freeze, reference, tokens)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_only_the_base_projections_are_quantized(mode):
+    path, report = exported(mode)
+    expected = _base_linear_weights()
+    suffix = {"int8": "_quantized", "int4": "_Q4"}[mode]
+    for graph in (path, C.frozen_path(path)):
+        proto = _graph(graph)
+        initializers = {i.name: i for i in proto.graph.initializer}
+        quantized = {name.removesuffix(suffix).removesuffix(".T") for name in initializers if name.endswith(suffix)}
+        assert quantized == expected if graph == path else quantized <= expected
+        for name, init in initializers.items():  # the weights of the classifier, LoRA A/B, lm_head, embedding: float
+            weight = name.startswith(("model.", "internal_xlora_classifier."))  # not a folded constant ("/model/...")
+            if weight and any(part in name for part in ("lora_", "classifier", "lm_head", "embed_tokens")):
+                assert init.data_type == TensorProto.FLOAT, name
+        for node in proto.graph.node:
+            if node.op_type == QUANTIZED_OPS[mode]:
+                weight = node.input[1].removesuffix(suffix).removesuffix(".T")
+                assert weight in expected
+            if node.op_type == "MatMul" and any(p in node.input[1] for p in ("lora_", "classifier", "lm_head")):
+                assert initializers[node.input[1]].data_type == TensorProto.FLOAT
+    assert report.quantization.quantized["main"] > report.quantization.quantized["frozen"] > 0
+
+
+def test_int4_graph_has_matmulnbits_nodes_and_int8_none():
+    ops4 = [n for n in _graph(exported("int4")[0]).graph.node if n.op_type == "MatMulNBits"]
+    assert ops4 and all(n.domain == "com.microsoft" for n in ops4)
+    attrs = {a.name: a.i for a in ops4[0].attribute}
+    assert attrs["bits"] == 4 and attrs["block_size"] == quantize.BLOCK_SIZE
+    ops8 = {n.op_type for n in _graph(exported("int8")[0]).graph.node}
+    assert "MatMulInteger" in ops8 and "MatMulNBits" not in ops8
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_main_and_frozen_graph_share_one_weights_file(mode):
+    path = exported(mode)[0]
+    assert sorted(f for f in os.listdir(EXPORTS) if f.startswith(mode)) == [
+        f"{mode}.frozen.onnx", f"{mode}.onnx", f"{mode}.onnx.data", f"{mode}.tokenizer.json"]
+    where = {}
+    for graph in (path, C.frozen_path(path)):
+        for init in _graph(graph).graph.initializer:
+            if init.data_location == TensorProto.EXTERNAL:
+                entry = {e.key: e.value for e in init.external_data}
+                assert entry["location"] == f"{mode}.onnx.data"
+                assert where.setdefault(init.name, (entry["offset"], entry["length"])) == (entry["offset"],
+                                                                                          entry["length"])
+    stored = sum(int(length) for _, length in where.values())
+    assert stored <= os.path.getsize(path + ".data") < stored + 4096 * (len(where) + 1)  # each tensor once
+    float_path = exported(None)[0]
+    assert os.path.getsize(path + ".data") < os.path.getsize(float_path + ".data")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_report_measures_agreement_against_the_float_graph(mode, capsys):
+    report = exported(mode)[1]
+    q = report.quantization
+    assert set(q.agreement) == {"main", "frozen"}
+    main = q.agreement["main"]
+    assert main.positions > 50 and main.tokens >= {"int8": 0.9, "int4": 0.85}[mode] and main.experts >= 0.85
+    assert 0 < main.scalings_max_diff < 1 and 0 < main.logits_error < quantize.BROKEN_LOGITS_ERROR
+    assert q.bytes < q.float_bytes and report.parity["main"].max_diff  # the float graphs were validated first
+    assert any(op == QUANTIZED_OPS[mode] for op in report.op_counts)
+    text = "\n".join(q.lines())
+    assert "top-1 tokens" in text and "top-1 experts" in text and "scalings max diff" in text
+
+
+def test_quantize_lm_head_and_block_size_through_the_cli(tmp_path, capsys):
+    out = str(tmp_path / "m.onnx")
+    code = cli.main([built(RECIPE), out, "--quantize", "int4", "--block-size", "16", "--quantize-lm-head"])
+    stdout = capsys.readouterr().out
+    assert code == 0 and "agreement with the float graph" in stdout and "MatMulNBits" in stdout
+    proto = _graph(out)
+    heads = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("model.lm_head")]
+    assert len(heads) == 1 and {a.name: a.i for a in heads[0].attribute}["block_size"] == 16
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.tokenizer.json"]  # weights inside, like the float export
+    code = parity.main([built(RECIPE), out])
+    err = capsys.readouterr().err
+    assert code == 1 and "an int4 graph; xlora-parity holds float graphs" in err and err.count("\n") == 1
+
+
+def test_no_validate_says_agreement_was_not_measured(tmp_path):
+    report = export(built(RECIPE), str(tmp_path / "m.onnx"), ExportOptions(validate=False,
+                                                                           quantize=QuantizeOptions("int8")))
+    assert report.quantization.skipped == "--no-validate" and not report.quantization.agreement
+    assert "AGREEMENT NOT MEASURED" in "\n".join(report.quantization.lines())
+
+
+# ----------------------------------------------------------------------------------------- failures
+def test_broken_quantized_graph_fails_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    original = quantize.quantize_graph
+
+    def negated_scales(path, options, work):
+        proto, n = original(path, options, work)
+        for init in proto.graph.initializer:
+            if init.name.endswith("_scales"):
+                init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+        return proto, n
+
+    monkeypatch.setattr(quantize, "quantize_graph", negated_scales)
+    argv = [built(RECIPE), str(tmp_path / "m.onnx"), "--quantize", "int4", "--frozen-scalings", "--steps", "1"]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 1 and "validation failed: the int4 main graph's logits differ from the float graph's" in err
+    assert err.count("\n") == 1 and os.listdir(tmp_path) == []
+
+
+def test_min_agreement_fails_the_export(tmp_path, capsys, monkeypatch):
+    def poor(floats, quantized, tokenizer):
+        return {"main": quantize.Agreement(positions=100, tokens=0.4, logits_error=0.2)}, "stub"
+
+    monkeypatch.setattr(quantize, "measure_agreement", poor)
+    argv = [built(RECIPE), str(tmp_path / "m.onnx"), "--quantize", "int8", "--min-agreement", "0.5", "--steps", "1"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert ("the int8 main graph's top-1 tokens agree with the float graph's at 40% of 100 positions (--min-agreement "
+            "0.5); no file was written") in err and os.listdir(tmp_path) == []
+    report = quantize.quantize_files({"main": exported(None)[0]}, {"main": str(tmp_path / "m.onnx")},
+                                     QuantizeOptions("int8"), validate=True)
+    assert report.agreement["main"].tokens == 0.4  # the default threshold, 0, lets it pass
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "int3"], "argument --quantize: invalid choice: 'int3' (choose from 'int8', 'int4')"),
+    (["--quantize", "int4", "--block-size", "24"], "argument --block-size: expected a power of two, at least 16"),
+    (["--quantize", "int4", "--block-size", "8"], "argument --block-size: expected a power of two, at least 16"),
+    (["--quantize", "int8", "--block-size", "32"], "--block-size applies to --quantize int4 only"),
+    (["--block-size", "32"], "--block-size needs --quantize (int8 or int4)"),
+    (["--quantize-lm-head"], "--quantize-lm-head needs --quantize (int8 or int4)"),
+    (["--min-agreement", "0.9"], "--min-agreement needs --quantize (int8 or int4)"),
+    (["--quantize", "int8", "--min-agreement", "1.5"], "argument --min-agreement: expected a fraction in 0..1"),
+])
+def test_bad_quantize_options_are_usage_errors(args, message, tmp_path, capsys):
+    assert cli.main([built(RECIPE), str(tmp_path / "m.onnx"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().split("\n")[-1].startswith("xlora-export: error:")
+    assert os.listdir(tmp_path) == []
+
+
+def test_refusals_before_the_export(tmp_path, capsys, monkeypatch):
+    code = cli.main([built(RECIPE), str(tmp_path / "m.onnx"), "--quantize", "int4", "--dtype", "fp16"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--quantize int4 needs --dtype fp32" in err and err.count("\n") == 1
+    for options, message in ((QuantizeOptions("int3"), "--quantize 'int3': expected one of int8, int4"),
+                             (QuantizeOptions(block_size=48), "--block-size 48: expected a power of two"),
+                             (QuantizeOptions(min_agreement=2.0), "--min-agreement 2.0: expected a fraction")):
+        with pytest.raises(xlora.XLoraError, match=message.replace("(", r"\(")):
+            export(built(RECIPE), str(tmp_path / "m.onnx"), ExportOptions(quantize=options))
+    real = quantize.importlib.util.find_spec
+    monkeypatch.setattr(quantize.importlib.util, "find_spec", lambda name: None if name == "onnx_ir" else real(name))
+    code = cli.main([built(RECIPE), str(tmp_path / "m.onnx"), "--quantize", "int4"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--quantize int4 needs the onnx-ir package" in err and err.count("\n") == 1
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_choices_are_the_quantize_modes():
+    assert cli.QUANTIZE == quantize.MODES
