@@ -110,6 +110,11 @@ class GraphInfo:
         """`OUT.tokenizer.json` when it travelled with the export."""
         return self._companion("tokenizer")
 
+    @property
+    def chat_template_path(self) -> str | None:
+        """`OUT.chat_template.jinja` when the checkpoint's tokenizer had a chat template."""
+        return self._companion("chat_template")
+
 
 def _read_info(session: ort.InferenceSession, path: str) -> GraphInfo:
     meta = session.get_modelmeta().custom_metadata_map
