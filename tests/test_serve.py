@@ -569,3 +569,52 @@ def test_serve_package_imports_nothing_heavy():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [RUNTIME_ROOT, os.environ.get("PYTHONPATH")])))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# ----------------------------------------------------------------------------------------------- Ray Serve
+def _private_network() -> list[str] | None:
+    """A command prefix running its command in a new network namespace with only loopback up, or None where this
+    machine cannot make one (no unshare, no user namespaces)."""
+    prefix = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
+    try:
+        ok = subprocess.run([*prefix, "sh", "-c", "ip link set lo up && ip -o link show up | wc -l"],
+                            capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return prefix if ok.returncode == 0 and ok.stdout.strip() == "1" else None
+
+
+@pytest.mark.ray
+def test_ray_serve_on_a_two_node_cluster():
+    """deploy/ray/serve_config.yaml on a simulated 2-node cluster (tests/serve_ray_cluster.py): one replica per node;
+    interleaved sessions keep their replica and its caches; a session's turn on the replica without its caches gets
+    the warm tokens (and the runtime's alone); streaming through Ray's proxy."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install \"xlora-runtime[ray]\")")
+    prefix = _private_network()
+    if prefix is None:
+        pytest.skip("cannot make a private network namespace here (unshare -n); Ray binds non-loopback addresses")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [RUNTIME_ROOT, os.environ.get("PYTHONPATH")])),
+               RAY_USAGE_STATS_ENABLED="0")
+    command = f"ip link set lo up && exec {sys.executable} {os.path.join(ROOT, 'tests', 'serve_ray_cluster.py')} " \
+              f"{chat_graph()} 8000"
+    out = subprocess.run([*prefix, "sh", "-c", command], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["cpus"] == {"total": 2.0, "free": 0.0, "nodes": 2}  # a replica on each node
+    session = generator().session
+    template = __import__("xlora_runtime.serve.chat", fromlist=["ChatTemplate"]).ChatTemplate.of_session(session)
+
+    def alone(messages: list[dict]) -> list[int]:
+        ids = session.tokenizer.encode(template.render(messages), add_special_tokens=False).ids
+        return solo(ids, 8)
+
+    for name, (first, second) in report["turns"].items():
+        assert second["instance"] == first["instance"], f"{name} changed replica"  # fixed replicas: the hash holds
+        assert first["cached"] == 0 and second["cached"] > 0, name
+        assert first["tokens"] == alone(first["messages"]) and second["tokens"] == alone(second["messages"]), name
+    warm, cold = report["turns"]["session-0"][1], report["cold"]
+    assert cold is not None, "every probe landed on the same replica"
+    assert cold["instance"] != warm["instance"] and cold["cached"] == 0
+    assert cold["tokens"] == warm["tokens"]
+    stream = report["stream"]
+    assert stream["status"] == 200 and stream["done"] and stream["text"] == stream["expected"]
