@@ -116,10 +116,7 @@ class RequestHandle:
 
     def _push(self, item: TokenOut | BaseException) -> None:
         if self._loop is not None and not self.cancelled:
-            try:
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-            except RuntimeError:  # the caller's loop has closed: nobody is listening
-                self.cancelled = True
+            _deliver(self._loop, [(self, item)])
 
     def cancel(self) -> None:
         """Stop generating for this request (idempotent); the engine frees its caches at the next step."""
@@ -135,6 +132,19 @@ class RequestHandle:
             yield item
             if item.finish_reason is not None:
                 return
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[RequestHandle, TokenOut | BaseException]]) -> None:
+    """Hand items to their handles' queues in their event loop: one wake-up of the loop for all of them."""
+    def put() -> None:
+        for handle, item in items:
+            handle._queue.put_nowait(item)
+
+    try:
+        loop.call_soon_threadsafe(put)
+    except RuntimeError:  # the caller's loop has closed: nobody is listening
+        for handle, _ in items:
+            handle.cancelled = True
 
 
 @dataclass
@@ -227,6 +237,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)  # this step's tokens
 
     # ------------------------------------------------------------------------------------------- callers' side
     @property
@@ -334,8 +345,10 @@ class Scheduler:
                 try:
                     if admitted:
                         self._prefill(admitted)
+                        self._flush()  # first tokens out before the next decode step
                     if self._groups:
                         self._decode()
+                        self._flush()
                 except Exception as e:  # a graph failure: every request in flight fails, nothing leaks
                     self._fail_running(XLoraError(f"generation failed ({type(e).__name__}: {e})"))
         finally:
@@ -346,7 +359,13 @@ class Scheduler:
                 self._waiting.clear()
             self.sessions.clear()
 
+    def _flush(self) -> None:
+        for loop, items in self._outbox.items():
+            _deliver(loop, items)
+        self._outbox.clear()
+
     def _fail_running(self, error: Exception) -> None:
+        self._flush()
         for group in self._groups.values():
             group.release()
         self._groups.clear()
@@ -510,5 +529,7 @@ class Scheduler:
                 s.pending = s.pending[len(text):]
         s.handle.completion_tokens = len(s.tokens)
         s.handle.finish_reason = reason
-        s.handle._push(TokenOut(token, text, scalings.copy() if s.spec.scalings else None, reason))
+        if s.handle._loop is not None:
+            self._outbox[s.handle._loop].append((s.handle, TokenOut(token, text, scalings.copy() if s.spec.scalings
+                                                                    else None, reason)))
 

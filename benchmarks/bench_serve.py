@@ -1,0 +1,231 @@
+"""Serving throughput and latency: xlora-serve (continuous batching) against requests served one at a time.
+
+    python benchmarks/bench_serve.py [--model llama-32m] [--clients 1 4 8 16] [--max-tokens 64]
+                                     [--threads 2] [--ray-replicas 1 2] [--json OUT.json]
+
+The model is built with its recipe and exported once into benchmarks/.cache (bench_generate.py's `prepare`). Every
+run sends the same kind of requests: random prompts of 16 to 63 tokens (seed 0), greedy, `ignore_eos`, exactly
+--max-tokens new tokens each, streamed (server-sent events, one chunk per token). Rows:
+
+    sequential      the runtime's Generator in this process, one request after another (no server, no batching):
+                    the baseline of the ratios
+    xlora-serve     `xlora-serve GRAPH --threads T` in a child process; C clients (asyncio + httpx) each send
+                    requests back to back over 127.0.0.1
+    ray N           the same app as a Ray Serve deployment with N replicas (T / N threads and CPUs each), run
+                    with Ray's proxy inside a private network namespace (`unshare -n`, loopback only), where
+                    Ray's components bind no other address
+
+Columns: requests/s and output tokens/s over the run's wall time; time to first token (TTFT: request sent to its
+first token) and time per output token (TPOT: a request's (last - first token time) / (tokens - 1)), p50 and p99
+over the run's requests; x seq: output tokens/s relative to `sequential`. Each client sends max(2, 8 / C) requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RUNTIME = os.path.join(ROOT, "runtime")
+
+
+def requests_for(clients: int, vocab: int, seed: int = 0) -> list[list[list[int]]]:
+    """Per client, its prompts (token ids)."""
+    rng = np.random.default_rng(seed)
+    per_client = max(2, 8 // clients)
+    return [[rng.integers(3, vocab, int(rng.integers(16, 64))).tolist() for _ in range(per_client)]
+            for _ in range(clients)]
+
+
+def summarize(records: list[dict], wall: float) -> dict:
+    """requests/s, tokens/s, TTFT and TPOT percentiles of a run's request records (times in seconds)."""
+    tokens = sum(r["tokens"] for r in records)
+    ttft = [r["ttft"] for r in records]
+    tpot = [r["tpot"] for r in records if r["tpot"] is not None]
+    return dict(requests=len(records), tokens=tokens, wall_s=wall, requests_per_s=len(records) / wall,
+                tokens_per_s=tokens / wall, ttft_p50_ms=1e3 * float(np.percentile(ttft, 50)),
+                ttft_p99_ms=1e3 * float(np.percentile(ttft, 99)), tpot_p50_ms=1e3 * float(np.percentile(tpot, 50)),
+                tpot_p99_ms=1e3 * float(np.percentile(tpot, 99)))
+
+
+def record(sent: float, times: list[float]) -> dict:
+    return dict(tokens=len(times), ttft=times[0] - sent,
+                tpot=(times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None)
+
+
+# ----------------------------------------------------------------------------------------------- the rows
+def sequential(graph: str, threads: int, prompts: list[list[int]], max_tokens: int) -> dict:
+    """The baseline: Generator.stream, one request after another."""
+    from xlora_runtime import Generator, XLoraSession
+
+    generator = Generator(XLoraSession(graph, threads=threads))
+    list(generator.stream(prompts[0], max_new_tokens=4, stop_token_ids=[]))  # warm-up
+    records, start = [], time.perf_counter()
+    for prompt in prompts:
+        sent, times = time.perf_counter(), []
+        for _ in generator.stream(prompt, max_new_tokens=max_tokens, stop_token_ids=[]):
+            times.append(time.perf_counter())
+        records.append(record(sent, times))
+    return summarize(records, time.perf_counter() - start)
+
+
+async def _client(http, prompts: list[list[int]], max_tokens: int, records: list[dict]) -> None:
+    for prompt in prompts:
+        body = dict(prompt=prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True, stream=True,
+                    xlora=dict(return_token_ids=True))  # token ids: every token is a chunk
+        sent, times = time.perf_counter(), []
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200, await response.aread()
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    times.append(time.perf_counter())
+        assert len(times) == max_tokens, len(times)
+        records.append(record(sent, times))
+
+
+async def _load(url: str, clients: int, vocab: int, max_tokens: int) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        await _client(http, [[5, 17, 99]], 4, [])  # warm-up
+        records: list[dict] = []
+        start = time.perf_counter()
+        await asyncio.gather(*(_client(http, p, max_tokens, records) for p in requests_for(clients, vocab)))
+        return summarize(records, time.perf_counter() - start)
+
+
+def load(url: str, clients_list: list[int], vocab: int, max_tokens: int, say) -> dict[int, dict]:
+    out = {}
+    for clients in clients_list:
+        out[clients] = asyncio.run(_load(url, clients, vocab, max_tokens))
+        say(f"  {clients:2d} clients: {out[clients]['tokens_per_s']:.1f} tok/s")
+    return out
+
+
+def serve_rows(graph: str, threads: int, clients_list: list[int], vocab: int, max_tokens: int, say) -> dict:
+    """xlora-serve in a child process, loaded by each client count in turn."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [RUNTIME, os.environ.get("PYTHONPATH")])))
+    server = subprocess.Popen([sys.executable, "-m", "xlora_runtime.serve.cli", graph, "--port", "0", "--threads",
+                               str(threads), "--max-batch", "16", "--max-queue", "64"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        line = server.stdout.readline()
+        url = re.search(r"on (http://127\.0\.0\.1:\d+) ", line).group(1)
+        return load(url, clients_list, vocab, max_tokens, say)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def ray_child(args: argparse.Namespace) -> None:
+    """Inside the private network namespace: a local Ray cluster, the deployment with N replicas, the load."""
+    import ray
+    from ray import serve
+
+    from xlora_runtime.serve.ray_app import XLoraDeployment
+
+    replicas = args.ray_child
+    ray.init(num_cpus=args.threads, include_dashboard=False, object_store_memory=80 << 20, logging_level="ERROR",
+             log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000}, proxy_location="HeadOnly")
+    threads = max(1, args.threads // replicas)
+    deployment = XLoraDeployment.options(num_replicas=replicas, max_ongoing_requests=80,
+                                         ray_actor_options={"num_cpus": args.threads / replicas})
+    serve.run(deployment.bind(args.graph, threads=threads, max_batch=16, max_queue=64), name="xlora")
+    rows = load("http://127.0.0.1:8000", args.clients, args.vocab, args.max_tokens, lambda s: print(s, file=sys.stderr))
+    print("RESULT " + json.dumps({str(k): v for k, v in rows.items()}), flush=True)
+    serve.shutdown()
+    ray.shutdown()
+
+
+def ray_rows(graph: str, replicas: int, args: argparse.Namespace, vocab: int, say) -> dict | None:
+    prefix = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [RUNTIME, os.environ.get("PYTHONPATH")])),
+               RAY_USAGE_STATS_ENABLED="0")
+    command = (f"ip link set lo up && exec {sys.executable} {os.path.abspath(__file__)} --ray-child {replicas} "
+               f"--graph {graph} --vocab {vocab} --threads {args.threads} --max-tokens {args.max_tokens} "
+               f"--clients {' '.join(map(str, args.clients))}")
+    out = subprocess.run([*prefix, "sh", "-c", command], stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+    if out.returncode != 0:
+        say(f"ray {replicas}: failed (exit {out.returncode}); no private network namespace here?")
+        return None
+    [result] = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    return {int(k): v for k, v in json.loads(result[len("RESULT "):]).items()}
+
+
+# ----------------------------------------------------------------------------------------------- report
+def table(results: dict) -> str:
+    base = results["sequential"]["tokens_per_s"]
+    lines = ["| server | clients | requests/s | output tok/s | x seq | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | "
+             "TPOT p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def row(name: str, clients: str, r: dict) -> None:
+        lines.append(f"| {name} | {clients} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['tokens_per_s'] / base:.2f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
+                     f"{r['tpot_p50_ms']:.1f} | {r['tpot_p99_ms']:.1f} |")
+
+    row("sequential (Generator)", "1", results["sequential"])
+    for name, rows in results["servers"].items():
+        for clients, r in sorted(rows.items()):
+            row(name, str(clients), r)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama-32m", help="recipe of models/recipes.py (default llama-32m)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrent clients per run")
+    parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default 64)")
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (Ray: CPUs) in all (default 2)")
+    parser.add_argument("--ray-replicas", type=int, nargs="*", default=[1, 2], help="Ray Serve replica counts "
+                        "(default 1 2; none: skip Ray)")
+    parser.add_argument("--json", help="write every figure and the settings here")
+    parser.add_argument("--ray-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--graph", help=argparse.SUPPRESS)
+    parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.ray_child:
+        ray_child(args)
+        return
+    sys.path.insert(0, HERE)
+    from bench_generate import prepare
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    info = prepare(args.model, say)
+    graph = info["graph"]
+    vocab = 300  # prompts from the tokenizer's few hundred real tokens (the embedding is padded beyond them)
+    say("sequential baseline (Generator, one request at a time)")
+    seq_prompts = [p for client in requests_for(1, vocab) for p in client]
+    results = {"sequential": sequential(graph, args.threads, seq_prompts, args.max_tokens), "servers": {}}
+    say(f"  {results['sequential']['tokens_per_s']:.1f} tok/s")
+    say("xlora-serve")
+    results["servers"]["xlora-serve"] = serve_rows(graph, args.threads, args.clients, vocab, args.max_tokens, say)
+    for replicas in args.ray_replicas:
+        say(f"Ray Serve, {replicas} replica(s)")
+        rows = ray_rows(graph, replicas, args, vocab, say)
+        if rows is not None:
+            results["servers"][f"ray {replicas} replica{'s' if replicas > 1 else ''}"] = rows
+    print(table(results))
+    if args.json:
+        settings = dict(model=args.model, max_tokens=args.max_tokens, threads=args.threads, clients=args.clients,
+                        machine=dict(cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+                                     python=platform.python_version(), load=os.getloadavg()))
+        with open(args.json, "w") as f:
+            json.dump(dict(settings=settings, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
