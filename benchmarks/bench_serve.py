@@ -17,7 +17,8 @@ run sends the same kind of requests: random prompts of 16 to 63 tokens (seed 0),
 
 Columns: requests/s and output tokens/s over the run's wall time; time to first token (TTFT: request sent to its
 first token) and time per output token (TPOT: a request's (last - first token time) / (tokens - 1)), p50 and p99
-over the run's requests; x seq: output tokens/s relative to `sequential`. Each client sends max(2, 8 / C) requests.
+over the run's requests; x seq: output tokens/s relative to `sequential`. Each client sends max(4, 16 / C) requests
+back to back (`sequential` serves the 1-client run's 16).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ RUNTIME = os.path.join(ROOT, "runtime")
 def requests_for(clients: int, vocab: int, seed: int = 0) -> list[list[list[int]]]:
     """Per client, its prompts (token ids)."""
     rng = np.random.default_rng(seed)
-    per_client = max(2, 8 // clients)
+    per_client = max(4, 16 // clients)
     return [[rng.integers(3, vocab, int(rng.integers(16, 64))).tolist() for _ in range(per_client)]
             for _ in range(clients)]
 

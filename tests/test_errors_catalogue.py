@@ -17,7 +17,7 @@ HEADERS = {
     ("guarantee", "test"): "guarantees",
     ("bad input", "today", "test"): "gaps",
 }
-EXITS = {"0", "1", "2", "130", "raises"}
+EXITS = {"0", "1", "2", "130", "raises", "400", "404", "429"}  # HTTP statuses: the server's answers
 TEST_REF = re.compile(r"(tests/[\w/]+\.py)::(\w+)(?:::(\w+))?")
 PLACEHOLDER = re.compile(r"<[^<>\s][^<>]*>")
 
@@ -61,8 +61,8 @@ def _templates() -> list[tuple[re.Pattern, int]]:
     """Every string the code can write, as (pattern, literal length): literal text, and `.+` where a value is
     formatted in."""
     out = []
-    for folder in SOURCES:
-        for name in sorted(os.listdir(folder)):
+    for top in SOURCES:
+        for folder, name in sorted((folder, name) for folder, _, names in os.walk(top) for name in names):
             if not name.endswith(".py"):
                 continue
             with open(os.path.join(folder, name), encoding="utf-8") as f:
