@@ -1,6 +1,6 @@
 """Serving throughput and latency: xlora-serve (continuous batching) against requests served one at a time.
 
-    python benchmarks/bench_serve.py [--model llama-32m] [--clients 1 4 8 16] [--max-tokens 64]
+    python benchmarks/bench_serve.py [--model llama-32m] [--clients 1 4 8 16] [--max-tokens 64] [--rounds 3]
                                      [--threads 2] [--ray-replicas 1 2] [--json OUT.json]
 
 The model is built with its recipe and exported once into benchmarks/.cache (bench_generate.py's `prepare`). Every
@@ -17,8 +17,10 @@ run sends the same kind of requests: random prompts of 16 to 63 tokens (seed 0),
 
 Columns: requests/s and output tokens/s over the run's wall time; time to first token (TTFT: request sent to its
 first token) and time per output token (TPOT: a request's (last - first token time) / (tokens - 1)), p50 and p99
-over the run's requests; x seq: output tokens/s relative to `sequential`. Each client sends max(4, 16 / C) requests
-back to back (`sequential` serves the 1-client run's 16).
+over the run's requests; x seq: output tokens/s relative to `sequential` measured in the same round. Each client
+sends max(2, 8 / C) requests back to back (`sequential` serves the 1-client run's 8). --rounds rounds each run
+`sequential` then every client count; the table shows each figure's median over the rounds (on a machine shared
+with other jobs, pairing each run with a baseline measured minutes apart or less keeps the ratios meaningful).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ RUNTIME = os.path.join(ROOT, "runtime")
 def requests_for(clients: int, vocab: int, seed: int = 0) -> list[list[list[int]]]:
     """Per client, its prompts (token ids)."""
     rng = np.random.default_rng(seed)
-    per_client = max(4, 16 // clients)
+    per_client = max(2, 8 // clients)
     return [[rng.integers(3, vocab, int(rng.integers(16, 64))).tolist() for _ in range(per_client)]
             for _ in range(clients)]
 
@@ -65,19 +67,24 @@ def record(sent: float, times: list[float]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- the rows
-def sequential(graph: str, threads: int, prompts: list[list[int]], max_tokens: int) -> dict:
-    """The baseline: Generator.stream, one request after another."""
+def sequential(graph: str, threads: int, vocab: int, max_tokens: int):
+    """The baseline: Generator.stream, one request after another (the 1-client prompts); returns the runner."""
     from xlora_runtime import Generator, XLoraSession
 
     generator = Generator(XLoraSession(graph, threads=threads))
-    list(generator.stream(prompts[0], max_new_tokens=4, stop_token_ids=[]))  # warm-up
-    records, start = [], time.perf_counter()
-    for prompt in prompts:
-        sent, times = time.perf_counter(), []
-        for _ in generator.stream(prompt, max_new_tokens=max_tokens, stop_token_ids=[]):
-            times.append(time.perf_counter())
-        records.append(record(sent, times))
-    return summarize(records, time.perf_counter() - start)
+    list(generator.stream([5, 17, 99], max_new_tokens=4, stop_token_ids=[]))  # warm-up
+    prompts = [p for client in requests_for(1, vocab) for p in client]
+
+    def run() -> dict:
+        records, start = [], time.perf_counter()
+        for prompt in prompts:
+            sent, times = time.perf_counter(), []
+            for _ in generator.stream(prompt, max_new_tokens=max_tokens, stop_token_ids=[]):
+                times.append(time.perf_counter())
+            records.append(record(sent, times))
+        return summarize(records, time.perf_counter() - start)
+
+    return run
 
 
 async def _client(http, prompts: list[list[int]], max_tokens: int, records: list[dict]) -> None:
@@ -106,16 +113,25 @@ async def _load(url: str, clients: int, vocab: int, max_tokens: int) -> dict:
         return summarize(records, time.perf_counter() - start)
 
 
-def load(url: str, clients_list: list[int], vocab: int, max_tokens: int, say) -> dict[int, dict]:
-    out = {}
-    for clients in clients_list:
-        out[clients] = asyncio.run(_load(url, clients, vocab, max_tokens))
-        say(f"  {clients:2d} clients: {out[clients]['tokens_per_s']:.1f} tok/s")
+def rounds(url: str, baseline, args: argparse.Namespace, vocab: int, say) -> dict:
+    """--rounds rounds of: the sequential baseline, then each client count against the server at `url`.
+    Returns {"sequential": [per round], "clients": {C: [per round, with x_seq]}}."""
+    out: dict = {"sequential": [], "clients": {c: [] for c in args.clients}}
+    for r in range(args.rounds):
+        base = baseline()
+        out["sequential"].append(base)
+        say(f" round {r + 1}: sequential {base['tokens_per_s']:.1f} tok/s")
+        for clients in args.clients:
+            run = asyncio.run(_load(url, clients, vocab, args.max_tokens))
+            run["x_seq"] = run["tokens_per_s"] / base["tokens_per_s"]
+            out["clients"][clients].append(run)
+            say(f"  {clients:2d} clients: {run['tokens_per_s']:.1f} tok/s, {run['x_seq']:.2f}x")
     return out
 
 
-def serve_rows(graph: str, threads: int, clients_list: list[int], vocab: int, max_tokens: int, say) -> dict:
+def serve_rows(graph: str, baseline, args: argparse.Namespace, vocab: int, say) -> dict:
     """xlora-serve in a child process, loaded by each client count in turn."""
+    threads = args.threads
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [RUNTIME, os.environ.get("PYTHONPATH")])))
     server = subprocess.Popen([sys.executable, "-m", "xlora_runtime.serve.cli", graph, "--port", "0", "--threads",
                                str(threads), "--max-batch", "16", "--max-queue", "64"], stdout=subprocess.PIPE,
@@ -123,7 +139,7 @@ def serve_rows(graph: str, threads: int, clients_list: list[int], vocab: int, ma
     try:
         line = server.stdout.readline()
         url = re.search(r"on (http://127\.0\.0\.1:\d+) ", line).group(1)
-        return load(url, clients_list, vocab, max_tokens, say)
+        return rounds(url, baseline, args, vocab, say)
     finally:
         server.terminate()
         server.wait(30)
@@ -144,8 +160,9 @@ def ray_child(args: argparse.Namespace) -> None:
     deployment = XLoraDeployment.options(num_replicas=replicas, max_ongoing_requests=80,
                                          ray_actor_options={"num_cpus": args.threads / replicas})
     serve.run(deployment.bind(args.graph, threads=threads, max_batch=16, max_queue=64), name="xlora")
-    rows = load("http://127.0.0.1:8000", args.clients, args.vocab, args.max_tokens, lambda s: print(s, file=sys.stderr))
-    print("RESULT " + json.dumps({str(k): v for k, v in rows.items()}), flush=True)
+    baseline = sequential(args.graph, args.threads, args.vocab, args.max_tokens)
+    rows = rounds("http://127.0.0.1:8000", baseline, args, args.vocab, lambda s: print(s, file=sys.stderr))
+    print("RESULT " + json.dumps(rows), flush=True)
     serve.shutdown()
     ray.shutdown()
 
@@ -156,30 +173,37 @@ def ray_rows(graph: str, replicas: int, args: argparse.Namespace, vocab: int, sa
                RAY_USAGE_STATS_ENABLED="0")
     command = (f"ip link set lo up && exec {sys.executable} {os.path.abspath(__file__)} --ray-child {replicas} "
                f"--graph {graph} --vocab {vocab} --threads {args.threads} --max-tokens {args.max_tokens} "
-               f"--clients {' '.join(map(str, args.clients))}")
+               f"--rounds {args.rounds} --clients {' '.join(map(str, args.clients))}")
     out = subprocess.run([*prefix, "sh", "-c", command], stdout=subprocess.PIPE, stderr=None, text=True, env=env)
     if out.returncode != 0:
         say(f"ray {replicas}: failed (exit {out.returncode}); no private network namespace here?")
         return None
     [result] = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    return {int(k): v for k, v in json.loads(result[len("RESULT "):]).items()}
+    rows = json.loads(result[len("RESULT "):])
+    rows["clients"] = {int(k): v for k, v in rows["clients"].items()}
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------- report
+def median(runs: list[dict]) -> dict:
+    """Each figure's median over rounds."""
+    return {key: float(np.median([r[key] for r in runs])) for key in runs[0] if isinstance(runs[0][key], float)}
+
+
 def table(results: dict) -> str:
-    base = results["sequential"]["tokens_per_s"]
     lines = ["| server | clients | requests/s | output tok/s | x seq | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | "
              "TPOT p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
 
     def row(name: str, clients: str, r: dict) -> None:
         lines.append(f"| {name} | {clients} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['tokens_per_s'] / base:.2f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
+                     f"{r.get('x_seq', 1.0):.2f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
                      f"{r['tpot_p50_ms']:.1f} | {r['tpot_p99_ms']:.1f} |")
 
-    row("sequential (Generator)", "1", results["sequential"])
+    all_baselines = [b for rows in results["servers"].values() for b in rows["sequential"]]
+    row("sequential (Generator)", "1", median(all_baselines))
     for name, rows in results["servers"].items():
-        for clients, r in sorted(rows.items()):
-            row(name, str(clients), r)
+        for clients, runs in sorted(rows["clients"].items()):
+            row(name, str(clients), median(runs))
     return "\n".join(lines)
 
 
@@ -188,6 +212,8 @@ def main() -> None:
     parser.add_argument("--model", default="llama-32m", help="recipe of models/recipes.py (default llama-32m)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrent clients per run")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default 64)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of (sequential, every client count); the table "
+                        "shows medians (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (Ray: CPUs) in all (default 2)")
     parser.add_argument("--ray-replicas", type=int, nargs="*", default=[1, 2], help="Ray Serve replica counts "
                         "(default 1 2; none: skip Ray)")
@@ -208,12 +234,11 @@ def main() -> None:
     info = prepare(args.model, say)
     graph = info["graph"]
     vocab = 300  # prompts from the tokenizer's few hundred real tokens (the embedding is padded beyond them)
-    say("sequential baseline (Generator, one request at a time)")
-    seq_prompts = [p for client in requests_for(1, vocab) for p in client]
-    results = {"sequential": sequential(graph, args.threads, seq_prompts, args.max_tokens), "servers": {}}
-    say(f"  {results['sequential']['tokens_per_s']:.1f} tok/s")
-    say("xlora-serve")
-    results["servers"]["xlora-serve"] = serve_rows(graph, args.threads, args.clients, vocab, args.max_tokens, say)
+    results: dict = {"servers": {}}
+    say("xlora-serve (each round: the sequential baseline, then every client count)")
+    baseline = sequential(graph, args.threads, vocab, args.max_tokens)
+    results["servers"]["xlora-serve"] = serve_rows(graph, baseline, args, vocab, say)
+    del baseline  # its session's memory
     for replicas in args.ray_replicas:
         say(f"Ray Serve, {replicas} replica(s)")
         rows = ray_rows(graph, replicas, args, vocab, say)
@@ -222,6 +247,7 @@ def main() -> None:
     print(table(results))
     if args.json:
         settings = dict(model=args.model, max_tokens=args.max_tokens, threads=args.threads, clients=args.clients,
+                        rounds=args.rounds,
                         machine=dict(cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(),
                                      python=platform.python_version(), load=os.getloadavg()))
         with open(args.json, "w") as f:

@@ -420,7 +420,18 @@ BAD = [
      "xlora.return_scalings='all': expected false, true (every expert) or \"top\""),
     ("/v1/completions", {"prompt": "x", "xlora": {"top_k": 1}}, "unknown field 'xlora.top_k' (known: "),
     ("/v1/completions", {"prompt": "x", "xlora": 3}, "xlora=3: expected an object with some of "),
+    ("/v1/completions", {"prompt": "x", "model": 5}, "model=5: expected a string"),
+    ("/v1/completions", {"prompt": "x", "ignore_eos": "no"}, "ignore_eos='no': expected true or false"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"x": 1}},
+     "stream_options={'x': 1}: expected {\"include_usage\": true or false}"),
+    ("/v1/completions", {"prompt": "x", "xlora": {"expert_top_k": "2"}},
+     "xlora.expert_top_k='2': expected an int (0 = dense)"),
+    ("/v1/completions", {"prompt": "x", "xlora": {"return_token_ids": 1}},
+     "xlora.return_token_ids=1: expected true or false"),
     ("/v1/chat/completions", {"max_tokens": 3}, "messages: missing (expected a non-empty list of {role, content} "),
+    ("/v1/chat/completions", {"messages": [5]}, "messages[0]=5: expected a {role, content} object"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages[0].content: expected a string or a list of {type: \"text\", text} parts"),
     ("/v1/chat/completions", {"messages": []}, "messages=[]: expected a non-empty list of {role, content} objects"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
      "messages[0].content=5: expected a string"),
@@ -523,6 +534,98 @@ def test_models_health_and_metrics(server):
     assert server.metric("xlora_time_to_first_token_seconds_count") >= 1
     assert server.metric("xlora_generation_tokens_total") >= 3
     assert 'xlora_requests_total{endpoint="/v1/completions",status="200"}' in text
+
+
+# ----------------------------------------------------------------------------------------------- the Python API
+def test_scheduler_and_server_refusals(monkeypatch):
+    from xlora_runtime.serve.app import Server, ServerConfig
+    from xlora_runtime.serve.chat import ChatTemplate
+    from xlora_runtime.serve.scheduler import RequestSpec, Scheduler
+
+    session = generator().session
+    with pytest.raises(XLoraError, match=r"^max_batch=0: expected an int >= 1$"):
+        Scheduler(session, max_batch=0)
+    with pytest.raises(XLoraError, match=r"^max_queue=-1: expected an int >= 0$"):
+        Scheduler(session, max_queue=-1)
+    with pytest.raises(XLoraError, match=r"^session cache -1.0 MB: expected a number >= 0$"):
+        Server(ServerConfig(chat_graph(), session_cache_mb=-1.0))
+    with pytest.raises(XLoraError, match=r"^bad.jinja: not a valid Jinja chat template \(.+\)$"):
+        ChatTemplate("{% for %}", {}, "bad.jinja")
+    bare = XLoraSession(exported("tiny-llama"), threads=1)  # its tokenizer taken away
+    monkeypatch.setitem(bare.info.record, "files", dict(bare.info.record["files"], tokenizer=None))
+    with pytest.raises(XLoraError, match=r"^stop: stop strings need the tokenizer, and none travelled with this "):
+        Scheduler(bare).submit([RequestSpec([5, 6], stop=("x",))])
+    server = Server(ServerConfig(exported("tiny-llama"), threads=1))
+    server.session = bare
+    with pytest.raises(XLoraError, match=r"^model 'tiny-llama': no tokenizer travelled with this export; send token "):
+        server.encode("text")
+
+
+def test_a_failing_graph_fails_the_requests_in_flight_and_the_engine_goes_on(monkeypatch):
+    import asyncio
+
+    from xlora_runtime.serve.scheduler import RequestSpec, Scheduler
+
+    session = XLoraSession(chat_graph(), threads=1)
+    scheduler = Scheduler(session)
+    scheduler.start()
+    try:
+        run = CacheGroup.run
+        monkeypatch.setattr(CacheGroup, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost")))
+        loop = asyncio.new_event_loop()
+        handles = scheduler.submit([RequestSpec([5, 6, 7], max_tokens=4), RequestSpec([8], max_tokens=4)], loop)
+        errors = loop.run_until_complete(_outcomes(handles))
+        assert [str(e) for e in errors] == ["generation failed (RuntimeError: device lost)"] * 2
+        assert session.cache_bytes == 0
+        monkeypatch.setattr(CacheGroup, "run", run)
+        handles = scheduler.submit([RequestSpec([5, 6, 7], max_tokens=4, ignore_eos=True)], loop)
+        assert loop.run_until_complete(_outcomes(handles)) == [solo([5, 6, 7], 4, stop_token_ids=[])]
+        loop.close()
+    finally:
+        scheduler.stop()
+
+
+async def _outcomes(handles) -> list:
+    """Each handle's tokens, or the XLoraError it raised."""
+    import asyncio
+
+    async def one(handle):
+        try:
+            return [out.token async for out in handle]
+        except XLoraError as e:
+            return e
+
+    return await asyncio.gather(*(one(h) for h in handles))
+
+
+def test_stopping_the_engine_ends_the_requests_in_flight():
+    import asyncio
+
+    from xlora_runtime.serve.scheduler import RequestSpec, Scheduler
+
+    scheduler = Scheduler(XLoraSession(chat_graph(), threads=1), max_batch=1)  # one runs, one waits
+    scheduler.start()
+    loop = asyncio.new_event_loop()
+    handles = scheduler.submit([RequestSpec([5, 6, 7], max_tokens=250, ignore_eos=True), RequestSpec([8])], loop)
+    scheduler.stop()
+    results = loop.run_until_complete(_outcomes(handles))
+    loop.close()
+    assert [str(r) for r in results] == ["the server is shutting down"] * 2
+    assert scheduler.session.cache_bytes == 0
+
+
+def test_ray_app_builder_refusals():
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install \"xlora-runtime[ray]\")")
+    from xlora_runtime.serve.ray_app import build
+
+    with pytest.raises(XLoraError, match=r"^xlora_runtime.serve.ray_app:build: missing the argument graph=PATH/TO/"):
+        build({})
+    with pytest.raises(XLoraError, match=r"^xlora_runtime.serve.ray_app:build: unknown argument 'batch' \(known: "):
+        build({"graph": "m.onnx", "batch": 4})
+    with pytest.raises(XLoraError, match=r"^xlora_runtime.serve.ray_app:build: max_batch='many': expected int$"):
+        build({"graph": "m.onnx", "max_batch": "many"})
+    app = build({"graph": "m.onnx", "max_batch": "8", "session_cache_mb": "64"})  # strings from the command line
+    assert app._bound_deployment.init_kwargs == {"graph": "m.onnx", "max_batch": 8, "session_cache_mb": 64.0}
 
 
 # ----------------------------------------------------------------------------------------------- the command

@@ -105,7 +105,7 @@ def _options(body: dict[str, Any], max_tokens_default: int | None) -> tuple[dict
             raise XLoraError("stream_options: only allowed with stream: true")
         if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"} or \
                 not isinstance(stream_options.get("include_usage", False), bool):
-            raise XLoraError(f"stream_options={brief(stream_options)}: expected {{\"include_usage\": true|false}}")
+            raise XLoraError(f"stream_options={brief(stream_options)}: expected {{\"include_usage\": true or false}}")
         include_usage = stream_options.get("include_usage", False)
     xlora = body.get("xlora")
     xlora = {} if xlora is None else xlora
