@@ -202,7 +202,7 @@ def table(results: dict) -> str:
     all_baselines = [b for rows in results["servers"].values() for b in rows["sequential"]]
     row("sequential (Generator)", "1", median(all_baselines))
     for name, rows in results["servers"].items():
-        for clients, runs in sorted(rows["clients"].items()):
+        for clients, runs in sorted(rows["clients"].items(), key=lambda item: int(item[0])):  # JSON keys are str
             row(name, str(clients), median(runs))
     return "\n".join(lines)
 

@@ -80,7 +80,7 @@ class Server:
     """
 
     def __init__(self, config: ServerConfig) -> None:
-        if config.session_cache_mb < 0:
+        if not config.session_cache_mb >= 0:  # also nan
             raise XLoraError(f"session cache {config.session_cache_mb} MB: expected a number >= 0")
         self.config = config
         self.session = XLoraSession(config.graph, provider=config.provider, threads=config.threads)
@@ -110,6 +110,7 @@ class Server:
         return self.chat_template.render(check_messages(messages))
 
     def top_k(self, spec_top_k: int | None) -> int:
+        """A request's experts per token (its `expert_top_k`, else the model's default)."""
         return self.info.default_top_k if spec_top_k is None else spec_top_k
 
 
