@@ -31,8 +31,10 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -153,6 +155,9 @@ def ray_child(args: argparse.Namespace) -> None:
     from xlora_runtime.serve.ray_app import XLoraDeployment
 
     replicas = args.ray_child
+    temp = tempfile.mkdtemp(prefix="xlora-ray-")  # Ray's files (not /tmp/ray), removed at the end
+    os.environ["RAY_TMPDIR"] = temp
+    os.makedirs(os.path.join(temp, "ray"))
     ray.init(num_cpus=args.threads, include_dashboard=False, object_store_memory=80 << 20, logging_level="ERROR",
              log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8000}, proxy_location="HeadOnly")
@@ -165,6 +170,7 @@ def ray_child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(rows), flush=True)
     serve.shutdown()
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def ray_rows(graph: str, replicas: int, args: argparse.Namespace, vocab: int, say) -> dict | None:

@@ -3,6 +3,8 @@ loopback up): a simulated 2-node Ray cluster (`ray.cluster_utils.Cluster`, one C
 with `serve run` from deploy/ray/serve_config.yaml (two replicas, one per node, the consistent-hash router), then
 HTTP traffic through Ray's proxy on 127.0.0.1. Prints one JSON object of observations; test_serve.py judges them.
 
+    RAY_TMPDIR is set to a temporary folder (removed at the end), so nothing is left in /tmp/ray.
+
     python tests/serve_ray_cluster.py GRAPH.onnx PORT
 """
 
@@ -45,11 +47,28 @@ def config(graph: str, port: int, folder: str) -> str:
 
 
 def main() -> None:
-    graph, port = sys.argv[1], int(sys.argv[2])
+    temp = tempfile.mkdtemp(prefix="xlora-ray-")  # the config and Ray's files (not /tmp/ray)
+    os.environ["RAY_TMPDIR"] = temp  # also for the processes started below
+    os.makedirs(os.path.join(temp, "ray"))
+    try:
+        observe(sys.argv[1], int(sys.argv[2]), temp)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def observe(graph: str, port: int, temp: str) -> None:
+    """Start the cluster and the application, send the traffic, print the observations, shut everything down."""
     t0 = time.monotonic()
-    temp = tempfile.mkdtemp(prefix="xlora-ray-")  # the config and Ray's session files, removed at the end
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, include_dashboard=False,
-                                                                object_store_memory=STORE, temp_dir=temp))
+                                                                object_store_memory=STORE))
+    try:
+        traffic(graph, port, temp, cluster, t0)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def traffic(graph: str, port: int, temp: str, cluster: Cluster, t0: float) -> None:
     cluster.add_node(num_cpus=1, object_store_memory=STORE)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
@@ -117,9 +136,6 @@ def main() -> None:
                           stream=streamed, total_s=round(time.monotonic() - t0, 1))))
     client.close()
     serve.shutdown()
-    ray.shutdown()
-    cluster.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
 
 
 if __name__ == "__main__":
