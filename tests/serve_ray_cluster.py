@@ -3,9 +3,9 @@ loopback up): a simulated 2-node Ray cluster (`ray.cluster_utils.Cluster`, one C
 with `serve run` from deploy/ray/serve_config.yaml (two replicas, one per node, the consistent-hash router), then
 HTTP traffic through Ray's proxy on 127.0.0.1. Prints one JSON object of observations; test_serve.py judges them.
 
-    RAY_TMPDIR is set to a temporary folder (removed at the end), so nothing is left in /tmp/ray.
-
     python tests/serve_ray_cluster.py GRAPH.onnx PORT
+
+Ray's files go to a temporary RAY_TMPDIR (removed at the end): nothing is needed or left in /tmp/ray.
 """
 
 from __future__ import annotations
