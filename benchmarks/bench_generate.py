@@ -10,10 +10,22 @@ generation of one random prompt (fixed seed, batch 1, no stop tokens) with every
 
     ort granular    xlora_runtime.Generator.stream, scalings per token (two passes, both caches)
     ort frozen      the same with freeze_scalings_after=0 (frozen graph: one pass, one cache)
+    graph two-pass  the exported main graph driven by the runtime's cache manager (`CacheGroup`) in a bare
+                    greedy loop: what the graph costs per token, without the generator's bookkeeping
+    graph frozen    the frozen graph (fixed uniform scalings) in the same loop
+    graph base      the plain base model (no experts, no classifier) exported the same way (`export_base_graph`:
+                    the same decoder forward and weight passes, last-position logits) in the same loop: the
+                    floor the two-pass graph is measured against (2 passes + the LoRA terms)
     eager granular  the eager xLoRAModel with both caches: the reference of the ratios
     eager frozen    the same with the scalings frozen at the prompt's last token (generate's
                     freeze_scalings_after=0)
     hf base         the bare base model's transformers `generate` with its cache (no experts at all)
+    peft xlora      PEFT's XLoraModel `generate` (it cannot use a KV cache: use_cache=False), --peft-tokens
+                    new tokens only
+
+Then the decode speed at several contexts (--contexts, default 32 128 448: prompts of those lengths, 16 new
+tokens) for the graph rows and ort granular, and the runtime's peak resident memory in a child process
+(main + frozen graph loaded, one granular and one frozen generation) against weights + caches.
 
 Every engine is timed the same way, from per-token timestamps: prefill = time from the call to the
 first new token (the prompt's forward + picking the token), decode tok/s = (new tokens - 1) / time
@@ -92,9 +104,61 @@ def prepare(name: str, say: Callable[[str], None]) -> dict:
         info.update(export_s=stamp["export_s"], export_reused=False)
         say(f"{name}: exported in {stamp['export_s']:.1f} s, max diff vs eager {stamp['parity']}")
     info["parity"] = stamp.get("parity")
+    info["base_graph"] = os.path.join(CACHE, f"{name}.base.onnx")
+    if not os.path.isfile(info["base_graph"]) or stamp.get("base_graph_of") != stamp.get("export_s"):
+        say(f"{name}: exporting the plain base graph")
+        export_base_graph(folder, info["base_graph"])
+        stamp["base_graph_of"] = stamp.get("export_s")
     with open(stamp_path, "w") as f:
         json.dump(stamp, f, indent=1)
     return info
+
+
+def export_base_graph(folder: str, path: str) -> None:
+    """The checkpoint's base model alone as a graph with the frozen graph's signature, traced and given its
+    weights by the exporter's own passes: `decoder_pass` without gates (no LoRA op), lm_head on the last position.
+    The frozen graph's `scalings` and `top_k` inputs are kept by a zero-cost use (ONNX drops unused inputs), so
+    that the runtime's cache manager drives it like the frozen graph."""
+    import onnx
+    import torch
+
+    from xlora_export.decoder import attention_masks, decoder_pass, lm_logits
+    from xlora_export.export import ExportOptions, _example_inputs
+    from xlora_export.graph import _flat, _pairs
+    from xlora_export.onnx_passes import WeightStore, attach_weights, fold_constants
+    from xlora_export.xlora_utils import load_model
+    from xlora_runtime import contract as C
+
+    model = load_model(folder)[0].eval()
+    n = model.config.num_hidden_layers
+
+    class BaseGraph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, mask, pos, *rest):
+            past, scalings, top_k = _pairs(rest[:2 * n]), rest[2 * n], rest[-1]
+            masks = attention_masks(mask, ids.shape[1], model.spec.windows)
+            hidden, present = decoder_pass(model.model, model.spec, ids, pos, masks, past, None, 1.0)
+            logits = lm_logits(model.model, model.spec, hidden[:, -1:])
+            keep = (scalings[:1, :1, :1] * 0 + top_k * 0).to(logits.dtype)  # (1, 1, 1) zeros
+            return (logits + keep, *_flat(present))
+
+    wrapper = BaseGraph()
+    with torch.no_grad():
+        torch.onnx.export(wrapper, _example_inputs(model, True), path, input_names=C.input_names(n, True),
+                          output_names=C.output_names(n, True), dynamic_axes=C.dynamic_axes(n, True),
+                          opset_version=ExportOptions().opset, dynamo=False, export_params=False,
+                          do_constant_folding=False)
+    proto = onnx.load(path)
+    fold_constants(proto)
+    weights = dict(wrapper.named_buffers(remove_duplicate=False))
+    weights.update(wrapper.named_parameters(remove_duplicate=False))
+    store = WeightStore(None)
+    attach_weights(proto, weights, store, rename={k: k.removeprefix("model.") for k in weights})
+    store.close()
+    onnx.save_model(proto, path)
 
 
 # ----------------------------------------------------------------------------------------------- engines
@@ -113,6 +177,67 @@ def runtime_engine(graph: str, threads: int, freeze: int | None) -> Callable[[li
         return tokens, times, t0
 
     return run
+
+
+def graph_engine(graph: str, threads: int, kind: str, base_graph: str | None = None
+                 ) -> Callable[[list[int], int], Run]:
+    """A bare greedy loop over the runtime's cache manager: `kind` "two-pass" (main graph), "frozen" (frozen
+    graph, uniform fixed scalings) or "base" (`base_graph` in the frozen graph's place)."""
+    from xlora_runtime import XLoraSession
+    from xlora_runtime.kv_cache import CacheGroup
+
+    session = XLoraSession(graph, threads=threads)
+    if kind == "base":
+        session._frozen = session.backend.open(base_graph)
+    info = session.info
+    uniform = np.full((1, info.n_modules, info.n_experts), 1 / info.n_experts, np.float32)
+    top_k = info.default_top_k
+
+    def run(prompt: list[int], n: int) -> Run:
+        tokens, times = [], []
+        t0 = time.perf_counter()
+        group = CacheGroup(session, np.arange(1), frozen=kind != "two-pass",
+                           fixed_scalings=None if kind == "two-pass" else uniform)
+        mask = np.ones((1, len(prompt) + n), np.int64)
+        out = group.run(np.array([prompt]), mask[:, :len(prompt)], np.arange(len(prompt))[None], top_k)
+        for step in range(n):
+            token = int(out.last_logits[0].argmax())
+            tokens.append(token)
+            times.append(time.perf_counter())
+            if step == n - 1:
+                break
+            total = len(prompt) + step + 1
+            out = group.run(np.array([[token]]), mask[:, :total], np.array([[total - 1]]), top_k)
+        group.release()
+        return tokens, times, t0
+
+    return run
+
+
+def peft_engine(model, checkpoint: str) -> Callable[[list[int], int], Run]:
+    """PEFT's XLoraModel over the same base, experts and classifier weights; its `generate` without a cache
+    (PEFT's X-LoRA cannot run one), timestamped per token like `hf base`."""
+    import torch
+    from peft import XLoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    c = model.xlora_config
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(checkpoint, "base")).eval()
+    base.config.use_cache = False
+    adapters = {str(i): os.path.join(checkpoint, name) for i, name in enumerate(model.adapter_names)}
+    config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=c.hidden_size, adapters=adapters,
+                         enable_softmax=c.enable_softmax, enable_softmax_topk=c.enable_softmax_topk,
+                         softmax_temperature=c.softmax_temperature, layerwise_scalings=c.layerwise_scalings,
+                         top_k_lora=c.top_k_lora, xlora_depth=c.xlora_depth, xlora_size=c.xlora_size,
+                         xlora_dropout_p=0.0, scaling_pass_value=c.scaling_pass_value,
+                         global_scaling_weight=c.global_scaling_weight)
+    peft_model = get_peft_model(base, config).eval()
+    targets = [m for m in peft_model.base_model.internal_xlora_classifier.layers if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for target, source in zip(targets, model.internal_xlora_classifier.linears(), strict=True):
+            target.weight.copy_(source.weight)
+            target.bias.copy_(source.bias)
+    return hf_base_engine(peft_model, use_cache=False)
 
 
 def eager_engine(model, frozen: bool) -> Callable[[list[int], int], Run]:
@@ -156,7 +281,7 @@ def check_generate(model, prompt: list[int], n: int, frozen: bool, expected: lis
     return out[0, len(prompt):].tolist() == expected
 
 
-def hf_base_engine(base) -> Callable[[list[int], int], Run]:
+def hf_base_engine(base, use_cache: bool = True) -> Callable[[list[int], int], Run]:
     """transformers' `generate` of the bare base model (cache on, greedy, no eos); a streamer timestamps
     each new token (its first `put` is the prompt, then one call per new token)."""
     import torch
@@ -181,7 +306,7 @@ def hf_base_engine(base) -> Callable[[list[int], int], Run]:
 
     @torch.no_grad()
     def run(prompt: list[int], n: int) -> Run:
-        config = GenerationConfig(max_new_tokens=n, do_sample=False, use_cache=True, eos_token_id=None,
+        config = GenerationConfig(max_new_tokens=n, do_sample=False, use_cache=use_cache, eos_token_id=None,
                                   pad_token_id=base.config.pad_token_id)
         clock = Clock()
         t0 = time.perf_counter()
@@ -248,24 +373,30 @@ def bench_model(name: str, args: argparse.Namespace, say: Callable[[str], None])
     # Random ids over the model's whole vocabulary, above the special tokens (pad, bos, eos).
     prompt = np.random.default_rng(args.seed).integers(3, vocab, args.prompt_len).tolist()
 
+    graphs = {kind: graph_engine(info["graph"], args.threads, kind, info["base_graph"])
+              for kind in ("two-pass", "frozen", "base")}
     engines = {
         "ort granular": runtime_engine(info["graph"], args.threads, None),
         "ort frozen": runtime_engine(info["graph"], args.threads, 0),
+        **{f"graph {kind}": run for kind, run in graphs.items()},
         REFERENCE: eager_engine(model, frozen=False),
         "eager frozen": eager_engine(model, frozen=True),
     }
     if not args.no_hf_base:
         engines["hf base"] = hf_base_engine(base)
+    if args.peft_tokens:
+        engines["peft xlora"] = peft_engine(model, info["checkpoint"])
+    new_tokens = {engine: args.peft_tokens if engine == "peft xlora" else args.new_tokens for engine in engines}
     say(f"{name}: {n_base / 1e6:.1f}M base parameters ({n_all / 1e6:.1f}M with experts and classifier); "
         f"warm-up, then {args.runs} runs round-robin over {len(engines)} engines")
-    first = {engine: run(prompt, args.new_tokens) for engine, run in engines.items()}  # warm-up
+    first = {engine: run(prompt, new_tokens[engine]) for engine, run in engines.items()}  # warm-up
     samples: dict[str, list[dict]] = {engine: [] for engine in engines}
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     for _ in range(args.runs):
         for engine, run in engines.items():
             quiet = wait_quiet(args.wait_quiet) if args.wait_quiet else None
             busy0, cpu0 = busy_cpu_s(), time.process_time()
-            result = run(prompt, args.new_tokens)
+            result = run(prompt, new_tokens[engine])
             busy1, cpu_s = busy_cpu_s(), time.process_time() - cpu0
             if result[0] != first[engine][0]:
                 raise SystemExit(f"{name}/{engine}: greedy tokens changed between runs")
@@ -282,6 +413,10 @@ def bench_model(name: str, args: argparse.Namespace, say: Callable[[str], None])
     same = {  # the sanity check: greedy tokens of the runtime against the eager model (same scalings mode)
         "ort granular": first["ort granular"][0] == first[REFERENCE][0],
         "ort frozen": first["ort frozen"][0] == first["eager frozen"][0],
+        "graph two-pass": first["graph two-pass"][0] == first[REFERENCE][0],
+        "graph base": first["graph base"][0] == first["hf base"][0] if "hf base" in first else None,
+        "peft xlora": (first["peft xlora"][0] == first[REFERENCE][0][:args.peft_tokens]
+                       if "peft xlora" in first else None),
         REFERENCE: check_generate(model, prompt, args.new_tokens, False, first[REFERENCE][0]),
         "eager frozen": check_generate(model, prompt, args.new_tokens, True, first["eager frozen"][0]),
     }
@@ -298,13 +433,85 @@ def bench_model(name: str, args: argparse.Namespace, say: Callable[[str], None])
     for row in rows.values():
         for prefix in ("", "best_"):
             row[f"{prefix}prefill_speedup_vs_eager"] = ref[f"{prefix}prefill_ms"] / row[f"{prefix}prefill_ms"]
-            row[f"{prefix}decode_speedup_vs_eager"] = row[f"{prefix}decode_tok_s"] / ref[f"{prefix}decode_tok_s"]
-    return {"model": name, "base_params": n_base, "all_params": n_all, "vocab_size": vocab,
+            if f"{prefix}decode_tok_s" in row:
+                row[f"{prefix}decode_speedup_vs_eager"] = row[f"{prefix}decode_tok_s"] / ref[f"{prefix}decode_tok_s"]
+    base_row = rows["graph base"]
+    ratios = {  # per token, against the plain base graph in the same loop (both: last-position logits)
+        "decode two-pass / base": base_row["decode_tok_s"] / rows["graph two-pass"]["decode_tok_s"],
+        "prefill two-pass / base": rows["graph two-pass"]["prefill_ms"] / base_row["prefill_ms"],
+        "decode frozen / base": base_row["decode_tok_s"] / rows["graph frozen"]["decode_tok_s"],
+    }
+    if "hf base" in rows:
+        ratios["ort granular decode tok/s / hf base"] = rows["ort granular"]["decode_tok_s"] / rows["hf base"][
+            "decode_tok_s"]
+    if "peft xlora" in rows:  # PEFT's tokens/s, each token recomputing the whole sequence twice
+        ratios["ort granular decode tok/s / peft xlora"] = rows["ort granular"]["decode_tok_s"] / rows["peft xlora"][
+            "decode_tok_s"]
+    say(f"{name}: decode speed at contexts {args.contexts}")
+    contexts = context_sweep({k: v for k, v in engines.items() if k.startswith("graph") or k == "ort granular"},
+                             args.contexts, vocab, args.seed, max(1, args.runs // 2))
+    say(f"{name}: runtime peak memory (child process)")
+    memory = runtime_memory(info["graph"], prompt, args.new_tokens, args.threads)
+    sizes = {os.path.basename(p): os.path.getsize(p) for p in
+             (info["graph"], info["graph"] + ".data", info["graph"][:-5] + ".frozen.onnx", info["base_graph"])
+             if os.path.isfile(p)}
+    return {"ratios": ratios, "contexts": contexts, "memory": memory, "graph_bytes": sizes,
+            "model": name, "base_params": n_base, "all_params": n_all, "vocab_size": vocab,
             "n_modules": len(model.module_names), "n_experts": len(model.adapter_names),
             "build_s": info["build_s"], "build_reused": info["build_reused"], "export_s": info["export_s"],
             "export_reused": info["export_reused"], "export_parity_max_diff": info["parity"],
             "load_average_before": load_before, "load_average_after": load_after,
             "greedy_tokens": {e: first[e][0] for e in engines}, "engines": rows}
+
+
+def context_sweep(engines: dict[str, Callable[[list[int], int], Run]], contexts: list[int], vocab: int, seed: int,
+                  runs: int, new: int = 16) -> dict:
+    """Decode tok/s (median of `runs`) of each engine after prompts of each length; and the growth of the time
+    per token from the shortest to the longest context."""
+    out: dict[str, dict] = {engine: {} for engine in engines}
+    for context in contexts:
+        prompt = np.random.default_rng(seed + context).integers(3, vocab, context).tolist()
+        for engine, run in engines.items():
+            run(prompt, 2)  # warm-up at this shape
+            out[engine][context] = statistics.median(timings(run(prompt, new))["decode_tok_s"] for _ in range(runs))
+    for values in out.values():
+        values["growth"] = values[contexts[0]] / values[contexts[-1]]  # time per token, longest / shortest
+    return out
+
+
+_MEMORY_CHILD = """
+import json, sys
+from xlora_runtime import Generator, XLoraSession
+graph, prompt, n, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+def rss(key="VmRSS"):  # VmHWM: this process's peak (ru_maxrss would carry the forking parent's over exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+baseline = rss()
+session = XLoraSession(graph, threads=threads)
+session.frozen
+generator = Generator(session)
+generator.generate(prompt, max_new_tokens=n, stop_token_ids=[])
+granular = generator.peak_cache_bytes
+generator.generate(prompt, max_new_tokens=n, stop_token_ids=[], freeze_scalings_after=0)
+print(json.dumps({"baseline_rss": baseline, "peak_rss": rss("VmHWM"),
+                  "cache_bytes": max(granular, generator.peak_cache_bytes)}))
+"""
+
+
+def runtime_memory(graph: str, prompt: list[int], n: int, threads: int) -> dict:
+    """Peak RSS of a fresh process that loads the main and the frozen graph and generates with each, against
+    weights (the graphs' files) + the peak cache bytes; `baseline_rss` is the process after its imports."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, graph, json.dumps(prompt), str(n), str(threads)],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    stem = graph[: -len(".onnx")]
+    result["weight_bytes"] = sum(os.path.getsize(p) for p in (graph, graph + ".data", stem + ".frozen.onnx")
+                                 if os.path.isfile(p))
+    result["rss_over_weights_and_caches"] = ((result["peak_rss"] - result["baseline_rss"])
+                                             / (result["weight_bytes"] + result["cache_bytes"]))
+    return result
 
 
 def machine(threads: int) -> dict:
@@ -356,6 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of ONNX Runtime and torch")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     parser.add_argument("--no-hf-base", action="store_true", help="skip the bare base model's HF generate row")
+    parser.add_argument("--peft-tokens", type=int, default=4, metavar="N",
+                        help="new tokens of PEFT's cache-less X-LoRA generate (0: skip that row; default 4)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[32, 128, 448], metavar="T",
+                        help="prompt lengths of the decode-speed-by-context table (default 32 128 448)")
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                         help="before each timed run, wait up to S seconds until other processes use < 0.25 CPUs "
                              "(for shared machines; Linux only; default 0: do not wait)")
@@ -390,6 +601,19 @@ def main(argv: list[str] | None = None) -> int:
                                          f"after" if load[0] else ""))
     print(f"best of {args.runs} runs (least disturbed by other processes):")
     print(table(results, best=True))
+    for r in results:
+        print(f"{r['model']}: " + "; ".join(f"{k} {v:.2f}x" for k, v in r["ratios"].items()))
+        print(f"{r['model']}: decode tok/s by context (16 new tokens; growth = time per token at "
+              f"{args.contexts[-1]} / at {args.contexts[0]})")
+        for engine, values in r["contexts"].items():
+            print(f"  {engine:15s} " + "  ".join(f"{c}: {values[c]:7.1f}" for c in args.contexts)
+                  + f"  growth {values['growth']:.2f}x")
+        m = r["memory"]
+        print(f"{r['model']}: runtime peak RSS {m['peak_rss'] / 1e6:.0f} MB ({m['baseline_rss'] / 1e6:.0f} MB after "
+              f"imports) with main + frozen graph loaded; weights {m['weight_bytes'] / 1e6:.0f} MB, peak caches "
+              f"{m['cache_bytes'] / 1e6:.1f} MB: (peak - imports) / (weights + caches) = "
+              f"{m['rss_over_weights_and_caches']:.2f}")
+        print(f"{r['model']}: files " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r["graph_bytes"].items()))
     if args.json:
         payload = {"settings": {k: v for k, v in vars(args).items() if k != "json"}, "machine": info,
                    "results": results}

@@ -368,7 +368,8 @@ def _interrupted_import(heavy: str, module: str, main: str, argv: list[str]) -> 
                           timeout=120)
 
 
-@pytest.mark.parametrize("module", ["xlora_export.parity", "xlora_runtime.cli", "xlora_runtime"])
+@pytest.mark.parametrize("module", ["xlora_export.parity", "xlora_runtime.cli", "xlora_runtime", "xlora_runtime.engine",
+                                    "xlora_export.triton"])
 def test_importing_the_commands_imports_no_heavy_dependency(module):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "runtime"),

@@ -12,12 +12,15 @@ import shutil
 
 import pytest
 import torch
+import transformers.modeling_utils as loader
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import xlora_export
 from helpers import built, expert_paths, load_base, make_xlora, max_diff, peft_oracle
 from xlora_export import XLoraError
+from xlora_export.xlora_utils import load_base_model
 
 RECIPE = "tiny-llama"
 # The original xlora's xlora_config.json keys (xLoRAConfig fields minus `device`), notes A1.
@@ -690,3 +693,20 @@ def test_saved_ordering_mismatch(tmp_path):
     with pytest.raises(XLoraError, match="ordering") as excinfo:
         xlora_export.from_pretrained(str(ckpt), load_base(RECIPE))
     assert "xlora_ordering.json" in _one_line(excinfo)
+
+
+def test_base_model_loaded_in_another_dtype_reads_each_tensor_once(monkeypatch):
+    """An fp32 checkpoint loaded as fp16 goes through safetensors' pread backend (no memory map keeping the
+    whole fp32 file resident), with the same weights as transformers' own (mmap) load; an fp32 load keeps the
+    memory map."""
+    folder = os.path.join(built("tiny-llama"), "base")
+    backends = []
+    monkeypatch.setattr(loader, "safe_open", lambda *a, **k: backends.append(k.get("backend")) or safe_open(*a, **k))
+    half = load_base_model(folder, torch.float16)
+    assert backends == ["pread"]
+    reference = load_base("tiny-llama", torch.float16)
+    for (name, p), q in zip(half.state_dict().items(), reference.state_dict().values()):
+        assert p.dtype == torch.float16 and torch.equal(p, q), name
+    backends.clear()
+    load_base_model(folder, torch.float32)
+    assert backends == ["mmap"]

@@ -61,19 +61,18 @@ def _templates() -> list[tuple[re.Pattern, int]]:
     """Every string the code can write, as (pattern, literal length): literal text, and `.+` where a value is
     formatted in."""
     out = []
-    for top in SOURCES:
-        for folder, name in sorted((folder, name) for folder, _, names in os.walk(top) for name in names):
-            if not name.endswith(".py"):
-                continue
-            with open(os.path.join(folder, name), encoding="utf-8") as f:
-                tree = ast.parse(f.read())
-            for node in ast.walk(tree):
-                if isinstance(node, ast.JoinedStr):
-                    literal = [v.value for v in node.values if isinstance(v, ast.Constant)]
-                    parts = [re.escape(v.value) if isinstance(v, ast.Constant) else ".+" for v in node.values]
-                    out.append((re.compile("".join(parts), re.S), len("".join(literal))))
-                elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-                    out.append((re.compile(re.escape(node.value), re.S), len(node.value)))
+    paths = sorted(os.path.join(top, name) for folder in SOURCES for top, _, names in os.walk(folder)
+                   for name in names if name.endswith(".py"))  # subpackages too (xlora_runtime/backends)
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.JoinedStr):
+                literal = [v.value for v in node.values if isinstance(v, ast.Constant)]
+                parts = [re.escape(v.value) if isinstance(v, ast.Constant) else ".+" for v in node.values]
+                out.append((re.compile("".join(parts), re.S), len("".join(literal))))
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                out.append((re.compile(re.escape(node.value), re.S), len(node.value)))
     return out
 
 

@@ -19,10 +19,12 @@ import xlora_export as xlora
 from helpers import built, expert_paths, make_xlora, max_diff
 from xlora_export import cli
 from xlora_export.export import ExportOptions, export
+from xlora_export.onnx_passes import fp16_weights_per_use
 from xlora_export.trt_check import check_tensorrt
 from xlora_export.validate import compare_with_eager
 from xlora_runtime import Generator, XLoraSession
 from xlora_runtime import contract as C
+from xlora_runtime.session import open_graph
 
 EXPORTS = tempfile.mkdtemp(prefix="xlora-test-exports-")
 atexit.register(shutil.rmtree, EXPORTS, True)
@@ -38,6 +40,7 @@ VARIANTS = {
     "llama-2experts": ("tiny-llama", {"adapters": "beta,gamma"}, {}),
     "llama-4experts": ("tiny-llama", {"adapters": "alpha,beta,gamma,beta:beta2"}, {}),
     "llama-external": ("tiny-llama", {}, {"external_data": True}),
+    "llama-all-logits": ("tiny-llama", {}, {"all_logits": True, "frozen_scalings": True}),
     "mistral": ("tiny-mistral", {}, {}),
     "qwen2": ("tiny-qwen2", {}, {}),
     "qwen3": ("tiny-qwen3", {}, {}),
@@ -88,15 +91,17 @@ def metadata(path: str) -> dict:
 
 # ----------------------------------------------------------------------------------------- contract
 @pytest.mark.parametrize("frozen", [False, True])
-def test_contract_names_dtypes_ranks_and_axes(frozen):
-    path = exported("llama")
+@pytest.mark.parametrize("all_logits", [False, True])
+def test_contract_names_dtypes_ranks_and_axes(frozen, all_logits):
+    path = exported("llama-all-logits" if all_logits else "llama")
     path = C.frozen_path(path) if frozen else path
     model = onnx.load(path)
     meta = metadata(path)
+    assert meta["logits"] == ("all" if all_logits else "last")
     n_layers = meta["num_layers"]
     assert [i.name for i in model.graph.input] == C.input_names(n_layers, frozen)
     assert [o.name for o in model.graph.output] == C.output_names(n_layers, frozen)
-    axes = C.dynamic_axes(n_layers, frozen)
+    axes = C.dynamic_axes(n_layers, frozen, all_logits)
     float_type = onnx.TensorProto.FLOAT
     expected_type = {C.INPUT_IDS: onnx.TensorProto.INT64, C.ATTENTION_MASK: onnx.TensorProto.INT64,
                      C.POSITION_IDS: onnx.TensorProto.INT64, C.TOP_K: onnx.TensorProto.INT64}
@@ -113,6 +118,31 @@ def test_contract_names_dtypes_ranks_and_axes(frozen):
             assert [dims[1].dim_value, dims[3].dim_value] == [meta["num_key_value_heads"], meta["head_dim"]]
     logits = {o.name: o for o in model.graph.output}[C.LOGITS].type.tensor_type.shape.dim
     assert logits[2].dim_value == meta["vocab_size"]
+    if not all_logits:
+        assert logits[1].dim_value == 1  # the last position only: a static 1, no lm_head over the prompt
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_last_position_logits_are_those_of_the_all_logits_graph(frozen):
+    """The default graph's one position of logits is the last position of `--all-logits`'s (same checkpoint)."""
+    outs = {}
+    for name in ("llama", "llama-all-logits"):
+        path = exported(name)
+        session = XLoraSession(path)
+        meta = metadata(path)
+        feed = {C.INPUT_IDS: np.array([[5, 6, 7, 8], [0, 0, 9, 10]]),
+                C.ATTENTION_MASK: np.array([[1, 1, 1, 1], [0, 0, 1, 1]]),
+                C.POSITION_IDS: np.array([[0, 1, 2, 3], [0, 0, 0, 1]]), C.TOP_K: np.array(0)}
+        empty = np.zeros((2, meta["num_key_value_heads"], 0, meta["head_dim"]), np.float32)
+        feed.update({n: empty for n in C.past_names(meta["num_layers"])})
+        if frozen:
+            feed[C.SCALINGS] = np.full((2, meta["n_modules"], meta["n_experts"]), 0.4, np.float32)
+        else:
+            feed.update({n: empty for n in C.past_names(meta["num_layers"], scaling=True)})
+        outs[name] = (session.frozen if frozen else session.main).session.run([C.LOGITS], feed)[0]
+    assert outs["llama"].shape == (2, 1, outs["llama-all-logits"].shape[-1])
+    assert outs["llama-all-logits"].shape[1] == 4
+    np.testing.assert_allclose(outs["llama"][:, 0], outs["llama-all-logits"][:, -1], atol=1e-5)
 
 
 def test_metadata_is_enough_to_drive_the_graph():
@@ -127,7 +157,7 @@ def test_metadata_is_enough_to_drive_the_graph():
     assert set(meta["tensorrt_profile"]) == {"max_batch", "max_sequence", "max_past"}
     assert os.path.isfile(os.path.join(EXPORTS, meta["files"]["tokenizer"]))
     # Build every cache input from the metadata alone and run a prefill of batch 1.
-    session = XLoraSession(path).main
+    session = XLoraSession(path).main.session
     feed = {C.INPUT_IDS: np.array([[5, 6, 7]]), C.ATTENTION_MASK: np.ones((1, 3), np.int64),
             C.POSITION_IDS: np.array([[0, 1, 2]]), C.TOP_K: np.array(meta["default_top_k"], np.int64)}
     for entry in meta["caches"].values():
@@ -141,7 +171,9 @@ def test_metadata_is_enough_to_drive_the_graph():
 PARITY = [("llama", k) for k in range(4)] + [
     ("llama-shared-depth1", 0), ("llama-shared-depth1", 2), ("llama-depth3", 0), ("llama-depth3", 1),
     ("llama-softmaxtopk", 0), ("llama-softmaxtopk", 2), ("llama-scalingpass", 0), ("llama-scalingpass", 3),
-    ("mistral", 0), ("mistral", 2), ("qwen2", 0), ("qwen2", 1), ("llama-external", 0), ("qwen3", 0), ("qwen3", 2),
+    ("mistral", 0), ("mistral", 2), ("qwen2", 0), ("qwen2", 1), ("llama-external", 0),
+    ("llama-all-logits", 0), ("llama-all-logits", 2),
+    ("qwen3", 0), ("qwen3", 2),
     ("gemma2", 0), ("gemma2", 1), ("gemma3", 0), ("gemma3", 3), ("phi3", 0), ("phi3", 2)]
 
 
@@ -162,7 +194,7 @@ def test_frozen_graph_matches_eager_with_the_same_scalings(top_k):
 
 def test_top_k_input_changes_the_graph_output():
     """`top_k` is honoured at run time: the graph's outputs differ between 1 and dense, like the eager model."""
-    session, meta = XLoraSession(exported("llama")).main, metadata(exported("llama"))
+    session, meta = XLoraSession(exported("llama")).main.session, metadata(exported("llama"))
     feed = {C.INPUT_IDS: np.array([[5, 6, 7]]), C.ATTENTION_MASK: np.ones((1, 3), np.int64),
             C.POSITION_IDS: np.array([[0, 1, 2]])}
     for entry in meta["caches"].values():
@@ -269,6 +301,33 @@ def test_fp16_export_agrees_with_fp32_eager_greedy():
                                                       return_logits=True)
     assert result.tokens == reference
     assert max_diff(torch.from_numpy(result.logits), ref_logits) < 2e-2  # measured 4.5e-3
+
+
+def test_fp16_validation_variant_runs_each_weight_through_its_own_identity(tmp_path):
+    """The exporter's fp16 validation graph (`fp16_weights_per_use`): every fp16 initializer feeds only
+    Identity nodes, one per use (so ONNX Runtime's CPU provider casts each use separately), and it computes
+    exactly what the exported graph computes."""
+    source = os.path.join(EXPORTS, "trained16.onnx")
+    if not os.path.isfile(source):
+        export(built("tiny-llama-trained"), source, ExportOptions(dtype="fp16", validate=False))
+    variant = os.path.join(EXPORTS, ".validate.trained16.onnx")
+    uses = fp16_weights_per_use(source, variant)
+    try:
+        proto = onnx.load(variant)
+        fp16 = {t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+        consumers = [n for n in proto.graph.node if set(n.input) & fp16]
+        assert uses >= len(fp16) > 10 and len(consumers) == uses
+        assert {n.op_type for n in consumers} == {"Identity"}
+        meta = metadata(source)
+        feed = {C.INPUT_IDS: np.array([[5, 6, 7]]), C.ATTENTION_MASK: np.ones((1, 3), np.int64),
+                C.POSITION_IDS: np.array([[0, 1, 2]]), C.TOP_K: np.array(0)}
+        feed.update({n: np.zeros((1, meta["num_key_value_heads"], 0, meta["head_dim"]), np.float16)
+                     for entry in meta["caches"].values() for n in entry["inputs"]})
+        expected = open_graph(source, lean=True).run(None, feed)
+        for got, want in zip(open_graph(variant, lean=True).run(None, feed), expected):
+            np.testing.assert_array_equal(got, want)
+    finally:
+        os.remove(variant)
 
 
 def test_bf16_export_says_validation_was_skipped():

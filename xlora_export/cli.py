@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "single-pass graph that takes scalings as an input (both graphs then share OUT.onnx.data)")
     graph.add_argument("--external-data", action="store_true", help="store weights in OUT.onnx.data (automatic "
                        "above 2 GB and with --frozen-scalings)")
+    graph.add_argument("--all-logits", action="store_true", help="output the logits of every position (for "
+                       "scoring); by default only the last position's, which is what generation needs")
     graph.add_argument("--max-batch", type=_positive_int, default=8, metavar="N", help="TensorRT profile hint "
                        "recorded in the metadata, at least 1 (default 8)")
     check = parser.add_argument_group("validation")
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
 
             options = ExportOptions(dtype=args.dtype, opset=args.opset, frozen_scalings=args.frozen_scalings,
+                                    all_logits=args.all_logits,
                                     atol=args.atol, atol_scalings=args.atol_scalings,
                                     validate=not args.no_validate, force=args.force,
                                     external_data=args.external_data, base_model=args.base_model,

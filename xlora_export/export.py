@@ -34,7 +34,7 @@ from .errors import XLoraError
 from .experts import follow_umask
 from .graph import XLoraGraph
 from .model import xLoRAModel
-from .onnx_passes import WeightStore, attach_weights, fold_constants
+from .onnx_passes import WeightStore, attach_weights, fold_constants, fp16_weights_per_use
 from .trt_check import Finding, check_tensorrt, op_counts
 from .validate import EagerReference, ParityResult, compare_with_reference, eager_reference, size_factor, tolerance
 from .xlora_utils import load_model
@@ -52,6 +52,7 @@ class ExportOptions:
     dtype: str = "fp32"
     opset: int = 17
     frozen_scalings: bool = False
+    all_logits: bool = False  # logits of every position (scoring), not only the last one (generation)
     atol: float | None = None  # logits tolerance (default: `validate.tolerance`)
     atol_scalings: float | None = None  # scalings tolerance (default: `validate.tolerance`)
     validate: bool = True
@@ -164,6 +165,7 @@ def _metadata(model: xLoRAModel, options: ExportOptions, out_path: str, frozen: 
         "config": model.xlora_config.to_dict(),
         "default_top_k": model.xlora_config.top_k_lora or 0,
         "caches": caches,
+        "logits": "all" if options.all_logits else "last",
         "eos_token_id": [eos] if isinstance(eos, int) else list(eos or []),
         "pad_token_id": cfg.pad_token_id,
         "bos_token_id": cfg.bos_token_id,
@@ -232,7 +234,7 @@ def _trace(model: xLoRAModel, path: str, options: ExportOptions, frozen: bool, m
            store: WeightStore) -> onnx.ModelProto:
     """Trace one graph to `path`, its weights attached from `store` (see `onnx_passes`), with metadata; checked."""
     n = model.config.num_hidden_layers
-    wrapper = XLoraGraph(model, frozen=frozen)
+    wrapper = XLoraGraph(model, frozen=frozen, all_logits=options.all_logits)
     raw_dir = tempfile.mkdtemp(dir=os.path.dirname(path))
     raw = os.path.join(raw_dir, "raw.onnx")
     try:
@@ -240,12 +242,16 @@ def _trace(model: xLoRAModel, path: str, options: ExportOptions, frozen: bool, m
             warnings.simplefilter("ignore")  # TracerWarnings on shape checks, the TorchScript deprecation notice
             torch.onnx.export(wrapper, _example_inputs(model, frozen), raw,
                               input_names=C.input_names(n, frozen), output_names=C.output_names(n, frozen),
-                              dynamic_axes=C.dynamic_axes(n, frozen), opset_version=options.opset, dynamo=False,
-                              export_params=False, do_constant_folding=False)
+                              dynamic_axes=C.dynamic_axes(n, frozen, options.all_logits),
+                              opset_version=options.opset, dynamo=False, export_params=False, do_constant_folding=False)
         proto = onnx.load(raw)
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
     fold_constants(proto)
+    if not options.all_logits:  # logits of the last position: the trace names that axis, it is a static 1
+        logits = next(o for o in proto.graph.output if o.name == C.LOGITS).type.tensor_type.shape.dim[1]
+        logits.ClearField("dim_param")
+        logits.dim_value = 1
     weights = dict(wrapper.named_buffers(remove_duplicate=False))
     weights.update(wrapper.named_parameters(remove_duplicate=False))
     # names as in xLoRAModel.named_parameters() (the wrapper adds one "model." level)
@@ -284,9 +290,18 @@ def _validate(references: dict[str, list[EagerReference]], spec: DecoderSpec, hi
     factor = size_factor(spec.num_layers, hidden_size)
     for kind, refs in references.items():
         _say(progress, f"validating the {kind} graph with ONNX Runtime")
-        session = open_graph(paths[kind], lean=True)  # the weights held once while the eager references wait
-        results = [compare_with_reference(r, session, spec.num_layers, spec.kv_heads, spec.head_dim) for r in refs]
-        del session
+        path = paths[kind]
+        if options.dtype == "fp16":  # the CPU provider's fp32 copies of fp16 weights, one at a time
+            path = os.path.join(os.path.dirname(path), ".validate." + os.path.basename(path))
+            fp16_weights_per_use(paths[kind], path)
+        try:
+            session = open_graph(path, lean=True)  # the weights held once while the eager references wait
+            results = [compare_with_reference(r, session, spec.num_layers, spec.kv_heads, spec.head_dim)
+                       for r in refs]
+            del session
+        finally:
+            if path != paths[kind]:
+                os.remove(path)
         worst = ParityResult(steps=options.validation_steps)
         for r in results:
             for name, diff in r.max_diff.items():

@@ -1,7 +1,8 @@
 """The module the exporter traces: `xLoRAModel.forward` with the graph contract's flat signature.
 
     (input_ids, attention_mask, position_ids, *past, *scaling_past, top_k)
-        -> xLoRAModel.forward(cache=XLoraCache(past, scaling_past), expert_top_k=top_k)
+        -> xLoRAModel.forward(cache=XLoraCache(past, scaling_past), expert_top_k=top_k,
+                              logits_to_keep=1, or 0 with `all_logits`)
         -> (logits, scalings, *present, *scaling_present)
 
 The frozen variant takes `scalings` (batch, L, n) instead of the scaling caches and returns
@@ -29,12 +30,14 @@ def _flat(kvs: list[KV]) -> list[torch.Tensor]:
 
 
 class XLoraGraph(nn.Module):
-    """Flat-signature wrapper of an `xLoRAModel` for tracing (main graph, or `frozen=True`)."""
+    """Flat-signature wrapper of an `xLoRAModel` for tracing (main graph, or `frozen=True`); logits of the last
+    position (generation), or of every position with `all_logits=True` (scoring)."""
 
-    def __init__(self, model: xLoRAModel, frozen: bool = False) -> None:
+    def __init__(self, model: xLoRAModel, frozen: bool = False, all_logits: bool = False) -> None:
         super().__init__()
         self.model = model
         self.frozen = frozen
+        self.logits_to_keep = 0 if all_logits else 1
         self.n_layers = model.config.num_hidden_layers
         self.train(model.training)  # a fresh Module is in training mode, and export restores it recursively
 
@@ -49,7 +52,7 @@ class XLoraGraph(nn.Module):
             scalings, scaling_past = None, _pairs(rest[n:2 * n])
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=XLoraCache(past, scaling_past), use_cache=True, scalings=scalings,
-                         expert_top_k=top_k)
+                         expert_top_k=top_k, logits_to_keep=self.logits_to_keep)
         if self.frozen:
             return (out.logits, *_flat(out.cache.real))
         return (out.logits, out.scalings, *_flat(out.cache.real), *_flat(out.cache.scaling))

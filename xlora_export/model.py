@@ -92,7 +92,7 @@ class xLoRAModel(GenerationMixin, nn.Module):  # noqa: N801 - the seed's public 
                 use_cache: bool | None = None, labels: torch.Tensor | None = None,
                 scalings: torch.Tensor | None = None, expert_top_k: int | torch.Tensor | None = None,
                 past_key_values: XLoraCache | None = None, num_items_in_batch: int | torch.Tensor | None = None,
-                **kwargs: Any) -> XLoraCausalLMOutput:
+                logits_to_keep: int = 0, **kwargs: Any) -> XLoraCausalLMOutput:
         """Both passes over the new tokens.
 
         Args:
@@ -106,8 +106,10 @@ class xLoRAModel(GenerationMixin, nn.Module):  # noqa: N801 - the seed's public 
             expert_top_k: experts kept per token and module, overriding `top_k_lora` for this call (0 = dense);
                 an int64 tensor when traced.
             num_items_in_batch: HF Trainer's token count for the loss under gradient accumulation.
+            logits_to_keep: k > 0: logits of the last k positions only (generation needs the last one; lm_head
+                is then not run over the prompt). 0: every position (needed with `labels`).
         Returns:
-            XLoraCausalLMOutput(loss, logits (b, s, vocab), cache, scalings (b, s, L, n)).
+            XLoraCausalLMOutput(loss, logits (b, s or k, vocab), cache, scalings (b, s, L, n)).
         """
         cache = cache if cache is not None else past_key_values
         b, s = input_ids.shape
@@ -136,7 +138,11 @@ class xLoRAModel(GenerationMixin, nn.Module):  # noqa: N801 - the seed's public 
         gates = top_k_gates(scalings, k, self.xlora_config.enable_softmax_topk)
         hidden, present = decoder_pass(self.model, self.spec, input_ids, position_ids, masks,
                                        cache.real if cache is not None else None, gates, g)
-        logits = lm_logits(self.model, self.spec, hidden)  # (b, s, vocab)
+        if logits_to_keep:
+            if labels is not None:
+                raise XLoraError("forward(logits_to_keep=...) with labels: the loss needs every position's logits")
+            hidden = hidden[:, -logits_to_keep:]
+        logits = lm_logits(self.model, self.spec, hidden)  # (b, s or logits_to_keep, vocab)
 
         self._latest = scalings.detach()
         if self._logging:

@@ -1,9 +1,10 @@
 """`xlora-parity MODEL_DIR OUT.onnx`: the eager model against the deployed runtime, before you ship.
 
 For several `top_k` values, a batch of prompts of different lengths (left padded) is generated
-greedily by both: the eager model (torch, its two caches) and `xlora_runtime` (ONNX Runtime,
-no torch). At every step it compares the chosen tokens, the logits and the scalings (those of
-the position that chose the token). Prints a table, writes a JSON report.
+greedily by both: the eager model (torch, its two caches) and `xlora_runtime` (no torch; ONNX
+Runtime by default, or `--provider`: CUDA, TensorRT, OpenVINO, a TensorRT engine). At every step
+it compares the chosen tokens, the logits and the scalings (those of the position that chose the
+token). Prints a table, writes a JSON report.
 
 Exit codes: 0 every case passed, 1 a case failed or a user error (one line on stderr), 2 usage error,
 130 interrupted.
@@ -20,6 +21,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from xlora_runtime import contract as C
+from xlora_runtime.backends import PROVIDERS
+from xlora_runtime.cli import device_arg
 
 from .cli import _integer, _positive_float, _positive_int
 from .errors import XLoraError
@@ -187,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlora-parity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="the X-LoRA checkpoint that was exported")
-    parser.add_argument("graph", metavar="OUT.onnx", help="the exported graph")
+    parser.add_argument("graph", metavar="OUT.onnx", help="the exported graph (or OUT.engine, its TensorRT engine)")
     parser.add_argument("--base-model", metavar="PATH", help="base model folder (default: the checkpoint's)")
     parser.add_argument("--prompt", action="append", help="a text prompt (repeatable; needs the tokenizer); "
                         "default: random ids of lengths --lengths")
@@ -203,7 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--atol-scalings", type=_positive_float, metavar="X",
                         help="scalings tolerance, > 0 (default: xlora-export's, 1e-5 in fp32 times (layers x "
                         "hidden / 128) ** 0.6 when above 1)")
-    parser.add_argument("--provider", default="cpu", help="runtime execution provider: cpu, cuda, tensorrt")
+    parser.add_argument("--provider", choices=list(PROVIDERS), help="where the runtime runs the graph: ONNX "
+                        "Runtime's cpu, cuda or tensorrt execution provider, openvino, or trt-engine (OUT.engine "
+                        "built by xlora-engine; then give OUT.engine as the graph); default trt-engine for an .engine "
+                        "file, else cpu")
+    parser.add_argument("--device", metavar="D", help="OpenVINO device (default CPU), or the GPU index (default 0)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
     return parser
 
@@ -242,7 +249,7 @@ def _run(args: argparse.Namespace) -> int:
         if not os.path.isdir(folder):
             raise XLoraError(f"--json {args.json}: the folder {folder} does not exist")
     transformers.utils.logging.disable_progress_bar()
-    session = XLoraSession(args.graph, provider=args.provider)
+    session = XLoraSession(args.graph, provider=args.provider, device=device_arg(args.device))
     dtype = session.info.record["dtype"]
     if dtype not in TOLERANCES:
         raise XLoraError(f"{args.graph}: a {dtype} graph cannot be fed from numpy on this runtime")

@@ -179,7 +179,8 @@ def compare_with_reference(reference: EagerReference, session: ort.InferenceSess
         clear = np.logical_and.accumulate(same | ~step.real, axis=1)  # (b, s) before any selection differs
         compared = step.real & clear & clear_rows[:, None]  # (b, s)
         result.skipped_positions += int((step.real & ~compared).sum())
-        result.update(C.LOGITS, outs[C.LOGITS][compared], step.logits[compared])
+        kept = outs[C.LOGITS].shape[1]  # the last position only, or every position (--all-logits)
+        result.update(C.LOGITS, outs[C.LOGITS][compared[:, -kept:]], step.logits[:, -kept:][compared[:, -kept:]])
         if not frozen:
             result.update(C.SCALINGS, outs[C.SCALINGS][step.real], step.scalings[step.real])
         last = compared[:, -1]

@@ -58,7 +58,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
     defaults = {name: p.default for name, p in inspect.signature(Generator.stream).parameters.items()}
     parser = argparse.ArgumentParser(
         prog="xlora-generate", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Generate with a graph exported by xlora-export (ONNX Runtime, no torch). Prints each "
+        description="Generate with a graph exported by xlora-export (ONNX Runtime, OpenVINO or a TensorRT engine; "
+                    "no torch). Prints each "
                     "prompt's generated text\n(token ids when no tokenizer travelled with the export), then "
                     "tokens/s and peak cache memory.")
     parser.add_argument("graph", metavar="OUT.onnx", help="main graph written by xlora-export")
@@ -88,8 +89,11 @@ def build_generate_parser() -> argparse.ArgumentParser:
                      "sequence's scalings at its latest token and continue on OUT.frozen.onnx (0: the prompt's "
                      "last token)")
     rt = parser.add_argument_group("runtime")
-    rt.add_argument("--provider", choices=list(PROVIDERS), default="cpu", help="ONNX Runtime execution provider "
-                    "(default cpu)")
+    rt.add_argument("--provider", choices=list(PROVIDERS), help="where the graph runs: ONNX Runtime's cpu, cuda or "
+                    "tensorrt execution provider, openvino, or trt-engine (OUT.engine built by xlora-engine); "
+                    "default trt-engine for an .engine file, else cpu")
+    rt.add_argument("--device", metavar="D", help="OpenVINO device (CPU, GPU, NPU, AUTO; default CPU), or the GPU "
+                    "index of cuda, tensorrt and trt-engine (default 0)")
     rt.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: ONNX Runtime's choice)")
     out = parser.add_argument_group("output")
     fmt = out.add_mutually_exclusive_group()
@@ -128,6 +132,11 @@ def _stream_options(args: argparse.Namespace, session: XLoraSession) -> dict[str
     if args.no_eos or args.stop_id:
         options["stop_token_ids"] = ([] if args.no_eos else session.info.eos_token_ids) + list(args.stop_id)
     return options
+
+
+def device_arg(text: str | None) -> str | int | None:
+    """`--device`: a GPU index as an int, an OpenVINO device name as it is."""
+    return int(text) if text is not None and text.isdigit() else text
 
 
 def _check_log_path(path: str) -> None:
@@ -177,7 +186,7 @@ def _generate(args: argparse.Namespace) -> int:
         _check_log_path(args.log_scalings)
     if args.threads is not None and args.threads < 1:
         raise XLoraError(f"--threads {args.threads}: expected >= 1")
-    session = XLoraSession(args.graph, provider=args.provider, threads=args.threads)
+    session = XLoraSession(args.graph, provider=args.provider, threads=args.threads, device=device_arg(args.device))
     generator = Generator(session)
     generator.log_scalings = bool(args.log_scalings)
     prompts, options = _prompts(args), _stream_options(args, session)

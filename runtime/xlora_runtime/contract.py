@@ -9,7 +9,8 @@ Main graph `OUT.onnx` (both passes):
              past_key_values.{i}.key|value (batch, kv_heads, past_sequence, head_dim)          real pass
              scaling_past_key_values.{i}.key|value (batch, kv_heads, past_sequence, head_dim)  scaling pass
              top_k () int64, 0 = dense
-    outputs  logits (batch, sequence, vocab)
+    outputs  logits (batch, 1, vocab): the last position's (default; exported with --all-logits:
+                    (batch, sequence, vocab), every position's)
              scalings (batch, sequence, L, n)   before top-k
              present.{i}.key|value, scaling_present.{i}.key|value (batch, kv_heads, total_sequence, head_dim)
 Frozen graph `OUT.frozen.onnx` (real pass only): the same inputs minus the scaling caches, plus
@@ -71,10 +72,10 @@ def output_names(n_layers: int, frozen: bool = False) -> list[str]:
     return [LOGITS, SCALINGS] + present_names(n_layers) + present_names(n_layers, scaling=True)
 
 
-def dynamic_axes(n_layers: int, frozen: bool = False) -> dict[str, dict[int, str]]:
-    """Symbolic dimensions of every input and output."""
+def dynamic_axes(n_layers: int, frozen: bool = False, all_logits: bool = False) -> dict[str, dict[int, str]]:
+    """Symbolic dimensions of every input and output (`all_logits`: logits of every position, not the last)."""
     axes = {INPUT_IDS: {0: BATCH, 1: SEQUENCE}, ATTENTION_MASK: {0: BATCH, 1: TOTAL_SEQUENCE},
-            POSITION_IDS: {0: BATCH, 1: SEQUENCE}, LOGITS: {0: BATCH, 1: SEQUENCE}}
+            POSITION_IDS: {0: BATCH, 1: SEQUENCE}, LOGITS: {0: BATCH, 1: SEQUENCE} if all_logits else {0: BATCH}}
     axes[SCALINGS] = {0: BATCH} if frozen else {0: BATCH, 1: SEQUENCE}
     for scaling in (False, True) if not frozen else (False,):
         axes.update({name: {0: BATCH, 2: PAST_SEQUENCE} for name in past_names(n_layers, scaling)})

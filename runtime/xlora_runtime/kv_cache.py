@@ -1,15 +1,16 @@
 """The cache manager: both KV caches of every sequence, kept where the graph runs.
 
 Sequences that advance together (same total length: prompts left padded to one width, then one
-token per step) form a `CacheGroup`. Each step binds the group's pasts to the graph's inputs and
-its outputs to fresh device buffers with ONNX Runtime IO binding, and the `present.*` /
-`scaling_present.*` buffers become the next step's pasts as they are: no host round trip, no
-per-step Python work that grows with the sequence (the concat inside the graph is the contract's; the
-attention-mask input is one (g, total) int64 copy per step, which the contract's mask input implies).
-Rows leave a group (a finished sequence: its caches are freed) or move to the frozen group (its
-scaling cache is dropped) by one gather on the host: rare events, not per step. Every group registers
-with its session, so `XLoraSession.cache_bytes` is the memory held by all live groups (all threads); a
-group's caches go as soon as it is released (`release`), or when it is garbage collected.
+token per step) form a `CacheGroup`. Each step hands the group's pasts to the session's backend
+(`backends/`: ONNX Runtime binds them with IO binding, OpenVINO and TensorRT as device tensors), and the
+`present.*` / `scaling_present.*` tensors it returns become the next step's pasts as they are: no host
+round trip, no per-step Python work that grows with the sequence (the concat inside the graph is the
+contract's; the attention-mask input is one (g, total) int64 copy per step, which the contract's mask
+input implies). Rows leave a group (a finished sequence: its caches are freed) or move to the frozen
+group (its scaling cache is dropped) by one gather of rows (`Backend.gather`): rare events, not per
+step. Every group registers with its session, so `XLoraSession.cache_bytes` is the memory held by all
+live groups (all threads); a group's caches go as soon as it is released (`release`), or when it is
+garbage collected.
 
     granular group: main graph, pasts = past_key_values.* + scaling_past_key_values.*
     frozen group:   frozen graph, pasts = past_key_values.*, plus each row's fixed scalings (L, n)
@@ -18,11 +19,12 @@ group's caches go as soon as it is released (`release`), or when it is garbage c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from . import contract as C
+from .backends.dtypes import HOST_DTYPES
 from .session import XLoraSession
 
 __all__ = ["CacheGroup", "StepOutput"]
@@ -44,11 +46,11 @@ class CacheGroup:
         rows: sequence indices of the group's rows, in batch order.
         frozen: run the frozen graph (no scaling pass, no scaling cache).
         fixed_scalings: (g, L, n) per-row scalings of a frozen group.
-        pasts, length: the caches (device buffers) and the positions they hold; default empty.
+        pasts, length: the caches (the backend's device tensors) and the positions they hold; default empty.
     """
 
     def __init__(self, session: XLoraSession, rows: np.ndarray, frozen: bool = False,
-                 fixed_scalings: np.ndarray | None = None, pasts: dict[str, ort.OrtValue] | None = None,
+                 fixed_scalings: np.ndarray | None = None, pasts: dict[str, Any] | None = None,
                  length: int = 0) -> None:
         info = session.info
         self.session = session
@@ -59,41 +61,28 @@ class CacheGroup:
         n = info.num_layers
         self.past_names = C.past_names(n) + ([] if frozen else C.past_names(n, scaling=True))
         self.present_names = C.present_names(n) + ([] if frozen else C.present_names(n, scaling=True))
-        self.output_names = C.output_names(n, frozen)
         if pasts is None:
-            empty = np.zeros((len(self.rows), info.kv_heads, 0, info.head_dim), info.kv_dtype)
-            pasts = {name: self._to_device(empty) for name in self.past_names}
+            shape = (len(self.rows), info.kv_heads, 0, info.head_dim)
+            pasts = {name: session.backend.empty(shape, info.cache_dtype) for name in self.past_names}
         self.pasts = pasts
         session.track_cache(self)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _to_device(self, array: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.session.device, 0)
-
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
             top_k: int) -> StepOutput:
         """One step: the group's new tokens (g, s) through its graph; the caches advance by s."""
         graph = self.session.frozen if self.frozen else self.session.main
-        binding = graph.io_binding()
-        binding.bind_cpu_input(C.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input(C.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
-        binding.bind_cpu_input(C.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
-        binding.bind_cpu_input(C.TOP_K, np.array(top_k, dtype=np.int64))
+        feeds = {C.INPUT_IDS: input_ids, C.ATTENTION_MASK: attention_mask, C.POSITION_IDS: position_ids,
+                 C.TOP_K: np.array(top_k, dtype=np.int64)}
         if self.frozen:
-            binding.bind_cpu_input(C.SCALINGS, self.fixed_scalings.astype(self.session.info.kv_dtype))
-        for name in self.past_names:
-            binding.bind_ortvalue_input(name, self.pasts[name])
-        for name in self.output_names:
-            binding.bind_output(name, self.session.device)
-        graph.run_with_iobinding(binding)
-        outputs = dict(zip(self.output_names, binding.get_outputs()))
-        self.pasts = {p: outputs[q] for p, q in zip(self.past_names, self.present_names)}
+            feeds[C.SCALINGS] = self.fixed_scalings
+        host, presents = graph.step(feeds, self.pasts)
+        self.pasts = {p: presents[q] for p, q in zip(self.past_names, self.present_names)}
         self.length += input_ids.shape[1]
-        logits = outputs[C.LOGITS].numpy()[:, -1].astype(np.float32)
-        scalings = None if self.frozen else outputs[C.SCALINGS].numpy().astype(np.float32)
-        return StepOutput(logits, scalings)
+        scalings = None if self.frozen else host[C.SCALINGS]
+        return StepOutput(host[C.LOGITS][:, -1], scalings)
 
     def take(self, keep: np.ndarray, frozen: bool | None = None,
              fixed_scalings: np.ndarray | None = None) -> CacheGroup:
@@ -107,15 +96,16 @@ class CacheGroup:
             fixed_scalings = self.fixed_scalings[keep]
         names = C.past_names(self.session.info.num_layers)
         names += [] if frozen else C.past_names(self.session.info.num_layers, scaling=True)
-        pasts = {name: self._to_device(self.pasts[name].numpy()[keep]) for name in names}
+        rows = np.flatnonzero(keep)
+        pasts = {name: self.session.backend.gather(self.pasts[name], rows) for name in names}
         return CacheGroup(self.session, self.rows[keep], frozen, fixed_scalings, pasts, self.length)
 
     def merge(self, other: CacheGroup) -> CacheGroup:
         """This group and `other` (same kind and length) as one group; `other` is released."""
         assert self.frozen == other.frozen and self.length == other.length
         self.rows = np.concatenate([self.rows, other.rows])
-        self.pasts = {name: self._to_device(np.concatenate([self.pasts[name].numpy(), other.pasts[name].numpy()]))
-                      for name in self.past_names}
+        backend = self.session.backend
+        self.pasts = {name: backend.concat([self.pasts[name], other.pasts[name]]) for name in self.past_names}
         if self.frozen:
             self.fixed_scalings = np.concatenate([self.fixed_scalings, other.fixed_scalings])
         other.release()
@@ -126,8 +116,8 @@ class CacheGroup:
         longer one (`merge` needs equal lengths). The caller gives those positions mask 0: the graph counts
         positions by `cumsum(attention_mask)` and never attends to masked keys, so every row stays exact."""
         if columns > 0:
-            self.pasts = {name: self._to_device(np.pad(v.numpy(), ((0, 0), (0, 0), (columns, 0), (0, 0))))
-                          for name, v in self.pasts.items()}
+            backend = self.session.backend
+            self.pasts = {name: backend.positions(v, -columns, self.length) for name, v in self.pasts.items()}
             self.length += columns
 
     def slice_positions(self, start: int, stop: int | None = None) -> None:
@@ -136,7 +126,8 @@ class CacheGroup:
         stop = self.length if stop is None else stop
         assert 0 <= start < stop <= self.length
         if (start, stop) != (0, self.length):
-            self.pasts = {name: self._to_device(v.numpy()[:, :, start:stop]) for name, v in self.pasts.items()}
+            backend = self.session.backend
+            self.pasts = {name: backend.positions(v, start, stop) for name, v in self.pasts.items()}
             self.length = stop - start
 
     def release(self) -> None:
@@ -144,6 +135,7 @@ class CacheGroup:
         self.pasts = {}
 
     def nbytes(self) -> int:
-        """Bytes held by this group's caches."""
-        itemsize = np.dtype(self.session.info.kv_dtype).itemsize
-        return sum(int(np.prod(v.shape())) * itemsize for v in self.pasts.values())
+        """Bytes held by this group's caches (0 once released): arithmetic, not a walk of the tensors."""
+        info = self.session.info
+        per_position = info.kv_heads * info.head_dim * HOST_DTYPES[info.cache_dtype].itemsize
+        return len(self.pasts) * len(self.rows) * self.length * per_position

@@ -1,12 +1,13 @@
 """Loading an exported X-LoRA graph: `GraphInfo` (its metadata record) and `XLoraSession`
-(the ONNX Runtime sessions of `OUT.onnx` and, on first use, `OUT.frozen.onnx`).
+(`OUT.onnx` and, on first use, `OUT.frozen.onnx`, opened by a backend: ONNX Runtime, OpenVINO, or the
+TensorRT engines `xlora-engine` built from them; see `backends/`).
 
 Everything needed to drive the graph comes from the metadata record and the files beside the
 graph (SPEC section 6); nothing here imports torch.
 
-Threads: one `XLoraSession` may serve several threads generating at once. ONNX Runtime's `run` is
-thread-safe, every step binds its own inputs and outputs, and the lazy opens (the frozen graph, the
-tokenizer) and the cache registry are guarded by a lock.
+Threads: one `XLoraSession` may serve several threads generating at once. Each backend's step is
+thread-safe (ONNX Runtime's `run` is, every step binds its own inputs and outputs), and the lazy opens
+(the frozen graph, the tokenizer) and the cache registry are guarded by a lock.
 """
 
 from __future__ import annotations
@@ -19,15 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from . import contract as C
+from .backends import PROVIDERS, Graph, default_provider, open_backend
+from .backends.onnxruntime import open_graph
 from .errors import XLoraError, brief
 
 __all__ = ["PROVIDERS", "GraphInfo", "XLoraSession", "open_graph"]
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-_DTYPES = {"float32": np.float32, "float16": np.float16}
 _REQUIRED = {"num_layers", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "n_modules",
              "n_experts", "modules", "adapters", "default_top_k", "caches", "graph"}
 
@@ -89,11 +89,9 @@ class GraphInfo:
         return pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
 
     @property
-    def kv_dtype(self) -> type:
-        dtype = self.record["caches"]["real"]["dtype"]
-        if dtype not in _DTYPES:
-            raise XLoraError(f"{self.path}: cache dtype {dtype} cannot be fed from numpy (bf16 needs a GPU runtime)")
-        return _DTYPES[dtype]
+    def cache_dtype(self) -> str:
+        """The caches' dtype as the record names it: "float32", "float16" or "bfloat16"."""
+        return self.record["caches"]["real"]["dtype"]
 
     def _companion(self, key: str) -> str | None:
         name = (self.record.get("files") or {}).get(key)
@@ -116,12 +114,12 @@ class GraphInfo:
         return self._companion("chat_template")
 
 
-def _read_info(session: ort.InferenceSession, path: str) -> GraphInfo:
-    meta = session.get_modelmeta().custom_metadata_map
-    if C.METADATA_KEY not in meta:
+def _read_info(text: str | None, path: str) -> GraphInfo:
+    """The record as the backend read it from the opened graph (None: the graph has none)."""
+    if text is None:
         raise XLoraError(f"{path}: not an X-LoRA export (no '{C.METADATA_KEY}' metadata record)")
     try:
-        record = json.loads(meta[C.METADATA_KEY])
+        record = json.loads(text)
     except json.JSONDecodeError as e:
         raise XLoraError(f"{path}: the '{C.METADATA_KEY}' metadata record is not valid JSON ({e})") from None
     if not isinstance(record, dict):
@@ -135,73 +133,43 @@ def _read_info(session: ort.InferenceSession, path: str) -> GraphInfo:
     return GraphInfo(path, record)
 
 
-def open_graph(path: str, provider: str = "cpu", threads: int | None = None,
-               lean: bool = False) -> ort.InferenceSession:
-    """One ONNX Runtime session of one graph file, idle threads not spinning (two sessions on a few cores
-    must not compete).
-
-    Args:
-        lean: run the graph as written: no graph optimizations and no pre-packed weights, so that the session
-            holds the weights once (on the CPU, ONNX Runtime otherwise adds packed copies and, for fp16 graphs,
-            fp32 copies of every weight; its memory arena would keep a run's temporaries); slower, for one-off
-            checks such as the exporter's validation.
-    Raises:
-        XLoraError: the graph cannot be loaded.
-    """
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if lean:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.add_session_config_entry("session.disable_prepacking", "1")
-        options.enable_cpu_mem_arena = False  # per-run temporaries (fp16 weights cast to fp32) are freed at once
-        options.enable_mem_pattern = False  # and not planned into one block that holds them all
-    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-    try:
-        return ort.InferenceSession(path, options, providers=providers)
-    except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
-        reason = str(e).splitlines()[0][:200]
-        raise XLoraError(f"{path}: ONNX Runtime cannot load it ({reason})") from None
-
-
 class XLoraSession:
-    """ONNX Runtime sessions for an exported X-LoRA graph.
+    """An exported X-LoRA graph opened by one backend (the same calls and results on every one).
 
     Args:
-        path: `OUT.onnx` written by `xlora-export`.
-        provider: "cpu", "cuda" or "tensorrt" (ONNX Runtime execution providers).
-        threads: intra-op threads (None: ONNX Runtime's default). Idle threads never spin, so that the
-            main and frozen sessions do not compete for cores.
+        path: `OUT.onnx` written by `xlora-export`, or `OUT.engine` written by `xlora-engine`.
+        provider: "cpu", "cuda", "tensorrt" (ONNX Runtime execution providers), "openvino", or "trt-engine"
+            (a TensorRT engine); default "trt-engine" for an `.engine` file, else "cpu". See `backends/`.
+        threads: CPU threads (ONNX Runtime's intra-op threads, OpenVINO's inference threads; None: their
+            default). Idle ONNX Runtime threads never spin, so that the main and frozen sessions do not compete.
+        device: OpenVINO's device ("CPU", "GPU", "NPU", "AUTO"; default "CPU"), or the CUDA device index of the
+            GPU providers (default 0).
     Raises:
-        XLoraError: missing file, not an ONNX graph, not an X-LoRA export, unavailable provider.
+        XLoraError: missing file, not a graph the backend can load, not an X-LoRA export, unavailable provider.
     """
 
-    def __init__(self, path: str, provider: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, path: str, provider: str | None = None, threads: int | None = None,
+                 device: str | int | None = None) -> None:
         if not os.path.isfile(path):
             raise XLoraError(f"{path}: no such file (expected an .onnx graph written by xlora-export)")
-        if provider not in PROVIDERS:
-            raise XLoraError(f"provider {provider!r}: expected one of {', '.join(PROVIDERS)}")
-        if PROVIDERS[provider] not in ort.get_available_providers():
-            raise XLoraError(f"provider {provider!r}: {PROVIDERS[provider]} is not available in this onnxruntime "
-                             f"(available: {', '.join(ort.get_available_providers())})")
-        self.provider = provider
-        self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
+        self.backend = open_backend(default_provider(path) if provider is None else provider, threads, device,
+                                    graph_path=path)
+        self.provider = self.backend.provider
         self.threads = threads
         self.main = self._open(path)
-        self.info = _read_info(self.main, path)
+        self.info = _read_info(self.main.metadata, path)
         if self.info.record.get("graph") != "two_pass":
             raise XLoraError(f"{path}: this is the frozen-scalings graph; open the main graph (OUT.onnx) instead")
-        self._frozen: ort.InferenceSession | None = None
+        self._frozen: Graph | None = None
         self._tokenizer: Any = None
         self._lock = threading.Lock()  # the lazy opens and the cache registry
         self._caches: weakref.WeakSet = weakref.WeakSet()  # live `CacheGroup`s of every generation
 
-    def _open(self, path: str) -> ort.InferenceSession:
-        return open_graph(path, self.provider, self.threads)
+    def _open(self, path: str) -> Graph:
+        return self.backend.open(path)
 
     @property
-    def frozen(self) -> ort.InferenceSession:
+    def frozen(self) -> Graph:
         """The frozen-scalings session (opened on first use, once, whichever thread asks first)."""
         if self._frozen is None:
             with self._lock:

@@ -50,18 +50,20 @@ class ServerConfig:
     Attributes:
         graph: OUT.onnx written by xlora-export.
         model_name: the model id clients send (default: the graph's file name without .onnx).
-        provider, threads: ONNX Runtime execution provider and intra-op threads.
+        provider, threads, device: where the graph runs (as `XLoraSession`'s; None: cpu, or trt-engine for an
+            .engine file) and the intra-op threads.
         max_batch: rows decoded together at most. max_queue: requests waiting beyond it (then 429).
         session_cache_mb: memory for conversations' caches kept between turns (0: none).
     """
 
     graph: str
     model_name: str | None = None
-    provider: str = "cpu"
+    provider: str | None = None
     threads: int | None = None
     max_batch: int = 16
     max_queue: int = 64
     session_cache_mb: float = 256.0
+    device: str | int | None = None
 
 
 class _NotFoundError(Exception):
@@ -83,9 +85,10 @@ class Server:
         if not config.session_cache_mb >= 0:  # also nan
             raise XLoraError(f"session cache {config.session_cache_mb} MB: expected a number >= 0")
         self.config = config
-        self.session = XLoraSession(config.graph, provider=config.provider, threads=config.threads)
+        self.session = XLoraSession(config.graph, provider=config.provider, threads=config.threads,
+                                    device=config.device)
         self.info = self.session.info
-        self.name = config.model_name or os.path.basename(config.graph).removesuffix(".onnx")
+        self.name = config.model_name or os.path.splitext(os.path.basename(config.graph))[0]
         self.chat_template = ChatTemplate.of_session(self.session)
         self.instance = uuid.uuid4().hex[:12]
         self.metrics = Metrics(lambda: self.scheduler.queue_depth, lambda: self.scheduler.batch_size,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import socket
 
-from ..cli import _run
+from ..backends import PROVIDERS
+from ..cli import _run, device_arg
 from ..errors import XLoraError
 
 __all__ = ["build_serve_parser", "main"]
@@ -38,8 +39,11 @@ def build_serve_parser() -> argparse.ArgumentParser:
     srv.add_argument("--session-cache-mb", type=float, default=256.0, metavar="MB", help="memory for the caches of "
                      "conversations (x-session-id header) kept between turns (default 256; 0: none)")
     rt = parser.add_argument_group("runtime")
-    rt.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="ONNX Runtime execution "
-                    "provider (default cpu)")
+    rt.add_argument("--provider", choices=list(PROVIDERS), help="where the graph runs: ONNX Runtime's cpu, cuda or "
+                    "tensorrt execution provider, openvino, or trt-engine (GRAPH.engine built by xlora-engine); "
+                    "default: trt-engine for an .engine file, else cpu")
+    rt.add_argument("--device", metavar="D", help="OpenVINO device (CPU, GPU, NPU, AUTO; default CPU), or the GPU "
+                    "index for cuda, tensorrt and trt-engine (default 0)")
     rt.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: ONNX Runtime's choice)")
     rt.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning",
                     help="uvicorn's log level (default warning)")
@@ -81,7 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
     if not args.session_cache_mb >= 0:
         raise XLoraError(f"--session-cache-mb {args.session_cache_mb}: expected a number >= 0")
     server = Server(ServerConfig(args.graph, args.model_name, args.provider, args.threads, args.max_batch,
-                                 args.max_queue, args.session_cache_mb))
+                                 args.max_queue, args.session_cache_mb, device_arg(args.device)))
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(create_app(server), log_level=args.log_level, access_log=False,

@@ -18,6 +18,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from ..cli import device_arg
 from ..errors import XLoraError
 from .app import Server, ServerConfig, create_app
 
@@ -58,6 +59,9 @@ def build(args: dict[str, Any]) -> Application:
         raise XLoraError("xlora_runtime.serve.ray_app:build: missing the argument graph=PATH/TO/OUT.onnx")
     options = {}
     for name, value in args.items():
+        if name == "device":
+            options[name] = device_arg(None if value is None else str(value))
+            continue
         kind = {"int": int, "int | None": int, "float": float}.get(str(fields[name].type))
         try:
             options[name] = kind(value) if kind is not None and value is not None else value

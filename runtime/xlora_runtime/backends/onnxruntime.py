@@ -1,0 +1,245 @@
+"""ONNX Runtime: the CPU, CUDA and TensorRT execution providers, with IO binding.
+
+Each step binds the host inputs, the pasts (OrtValues on the provider's device) and the presents to device
+memory that ONNX Runtime allocates; the presents are the next step's pasts as they are. logits and scalings are
+bound to host memory (one copy, no per-step work that grows with the sequence).
+
+Rows gathered or joined (a finished row, a row moving to the frozen graph) go through the host on the CPU; on a
+GPU, they are device-to-device copies of whole rows (`backends/cuda.py`), so bf16 caches, which numpy cannot
+hold, never leave the device.
+
+The TensorRT execution provider is given an explicit profile holding the engine builder's prefill and decode
+profiles (`profiles.wide_profile`, from the graph's metadata and the default limits of `profiles.limits_for`):
+without one it rebuilds its engine whenever a shape leaves the range it has seen. Its engines and timing cache
+are kept beside the graph (`OUT.onnx.trt/`). Other ranges: build an engine with `xlora-engine` and its limits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .. import contract as C
+from ..errors import XLoraError
+from ..graph_file import read_metadata_props
+from ..profiles import limits_for, ort_tensorrt_options, wide_profile
+from . import Backend, Graph, window
+from .dtypes import HOST_DTYPES, from_float32, to_float32
+
+__all__ = ["OrtBackend", "OrtGraph", "make_backend", "open_graph", "provider_options"]
+
+EXECUTION_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                       "tensorrt": "TensorrtExecutionProvider"}
+_ONNX_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16}  # TensorProto.DataType
+_TYPE_NAMES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
+
+
+def provider_options(provider: str, graph_path: str | None, device_id: int = 0) -> list[tuple[str, dict[str, Any]]]:
+    """The `providers` list for `ort.InferenceSession`: the provider with its options, then the fallbacks.
+
+    tensorrt: the TensorRT EP with explicit min/opt/max shapes of every dynamic input (the graph's metadata and
+    its `tensorrt_profile` hints; none when the graph has no record), an engine and timing cache in
+    `<graph>.trt/`, then CUDA, then CPU. cuda: CUDA then CPU. cpu: CPU.
+    """
+    if provider == "cpu":
+        return [("CPUExecutionProvider", {})]
+    cuda = ("CUDAExecutionProvider", {"device_id": device_id})
+    if provider == "cuda":
+        return [cuda, ("CPUExecutionProvider", {})]
+    options: dict[str, Any] = {"device_id": device_id}
+    record = _record(graph_path) if graph_path else None
+    if record is not None:
+        options.update(ort_tensorrt_options(wide_profile(record, limits_for(record))))
+        cache = os.path.abspath(graph_path) + ".trt"
+        options.update(trt_engine_cache_enable=True, trt_engine_cache_path=cache, trt_timing_cache_enable=True,
+                       trt_timing_cache_path=cache)
+    return [("TensorrtExecutionProvider", options), cuda, ("CPUExecutionProvider", {})]
+
+
+def _record(path: str) -> dict[str, Any] | None:
+    """The graph's metadata record read from the file (None when absent or malformed: the session reports it)."""
+    props = read_metadata_props(path) if os.path.isfile(path) else None
+    text = (props or {}).get(C.METADATA_KEY)
+    try:
+        record = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return None  # the session reports the malformed record once the graph is open
+    return record if isinstance(record, dict) and "caches" in record else None
+
+
+def open_graph(path: str, provider: str = "cpu", threads: int | None = None,
+               lean: bool = False, providers: list | None = None) -> ort.InferenceSession:
+    """One ONNX Runtime session of one graph file, idle threads not spinning (two sessions on a few cores
+    must not compete).
+
+    Args:
+        providers: the execution providers with their options (`backends.onnxruntime.provider_options`);
+            default: `provider`'s, then the CPU's.
+        lean: run the graph as written: no graph optimizations and no pre-packed weights, so that the session
+            holds the weights once (on the CPU, ONNX Runtime otherwise adds packed copies and, for fp16 graphs,
+            fp32 copies of every weight; its memory arena would keep a run's temporaries); slower, for one-off
+            checks such as the exporter's validation.
+    Raises:
+        XLoraError: the graph cannot be loaded.
+    """
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if lean:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_cpu_mem_arena = False  # per-run temporaries (fp16 weights cast to fp32) are freed at once
+        options.enable_mem_pattern = False  # and not planned into one block that holds them all
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # a tensor's producer runs close to its use
+    if providers is None:
+        providers = provider_options(provider, None)
+    try:
+        return ort.InferenceSession(path, options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
+        reason = str(e).splitlines()[0][:200]
+        raise XLoraError(f"{path}: ONNX Runtime cannot load it ({reason})") from None
+
+
+class OrtGraph(Graph):
+    """One `ort.InferenceSession` (`.session`) run with IO binding."""
+
+    def __init__(self, backend: OrtBackend, path: str, session: ort.InferenceSession) -> None:
+        self.backend = backend
+        self.path = path
+        self.session = session
+        self.input_types = {i.name: _TYPE_NAMES.get(i.type) for i in session.get_inputs()}
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.output_types = {o.name: _TYPE_NAMES.get(o.type) for o in session.get_outputs()}
+
+    @property
+    def metadata(self) -> str | None:
+        return self.session.get_modelmeta().custom_metadata_map.get(C.METADATA_KEY)
+
+    def step(self, feeds: dict[str, np.ndarray], pasts: dict[str, Any]) -> tuple[dict[str, np.ndarray],
+                                                                                  dict[str, Any]]:
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            dtype = self.input_types.get(name)
+            if dtype is None:  # int64 ids, mask, positions, top_k
+                binding.bind_cpu_input(name, np.require(value, np.int64, "C"))
+            else:  # the frozen graph's scalings, in the graph's float type
+                binding.bind_ortvalue_input(name, self.backend.host_value(from_float32(value, dtype), dtype))
+        for name, value in pasts.items():
+            binding.bind_ortvalue_input(name, value)
+        host = [name for name in (C.LOGITS, C.SCALINGS) if name in self.output_names]
+        for name in self.output_names:
+            if name in host:
+                binding.bind_output(name, "cpu")
+            else:
+                binding.bind_output(name, self.backend.device, self.backend.device_id)
+        self.session.run_with_iobinding(binding)
+        outputs = dict(zip(self.output_names, binding.get_outputs()))
+        return ({name: to_float32(_host_array(outputs[name]), self.output_types[name]) for name in host},
+                {name: value for name, value in outputs.items() if name not in host})
+
+
+def _host_array(value: ort.OrtValue) -> np.ndarray:
+    """A host OrtValue as numpy (bf16: its uint16 bits, copied out through the data pointer)."""
+    if value.data_type() != "tensor(bfloat16)":
+        return value.numpy()
+    count = int(np.prod(value.shape()))
+    buffer = (ctypes.c_uint16 * count).from_address(value.data_ptr())
+    return np.frombuffer(buffer, dtype=np.uint16, count=count).reshape(value.shape()).copy()
+
+
+class OrtBackend(Backend):
+    """ONNX Runtime with one execution provider; cache tensors are OrtValues on its device."""
+
+    def __init__(self, provider: str, threads: int | None, device_id: int, graph_path: str | None) -> None:
+        self.provider = provider
+        self.threads = threads
+        self.device = "cpu" if provider == "cpu" else "cuda"
+        self.device_id = device_id
+        self.providers = provider_options(provider, graph_path, device_id)
+
+    def open(self, path: str) -> OrtGraph:
+        return OrtGraph(self, path, open_graph(path, self.provider, self.threads, providers=self.providers))
+
+    def host_value(self, array: np.ndarray, dtype: str) -> ort.OrtValue:
+        """An OrtValue of host memory holding `array` (bf16: its uint16 bits) as the graph dtype."""
+        if dtype == "bfloat16":
+            return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, _ONNX_TYPES[dtype])
+        return ort.OrtValue.ortvalue_from_numpy(array)
+
+    def _device_value(self, shape: tuple[int, ...], dtype: str) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), _ONNX_TYPES[dtype], self.device,
+                                                         self.device_id)
+
+    def empty(self, shape: tuple[int, ...], dtype: str) -> ort.OrtValue:
+        if self.device == "cpu":
+            return self.host_value(np.zeros(shape, HOST_DTYPES[dtype]), dtype)
+        return self._device_value(shape, dtype)
+
+    def gather(self, tensor: ort.OrtValue, rows: np.ndarray) -> ort.OrtValue:
+        if self.device == "cpu":
+            return self._from_host(_host_array(tensor)[rows], tensor)
+        from .cuda import copy_rows
+
+        shape = (len(rows), *tensor.shape()[1:])
+        out = self._device_value(shape, _TYPE_NAMES[tensor.data_type()])
+        copy_rows(out.data_ptr(), tensor.data_ptr(), rows, _row_bytes(tensor))
+        return out
+
+    def concat(self, tensors: list[ort.OrtValue]) -> ort.OrtValue:
+        if self.device == "cpu":
+            return self._from_host(np.concatenate([_host_array(t) for t in tensors]), tensors[0])
+        from .cuda import copy_bytes
+
+        shape = (sum(t.shape()[0] for t in tensors), *tensors[0].shape()[1:])
+        out = self._device_value(shape, _TYPE_NAMES[tensors[0].data_type()])
+        offset = 0
+        for t in tensors:
+            copy_bytes(out.data_ptr() + offset, t.data_ptr(), self.nbytes(t))
+            offset += self.nbytes(t)
+        return out
+
+    def positions(self, tensor: ort.OrtValue, start: int, stop: int) -> ort.OrtValue:
+        if self.device == "cpu":
+            return self._from_host(window(_host_array(tensor), start, stop), tensor)
+        from .cuda import copy_bytes
+
+        dtype = _TYPE_NAMES[tensor.data_type()]
+        host = np.empty(tensor.shape(), HOST_DTYPES[dtype])
+        copy_bytes(host.ctypes.data, tensor.data_ptr(), host.nbytes, "DeviceToHost")
+        host = window(host, start, stop)
+        out = self._device_value(host.shape, dtype)
+        copy_bytes(out.data_ptr(), host.ctypes.data, host.nbytes, "HostToDevice")
+        return out
+
+    def _from_host(self, array: np.ndarray, like: ort.OrtValue) -> ort.OrtValue:
+        return self.host_value(np.ascontiguousarray(array), _TYPE_NAMES[like.data_type()])
+
+    def nbytes(self, tensor: ort.OrtValue) -> int:
+        return int(np.prod(tensor.shape())) * HOST_DTYPES[_TYPE_NAMES[tensor.data_type()]].itemsize
+
+
+def _row_bytes(tensor: ort.OrtValue) -> int:
+    """Bytes of one row (axis 0) of a cache tensor: rows are contiguous in its row-major layout."""
+    return int(np.prod(tensor.shape()[1:])) * HOST_DTYPES[_TYPE_NAMES[tensor.data_type()]].itemsize
+
+
+def make_backend(provider: str, threads: int | None, device: str | int | None, graph_path: str | None) -> OrtBackend:
+    """The ONNX Runtime backend of `provider` ("cpu", "cuda", "tensorrt").
+
+    Raises:
+        XLoraError: the execution provider is not in this onnxruntime build, or `device` is not a GPU index.
+    """
+    if EXECUTION_PROVIDERS[provider] not in ort.get_available_providers():
+        raise XLoraError(f"provider {provider!r}: {EXECUTION_PROVIDERS[provider]} is not available in this "
+                         f"onnxruntime (available: {', '.join(ort.get_available_providers())})")
+    if device is not None and (provider == "cpu" or isinstance(device, bool) or not isinstance(device, int)
+                               or device < 0):
+        raise XLoraError(f"device={device!r}: provider {provider!r} takes "
+                         f"{'no device' if provider == 'cpu' else 'a CUDA device index >= 0'}")
+    return OrtBackend(provider, threads, device or 0, graph_path)

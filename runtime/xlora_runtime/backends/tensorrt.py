@@ -1,0 +1,246 @@
+"""TensorRT engines built by `xlora-engine`, run with the TensorRT API and polygraphy's CUDA wrapper (no torch).
+
+    step: input shapes -> profile (prefill: past 0; decode: one new token) -> that profile's execution context
+          -> set_input_shape for every input, output shapes from TensorRT (checked against the contract)
+          -> device buffers: host inputs copied in, pasts as they are, presents allocated
+          -> execute_async_v3 on the context's stream -> logits and scalings copied out
+
+Each profile has its own execution context (TensorRT lets one context own a profile at a time), created on first
+use with memory for that profile only, and its own lock and stream: a prefill and decode steps of other
+generations may run at once. The caches are `cuda.DeviceTensor`s: presents become the next step's pasts with no
+copy, and rows are gathered by device-to-device copies. `EngineIO` is the shape bookkeeping (tested without
+TensorRT); `make_backend` imports TensorRT.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import numpy as np
+
+from .. import contract as C
+from ..engine import read_sidecar
+from ..errors import XLoraError
+from ..profiles import Shapes, select_profile
+from . import Backend, Graph, cuda, window
+from .cuda import DeviceTensor
+from .dtypes import from_float32, to_float32
+
+__all__ = ["EngineIO", "TrtBackend", "TrtGraph", "make_backend"]
+
+
+class EngineIO:
+    """What an engine's sidecar says about its inputs and outputs, and the shapes of one step.
+
+    Args:
+        record: the graph's metadata record (from the sidecar).
+        profiles: the engine's profiles, in the engine's order.
+    """
+
+    def __init__(self, record: dict[str, Any], profiles: list[Shapes]) -> None:
+        self.record = record
+        self.profiles = profiles
+        n = int(record["num_layers"])
+        self.frozen = record.get("graph") == "frozen"
+        self.input_names = C.input_names(n, self.frozen)
+        self.output_names = C.output_names(n, self.frozen)
+
+    def plan(self, shapes: dict[str, tuple[int, ...]]) -> tuple[int, dict[str, tuple[int, ...]]]:
+        """(profile index, every output's shape) of a step with these input shapes.
+
+        Raises:
+            XLoraError: shapes no profile holds.
+        """
+        assert all(name in shapes for name in self.input_names), "a step gives every input"
+        g, s = shapes[C.INPUT_IDS]
+        past = shapes[C.past_names(int(self.record["num_layers"]))[0]]
+        positions = 1 if self.record.get("logits") == "last" else s  # last-position logits, or every position's
+        outputs = {C.LOGITS: (g, positions, int(self.record["vocab_size"]))}
+        if not self.frozen:
+            outputs[C.SCALINGS] = (g, s, int(self.record["n_modules"]), int(self.record["n_experts"]))
+        for name in self.output_names[len(outputs):]:
+            outputs[name] = (g, past[1], past[2] + s, past[3])
+        return select_profile(self.profiles, shapes), outputs
+
+
+class _Context:
+    """One execution context bound to one profile, with its stream and lock."""
+
+    def __init__(self, engine: Any, trt: Any, index: int) -> None:
+        strategy = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "ON_PROFILE_CHANGE", None)
+        self.context = engine.create_execution_context() if strategy is None else \
+            engine.create_execution_context(strategy)
+        if self.context is None:
+            raise XLoraError("TensorRT could not create an execution context (out of GPU memory?)")
+        self.stream = cuda.wrapper().create_stream()
+        self.lock = threading.Lock()
+        if not self.context.set_optimization_profile_async(index, self.stream):
+            raise XLoraError(f"TensorRT refused optimization profile {index}")
+        cuda.wrapper().stream_synchronize(self.stream)
+
+
+class TrtGraph(Graph):
+    """One deserialized engine (`OUT.engine` or `OUT.frozen.engine`) and its sidecar."""
+
+    def __init__(self, backend: TrtBackend, path: str, record: dict[str, Any], profiles: list[Shapes],
+                 engine: Any) -> None:
+        self.backend = backend
+        self.path = path
+        self.record = record
+        self.io = EngineIO(record, profiles)
+        self.engine = engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        expected = self.io.input_names + self.io.output_names
+        if sorted(names) != sorted(expected):
+            odd = sorted(set(names) ^ set(expected))
+            raise XLoraError(f"{path}: the engine's tensors differ from its sidecar's graph ({odd[0]})")
+        if engine.num_optimization_profiles != len(profiles):
+            raise XLoraError(f"{path}: the engine has {engine.num_optimization_profiles} optimization profiles, its "
+                             f"sidecar {len(profiles)}")
+        self.dtypes = {name: backend.dtype_name(engine.get_tensor_dtype(name)) for name in names}
+        self.host_inputs = {name for name in self.io.input_names if engine.is_shape_inference_io(name)}
+        self._contexts: dict[int, _Context] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def metadata(self) -> str | None:
+        return json.dumps(self.record)
+
+    def _context(self, index: int) -> _Context:
+        with self._lock:
+            if index not in self._contexts:
+                self._contexts[index] = _Context(self.engine, self.backend.trt, index)
+            return self._contexts[index]
+
+    def step(self, feeds: dict[str, np.ndarray], pasts: dict[str, DeviceTensor]) -> tuple[dict[str, np.ndarray],
+                                                                                           dict[str, DeviceTensor]]:
+        self.backend.on_device()
+        host_feeds = {name: self._host(name, value) for name, value in feeds.items()}
+        shapes = {**{name: value.shape for name, value in host_feeds.items()},
+                  **{name: tensor.shape for name, tensor in pasts.items()}}
+        index, expected = self.io.plan(shapes)
+        slot = self._context(index)
+        context = slot.context
+        with slot.lock:
+            alive: list[Any] = []  # host arrays and device copies of the inputs, until the step has run
+            for name, value in host_feeds.items():
+                if not context.set_input_shape(name, value.shape):
+                    raise XLoraError(f"{self.path}: TensorRT refused shape {value.shape} for input {name}")
+                if name in self.host_inputs:
+                    alive.append(value)
+                    address = value.ctypes.data
+                else:
+                    alive.append(DeviceTensor.from_host(value, self.dtypes[name]))
+                    address = alive[-1].ptr
+                context.set_tensor_address(name, address)
+            for name, tensor in pasts.items():
+                if not context.set_input_shape(name, tensor.shape):
+                    raise XLoraError(f"{self.path}: TensorRT refused shape {tensor.shape} for input {name}")
+                context.set_tensor_address(name, tensor.ptr)
+            outputs = {}
+            for name in self.io.output_names:
+                shape = tuple(int(d) for d in context.get_tensor_shape(name))
+                if shape != expected[name]:
+                    raise XLoraError(f"{self.path}: the engine computes {name} as {shape}, the graph contract "
+                                     f"{expected[name]}")
+                outputs[name] = DeviceTensor(shape, self.dtypes[name])
+                context.set_tensor_address(name, outputs[name].ptr)
+            if not context.execute_async_v3(slot.stream):
+                raise XLoraError(f"{self.path}: TensorRT failed to run a step (its log above says why)")
+            cuda.wrapper().stream_synchronize(slot.stream)
+        host = {name: to_float32(outputs[name].to_host(), self.dtypes[name])
+                for name in (C.LOGITS, C.SCALINGS) if name in outputs}
+        return host, {name: tensor for name, tensor in outputs.items() if name not in host}
+
+    def _host(self, name: str, value: np.ndarray) -> np.ndarray:
+        """A feed in the engine's dtype, contiguous (bf16: its uint16 bits)."""
+        dtype = self.dtypes[name]
+        if dtype in ("int64", "int32"):
+            return np.require(value, dtype, "C")
+        return from_float32(value, dtype)
+
+
+class TrtBackend(Backend):
+    """TensorRT on one GPU: engines deserialized by one runtime; caches are `DeviceTensor`s.
+
+    Args:
+        trt: the `tensorrt` module (a test may give a stand-in).
+    """
+
+    def __init__(self, trt: Any, device: int | None = None) -> None:
+        self.provider = "trt-engine"
+        self.trt = trt
+        self.device = device  # None: the current GPU; else made current before every CUDA call of a step
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._dtypes = {getattr(trt.DataType, key): name for key, name in (
+            ("FLOAT", "float32"), ("HALF", "float16"), ("BF16", "bfloat16"), ("INT64", "int64"),
+            ("INT32", "int32")) if hasattr(trt.DataType, key)}
+
+    def dtype_name(self, dtype: Any) -> str:
+        """Our name of a TensorRT data type."""
+        if dtype not in self._dtypes:
+            raise XLoraError(f"engine tensor of TensorRT type {dtype}: expected one of {sorted(self._dtypes.values())}")
+        return self._dtypes[dtype]
+
+    def on_device(self) -> None:
+        """Make the backend's GPU current in this thread (CUDA's current device is per thread)."""
+        if self.device is not None:
+            cuda.set_device(self.device)
+
+    def open(self, path: str) -> TrtGraph:
+        record, profiles = read_sidecar(path)
+        self.on_device()
+        with open(path, "rb") as f:
+            engine = self.runtime.deserialize_cuda_engine(f.read())
+        if engine is None:
+            raise XLoraError(f"{path}: TensorRT cannot load this engine (built by another TensorRT version or for "
+                             f"another GPU model?); rebuild it here with xlora-engine")
+        return TrtGraph(self, path, record, profiles, engine)
+
+    def empty(self, shape: tuple[int, ...], dtype: str) -> DeviceTensor:
+        self.on_device()
+        return DeviceTensor(shape, dtype)
+
+    def gather(self, tensor: DeviceTensor, rows: np.ndarray) -> DeviceTensor:
+        self.on_device()
+        out = DeviceTensor((len(rows), *tensor.shape[1:]), tensor.dtype)
+        cuda.copy_rows(out.ptr, tensor.ptr, rows, tensor.nbytes // tensor.shape[0] if tensor.shape[0] else 0)
+        return out
+
+    def concat(self, tensors: list[DeviceTensor]) -> DeviceTensor:
+        self.on_device()
+        out = DeviceTensor((sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), tensors[0].dtype)
+        offset = 0
+        for tensor in tensors:
+            cuda.copy_bytes(out.ptr + offset, tensor.ptr, tensor.nbytes)
+            offset += tensor.nbytes
+        return out
+
+    def positions(self, tensor: DeviceTensor, start: int, stop: int) -> DeviceTensor:
+        self.on_device()
+        return DeviceTensor.from_host(window(tensor.to_host(), start, stop), tensor.dtype)
+
+    def nbytes(self, tensor: DeviceTensor) -> int:
+        return tensor.nbytes
+
+
+def make_backend(provider: str, threads: int | None, device: str | int | None, graph_path: str | None
+                 ) -> TrtBackend:
+    """The TensorRT backend on GPU `device` (default 0).
+
+    Raises:
+        XLoraError: tensorrt does not import, no GPU is visible, `device` is not a GPU index.
+    """
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise XLoraError('provider \'trt-engine\' needs TensorRT 10 or 11: pip install "xlora-runtime[tensorrt]"'
+                         ) from None
+    count = cuda.gpu_count()
+    if count == 0:
+        raise XLoraError("provider 'trt-engine' needs an NVIDIA GPU: the CUDA runtime sees none")
+    if device is not None and (isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < count):
+        raise XLoraError(f"device={device!r}: expected a GPU index in 0..{count - 1}")
+    return TrtBackend(trt, device)

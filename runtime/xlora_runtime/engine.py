@@ -1,0 +1,267 @@
+"""`xlora-engine OUT.onnx OUT.engine`: TensorRT engines from an exported graph, built with polygraphy.
+
+An engine is specific to the GPU model and the TensorRT version that built it, so it is built where it runs:
+this command is part of the torch-free deployment package (`pip install "xlora-runtime[tensorrt]"`).
+
+    OUT.onnx (+ OUT.frozen.onnx)                     xlora-export's graphs, fp32/fp16/bf16
+      -> profiles.engine_profiles(metadata, limits)  [prefill, decode], one spec for every input
+      -> NetworkFromOnnxPath(strongly_typed=True)    precision from the graph: TensorRT 11 has no FP16/BF16
+                                                     builder flags, 10.x builds strongly typed as well
+      -> CreateConfig(profiles, load_timing_cache)   the timing cache makes rebuilds (and fp16 after fp32) fast
+      -> EngineFromNetwork(save_timing_cache) -> SaveEngine
+    OUT.engine, OUT.engine.json                      the sidecar: the graph's metadata record + the profiles
+    OUT.frozen.engine(.json), OUT.tokenizer.json     when the export has them
+
+`XLoraSession("OUT.engine")` (provider "trt-engine") runs the result with the same calls as the ONNX graph.
+Errors are one line: no TensorRT, no GPU, not an X-LoRA export, limits that do not fit the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import contract as C
+from .cli import _run
+from .errors import XLoraError
+from .graph_file import read_metadata_props
+from .profiles import PHASES, ProfileLimits, Shapes, engine_profiles, limits_for
+
+__all__ = ["SIDECAR_FORMAT", "build_engines", "build_parser", "engine_companions", "main", "polygraphy_loaders",
+           "read_sidecar", "sidecar", "write_sidecar"]
+
+SIDECAR_FORMAT = "xlora-engine"
+SIDECAR_VERSION = 1
+_NEEDS_TENSORRT = 'needs TensorRT 10 or 11 and polygraphy: pip install "xlora-runtime[tensorrt]"'
+
+
+# ------------------------------------------------------------------------------------------------------ files
+def _stem(engine_path: str) -> str:
+    return engine_path[:-len(".engine")] if engine_path.endswith(".engine") else engine_path
+
+
+def engine_companions(engine_path: str) -> dict[str, str]:
+    """The files beside `OUT.engine`: the frozen engine, the tokenizer, the sidecar, the timing cache."""
+    stem = _stem(engine_path)
+    return {"frozen": stem + ".frozen.engine", "tokenizer": stem + ".tokenizer.json",
+            "sidecar": engine_path + ".json",
+            "timing_cache": os.path.join(os.path.dirname(os.path.abspath(engine_path)), "xlora-timing.cache")}
+
+
+def read_record(onnx_path: str) -> dict[str, Any]:
+    """The `xlora_export` metadata record of an ONNX file (read without loading the graph).
+
+    Raises:
+        XLoraError: no such file, not an ONNX file, not an X-LoRA export, a malformed record.
+    """
+    if not os.path.isfile(onnx_path):
+        raise XLoraError(f"{onnx_path}: no such file (expected an .onnx graph written by xlora-export)")
+    props = read_metadata_props(onnx_path)
+    if props is None:
+        raise XLoraError(f"{onnx_path}: not an ONNX file")
+    if C.METADATA_KEY not in props:
+        raise XLoraError(f"{onnx_path}: not an X-LoRA export (no '{C.METADATA_KEY}' metadata record)")
+    try:
+        record = json.loads(props[C.METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise XLoraError(f"{onnx_path}: the '{C.METADATA_KEY}' metadata record is not valid JSON ({e})") from None
+    if not isinstance(record, dict) or record.get("format_version") != C.FORMAT_VERSION or "caches" not in record:
+        raise XLoraError(f"{onnx_path}: the '{C.METADATA_KEY}' metadata record is not one this runtime reads "
+                         f"(format_version {C.FORMAT_VERSION})")
+    return record
+
+
+def sidecar(record: dict[str, Any], limits: ProfileLimits, profiles: list[Shapes], source: str,
+            files: dict[str, str | None], tensorrt_version: str) -> dict[str, Any]:
+    """The sidecar of one engine: its graph's metadata record (with `files` naming the engine's companions),
+    the limits and the profiles in the engine's order."""
+    return {"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, "source": source,
+            "tensorrt": tensorrt_version, "limits": limits.as_dict(), "metadata": {**record, "files": files},
+            "profiles": [{"name": name, "inputs": {input_name: dict(zip(("min", "opt", "max"), map(list, shape)))
+                                                   for input_name, shape in profile.items()}}
+                         for name, profile in zip(PHASES, profiles)]}
+
+
+def write_sidecar(engine_path: str, content: dict[str, Any]) -> str:
+    """Write `OUT.engine.json`; returns its path."""
+    path = engine_companions(engine_path)["sidecar"]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=1)
+    return path
+
+
+def read_sidecar(engine_path: str) -> tuple[dict[str, Any], list[Shapes]]:
+    """(the graph's metadata record, the profiles) from `OUT.engine.json`.
+
+    Raises:
+        XLoraError: no sidecar, not JSON, not an xlora-engine sidecar, another version.
+    """
+    path = engine_companions(engine_path)["sidecar"]
+    if not os.path.isfile(path):
+        raise XLoraError(f"{engine_path}: not an X-LoRA engine (no sidecar {os.path.basename(path)} beside it; "
+                         f"build it with xlora-engine)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise XLoraError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(content, dict) or content.get("format") != SIDECAR_FORMAT:
+        raise XLoraError(f"{path}: not an xlora-engine sidecar (no \"format\": \"{SIDECAR_FORMAT}\")")
+    if content.get("format_version") != SIDECAR_VERSION:
+        raise XLoraError(f"{path}: sidecar format_version {content.get('format_version')!r}; this runtime reads "
+                         f"{SIDECAR_VERSION}")
+    profiles = [{name: tuple(tuple(shape[k]) for k in ("min", "opt", "max")) for name, shape in p["inputs"].items()}
+                for p in content["profiles"]]
+    return content["metadata"], profiles
+
+
+# ---------------------------------------------------------------------------------------------------- building
+def polygraphy_loaders(onnx_path: str, engine_path: str, profiles: list[Shapes], timing_cache: str) -> Any:
+    """The polygraphy loader chain that builds and saves one engine (nothing runs until it is called):
+    SaveEngine(EngineFromNetwork(NetworkFromOnnxPath(strongly typed), CreateConfig(profiles, timing cache)))."""
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
+
+    network = NetworkFromOnnxPath(onnx_path, strongly_typed=True)
+    trt_profiles = []
+    for shapes in profiles:
+        profile = Profile()
+        for name, (low, opt, high) in shapes.items():
+            profile.add(name, min=low, opt=opt, max=high)
+        trt_profiles.append(profile)
+    config = CreateConfig(profiles=trt_profiles, load_timing_cache=timing_cache)
+    return SaveEngine(EngineFromNetwork(network, config, save_timing_cache=timing_cache), engine_path)
+
+
+def tensorrt_version() -> str:
+    """The installed TensorRT's version, checked to be a GPU machine's.
+
+    Raises:
+        XLoraError: tensorrt or polygraphy does not import, or no NVIDIA GPU is visible.
+    """
+    try:
+        import polygraphy  # noqa: F401 - the builder's API
+        import tensorrt
+    except ImportError as e:
+        raise XLoraError(f"xlora-engine {_NEEDS_TENSORRT} ({e.name} does not import)") from None
+    from .backends.cuda import gpu_count
+
+    if gpu_count() == 0:
+        raise XLoraError("xlora-engine needs an NVIDIA GPU: the CUDA runtime sees none (an engine is built on the "
+                         "GPU model it will run on)")
+    return tensorrt.__version__
+
+
+def build_engines(onnx_path: str, engine_path: str, limits: dict[str, int | None], timing_cache: str | None = None,
+                  force: bool = False, progress: Callable[[str], None] | None = None) -> list[str]:
+    """Build `OUT.engine` (and `OUT.frozen.engine` when the export has a frozen graph) with their sidecars, and
+    copy the tokenizer beside them.
+
+    Args:
+        limits: keyword arguments of `profiles.limits_for` (max_batch, max_sequence, max_total, opt_*).
+        timing_cache: default `xlora-timing.cache` in the engine's folder (shared by the builds there).
+    Returns:
+        The files written.
+    Raises:
+        XLoraError: see `read_record`, `limits_for`, `tensorrt_version`; an existing OUT.engine without `force`.
+    """
+    say = progress or (lambda message: None)
+    record = read_record(onnx_path)
+    if record.get("graph") != "two_pass":
+        raise XLoraError(f"{onnx_path}: this is the frozen-scalings graph; give the main graph (OUT.onnx)")
+    spec = limits_for(record, **limits)
+    companions = engine_companions(engine_path)
+    if os.path.exists(engine_path) and not force:
+        raise XLoraError(f"{engine_path} already exists (use --force to overwrite)")
+    folder = os.path.dirname(os.path.abspath(engine_path))
+    if not os.path.isdir(folder):
+        raise XLoraError(f"{engine_path}: the folder {folder} does not exist")
+    version = tensorrt_version()
+    cache = timing_cache or companions["timing_cache"]
+    graphs = [(onnx_path, engine_path, record)]
+    frozen_onnx = C.frozen_path(onnx_path)
+    if (record.get("files") or {}).get("frozen") and os.path.isfile(frozen_onnx):
+        graphs.append((frozen_onnx, companions["frozen"], read_record(frozen_onnx)))
+    tokenizer = C.tokenizer_path(onnx_path)
+    files = {"frozen": os.path.basename(companions["frozen"]) if len(graphs) > 1 else None,
+             "tokenizer": os.path.basename(companions["tokenizer"]) if os.path.isfile(tokenizer) else None}
+    written = []
+    for source, target, graph_record in graphs:
+        profiles = engine_profiles(graph_record, spec)
+        start = time.perf_counter()
+        say(f"building {os.path.basename(target)} from {os.path.basename(source)} ({graph_record['dtype']}, "
+            f"TensorRT {version}, profiles: {', '.join(PHASES)})")
+        try:
+            polygraphy_loaders(source, target, profiles, cache)()
+        except Exception as e:  # polygraphy reports TensorRT's failures as its own exception, after logging them
+            raise XLoraError(f"{source}: TensorRT could not build an engine ({str(e).strip().splitlines()[-1]})"
+                             ) from None
+        say(f"built {os.path.basename(target)} in {time.perf_counter() - start:.1f} s")
+        written += [target, write_sidecar(target, sidecar(graph_record, spec, profiles, os.path.abspath(source),
+                                                          files, version))]
+    if files["tokenizer"]:
+        shutil.copyfile(tokenizer, companions["tokenizer"])
+        written.append(companions["tokenizer"])
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------- command
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of `xlora-engine`, grouped by concern."""
+    parser = argparse.ArgumentParser(
+        prog="xlora-engine", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build TensorRT engines from a graph exported by xlora-export, on the GPU they will run on.\n"
+                    "Writes OUT.engine (+ OUT.frozen.engine) with a JSON sidecar each; run them with\n"
+                    "xlora-generate OUT.engine (or XLoraSession('OUT.engine')). Precision comes from the graph:\n"
+                    "export with --dtype fp16 or bf16 for a reduced-precision engine.")
+    parser.add_argument("graph", metavar="OUT.onnx", help="main graph written by xlora-export")
+    parser.add_argument("engine", metavar="OUT.engine", help="engine to write")
+    lim = parser.add_argument_group("profiles (defaults: the export's --max-batch, prompts up to 1024 tokens, "
+                                    "4096 positions, never more than the model's)")
+    lim.add_argument("--max-batch", type=positive_int, metavar="N", help="rows per call")
+    lim.add_argument("--max-sequence", type=positive_int, metavar="N", help="longest prompt, in tokens")
+    lim.add_argument("--max-total", type=positive_int, metavar="N", help="longest sequence, prompt + new tokens")
+    lim.add_argument("--opt-batch", type=positive_int, metavar="N", help="batch to tune for (default 1)")
+    lim.add_argument("--opt-sequence", type=positive_int, metavar="N", help="prompt length to tune the prefill "
+                     "profile for (default half of --max-sequence)")
+    lim.add_argument("--opt-total", type=positive_int, metavar="N", help="sequence length to tune the decode "
+                     "profile for (default half of --max-total)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--timing-cache", metavar="PATH", help="TensorRT timing cache, read and updated (default "
+                     "xlora-timing.cache beside OUT.engine)")
+    out.add_argument("--force", action="store_true", help="overwrite an existing OUT.engine")
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress, only the written files")
+    return parser
+
+
+def _command(args: argparse.Namespace) -> int:
+    limits = {key: getattr(args, key) for key in ("max_batch", "max_sequence", "max_total", "opt_batch",
+                                                  "opt_sequence", "opt_total")}
+    progress = None if args.quiet else (lambda message: print(message, flush=True))
+    for path in build_engines(args.graph, args.engine, limits, args.timing_cache, args.force, progress):
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`xlora-engine`; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
+    return _run("xlora-engine", build_parser, _command, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
