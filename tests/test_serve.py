@@ -158,9 +158,13 @@ def sse(response: httpx.Response) -> list:
 
 
 # ----------------------------------------------------------------------------------------------- the caches
-def test_left_padding_and_trimming_keep_a_row_exact():
-    """CacheGroup.pad_left + zero mask columns give the logits of the unpadded group; slice_positions undoes it."""
-    session = generator().session
+@pytest.mark.parametrize("provider", ["cpu", "openvino"])
+def test_left_padding_and_trimming_keep_a_row_exact(provider):
+    """CacheGroup.pad_left + zero mask columns give the logits of the unpadded group; slice_positions undoes it
+    (each backend's `positions`)."""
+    if provider == "openvino":
+        pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install \"xlora-runtime[openvino]\")")
+    session = generator().session if provider == "cpu" else XLoraSession(chat_graph(), provider=provider)
     prompt = np.array([[5, 17, 99, 230, 41]])
     outs = []
     for pad in (0, 3):
