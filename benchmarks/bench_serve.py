@@ -231,14 +231,15 @@ def main() -> None:
     if args.ray_child:
         ray_child(args)
         return
-    sys.path.insert(0, HERE)
-    from bench_generate import prepare
-
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    info = prepare(args.model, say)
-    graph = info["graph"]
+    # build and export in a child process: torch (its threads, its memory) stays out of the process that times the
+    # sequential baseline
+    code = (f"import json, sys; sys.path.insert(0, {HERE!r}); from bench_generate import prepare; "
+            f"print(json.dumps(prepare({args.model!r}, lambda m: print(m, file=sys.stderr, flush=True))))")
+    prepared = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True)
+    graph = json.loads(prepared.stdout.strip().splitlines()[-1])["graph"]
     vocab = 300  # prompts from the tokenizer's few hundred real tokens (the embedding is padded beyond them)
     results: dict = {"servers": {}}
     say("xlora-serve (each round: the sequential baseline, then every client count)")
