@@ -151,7 +151,7 @@ def test_metadata_is_enough_to_drive_the_graph():
     assert meta["format_version"] == C.FORMAT_VERSION
     assert list(meta["modules"].values()) == list(range(meta["n_modules"]))
     assert meta["adapters"] == {"alpha": 0, "beta": 1, "gamma": 2}
-    assert meta["files"] == {"frozen": "llama.frozen.onnx", "tokenizer": "llama.tokenizer.json"}
+    assert meta["files"] == {"frozen": "llama.frozen.onnx", "tokenizer": "llama.tokenizer.json", "chat_template": None}
     assert {"torch", "transformers", "onnx", "xlora_export"} <= set(meta["versions"])
     assert meta["eos_token_id"] == [2] and meta["pad_token_id"] == 0
     assert set(meta["tensorrt_profile"]) == {"max_batch", "max_sequence", "max_past"}

@@ -89,7 +89,7 @@ def _say(progress: Callable[[str], None] | None, message: str) -> None:
 def _companions(out_path: str, options: ExportOptions) -> list[str]:
     """Every file an export to `out_path` may write."""
     return [out_path, out_path + ".data", C.frozen_path(out_path), C.frozen_path(out_path) + ".data",
-            C.tokenizer_path(out_path)]
+            C.tokenizer_path(out_path), C.chat_template_path(out_path)]
 
 
 def _check_output(out_path: str, options: ExportOptions) -> None:
@@ -133,7 +133,7 @@ def _example_inputs(model: xLoRAModel, frozen: bool) -> tuple[torch.Tensor, ...]
 
 
 def _metadata(model: xLoRAModel, options: ExportOptions, out_path: str, frozen: bool, tokenizer_file: str | None,
-              checkpoint: Checkpoint) -> dict:
+              checkpoint: Checkpoint, chat_template_file: str | None = None) -> dict:
     cfg, spec = model.config, model.spec
     gen = getattr(model.model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None
@@ -175,8 +175,36 @@ def _metadata(model: xLoRAModel, options: ExportOptions, out_path: str, frozen: 
         "tensorrt_profile": {"max_batch": options.max_batch, "max_sequence": cfg.max_position_embeddings,
                              "max_past": cfg.max_position_embeddings},
         "files": {"frozen": os.path.basename(C.frozen_path(out_path)) if options.frozen_scalings else None,
-                  "tokenizer": tokenizer_file},
+                  "tokenizer": tokenizer_file, "chat_template": chat_template_file},
     }
+
+
+def chat_template(tokenizer_folder: str) -> str | None:
+    """The chat template of the tokenizer in `tokenizer_folder`: `chat_template.jinja`, else the `chat_template` of
+    `tokenizer_config.json` (a string, or a list of {name, template} of which "default" is taken); None if none.
+
+    Raises:
+        XLoraError: a `chat_template` that is neither.
+    """
+    path = os.path.join(tokenizer_folder, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    path = os.path.join(tokenizer_folder, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        try:
+            template = json.load(f).get("chat_template")
+        except (json.JSONDecodeError, AttributeError):
+            return None  # transformers reads this file; a broken one is not the chat template's concern
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise XLoraError(f"{path}: chat_template: expected a string or a list of {{name, template}} objects with a "
+                         f"\"default\" one")
+    return template
 
 
 @contextlib.contextmanager
@@ -343,23 +371,28 @@ def export(model_dir: str, out_path: str, options: ExportOptions | None = None,
         tokenizer_file = os.path.basename(C.tokenizer_path(out_path)) if checkpoint.tokenizer else None
         if checkpoint.tokenizer:
             shutil.copyfile(os.path.join(checkpoint.tokenizer, TOKENIZER_FILE), os.path.join(tmp, tokenizer_file))
+        template = chat_template(checkpoint.tokenizer) if checkpoint.tokenizer else None
+        template_file = os.path.basename(C.chat_template_path(out_path)) if template is not None else None
+        if template is not None:
+            with open(os.path.join(tmp, template_file), "w", encoding="utf-8") as f:
+                f.write(template)
         _say(progress, f"tracing the two-pass graph (opset {options.opset}, "
                        f"{'external data' if external else 'weights inside'})")
         # one weights file for both graphs (same offsets), or the weights inside the single graph
         store = WeightStore(os.path.join(tmp, name + ".data") if external else None)
         try:
             main = _trace(model, staged["main"], options, False,
-                          _metadata(model, options, out_path, False, tokenizer_file, checkpoint), store)
+                          _metadata(model, options, out_path, False, tokenizer_file, checkpoint, template_file), store)
             if options.frozen_scalings:
                 _say(progress, "tracing the frozen-scalings graph (sharing the weights file)")
                 staged["frozen"] = os.path.join(tmp, os.path.basename(C.frozen_path(out_path)))
                 _trace(model, staged["frozen"], options, True,
-                       _metadata(model, options, out_path, True, tokenizer_file, checkpoint), store)
+                       _metadata(model, options, out_path, True, tokenizer_file, checkpoint, template_file), store)
         finally:
             store.close()
         report.inputs, report.outputs = _io(main)
         report.op_counts = dict(op_counts(main).most_common())
-        report.metadata = _metadata(model, options, out_path, False, tokenizer_file, checkpoint)
+        report.metadata = _metadata(model, options, out_path, False, tokenizer_file, checkpoint, template_file)
         _say(progress, "checking TensorRT readiness")
         report.tensorrt_findings = check_tensorrt(main)
         if not options.validate:

@@ -22,7 +22,8 @@ from __future__ import annotations
 __all__ = [
     "ATTENTION_MASK", "BATCH", "FORMAT_VERSION", "INPUT_IDS", "LOGITS", "METADATA_KEY", "OPSET_DEFAULT",
     "OPSET_MAX", "OPSET_MIN", "PAST_SEQUENCE",
-    "POSITION_IDS", "SCALINGS", "SEQUENCE", "TOP_K", "TOTAL_SEQUENCE", "dynamic_axes", "frozen_path",
+    "POSITION_IDS", "SCALINGS", "SEQUENCE", "TOP_K", "TOTAL_SEQUENCE", "chat_template_path", "dynamic_axes",
+    "frozen_path",
     "input_names", "output_names", "past_names", "present_names", "tokenizer_path",
 ]
 
@@ -94,3 +95,8 @@ def frozen_path(onnx_path: str) -> str:
 def tokenizer_path(onnx_path: str) -> str:
     """`OUT.tokenizer.json` beside `OUT.onnx`."""
     return _stem(onnx_path) + ".tokenizer.json"
+
+
+def chat_template_path(onnx_path: str) -> str:
+    """`OUT.chat_template.jinja` beside `OUT.onnx` (the checkpoint tokenizer's chat template, when it has one)."""
+    return _stem(onnx_path) + ".chat_template.jinja"

@@ -111,6 +111,25 @@ class CacheGroup:
         other.release()
         return self
 
+    def pad_left(self, columns: int) -> None:
+        """Prepend `columns` empty positions (zeros) to every row's caches: the group then lines up with a
+        longer one (`merge` needs equal lengths). The caller gives those positions mask 0: the graph counts
+        positions by `cumsum(attention_mask)` and never attends to masked keys, so every row stays exact."""
+        if columns > 0:
+            backend = self.session.backend
+            self.pasts = {name: backend.positions(v, -columns, self.length) for name, v in self.pasts.items()}
+            self.length += columns
+
+    def slice_positions(self, start: int, stop: int | None = None) -> None:
+        """Keep positions [start, stop) of the caches (0 <= start < stop <= length): drops leading columns that
+        are padding for every row (mask 0), or a row's positions past a common prefix."""
+        stop = self.length if stop is None else stop
+        assert 0 <= start < stop <= self.length
+        if (start, stop) != (0, self.length):
+            backend = self.session.backend
+            self.pasts = {name: backend.positions(v, start, stop) for name, v in self.pasts.items()}
+            self.length = stop - start
+
     def release(self) -> None:
         """Free the caches now (a finished, cancelled or failed generation); the group cannot run again."""
         self.pasts = {}

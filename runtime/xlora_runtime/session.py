@@ -108,6 +108,11 @@ class GraphInfo:
         """`OUT.tokenizer.json` when it travelled with the export."""
         return self._companion("tokenizer")
 
+    @property
+    def chat_template_path(self) -> str | None:
+        """`OUT.chat_template.jinja` when the checkpoint's tokenizer had a chat template."""
+        return self._companion("chat_template")
+
 
 def _read_info(text: str | None, path: str) -> GraphInfo:
     """The record as the backend read it from the opened graph (None: the graph has none)."""

@@ -95,6 +95,21 @@ class Backend(ABC):
     def nbytes(self, tensor: Any) -> int:
         """Bytes a cache tensor holds."""
 
+    def positions(self, tensor: Any, start: int, stop: int) -> Any:
+        """Positions [start, stop) (axis 2) of a cache tensor as a new tensor; positions before 0 are zeros, so a
+        negative start left-pads. The server lines cache groups up with it (rare events: through the host)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot cut or pad cache positions")
+
+
+def window(array: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """`Backend.positions` on a host array (batch, heads, positions, head_dim): a contiguous copy."""
+    import numpy as np
+
+    out = array[:, :, max(start, 0):stop]
+    if start < 0:
+        out = np.pad(out, ((0, 0), (0, 0), (-start, 0), (0, 0)))
+    return np.ascontiguousarray(out)
+
 
 def default_provider(path: str) -> str:
     """`trt-engine` for an `.engine` file, else `cpu`."""

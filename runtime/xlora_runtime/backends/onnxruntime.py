@@ -28,7 +28,7 @@ from .. import contract as C
 from ..errors import XLoraError
 from ..graph_file import read_metadata_props
 from ..profiles import limits_for, ort_tensorrt_options, wide_profile
-from . import Backend, Graph
+from . import Backend, Graph, window
 from .dtypes import HOST_DTYPES, from_float32, to_float32
 
 __all__ = ["OrtBackend", "OrtGraph", "make_backend", "open_graph", "provider_options"]
@@ -202,6 +202,19 @@ class OrtBackend(Backend):
         for t in tensors:
             copy_bytes(out.data_ptr() + offset, t.data_ptr(), self.nbytes(t))
             offset += self.nbytes(t)
+        return out
+
+    def positions(self, tensor: ort.OrtValue, start: int, stop: int) -> ort.OrtValue:
+        if self.device == "cpu":
+            return self._from_host(window(_host_array(tensor), start, stop), tensor)
+        from .cuda import copy_bytes
+
+        dtype = _TYPE_NAMES[tensor.data_type()]
+        host = np.empty(tensor.shape(), HOST_DTYPES[dtype])
+        copy_bytes(host.ctypes.data, tensor.data_ptr(), host.nbytes, "DeviceToHost")
+        host = window(host, start, stop)
+        out = self._device_value(host.shape, dtype)
+        copy_bytes(out.data_ptr(), host.ctypes.data, host.nbytes, "HostToDevice")
         return out
 
     def _from_host(self, array: np.ndarray, like: ort.OrtValue) -> ort.OrtValue:

@@ -23,7 +23,7 @@ import openvino as ov
 
 from .. import contract as C
 from ..errors import XLoraError
-from . import Backend, Graph
+from . import Backend, Graph, window
 from .dtypes import from_float32, to_float32
 
 __all__ = ["OpenVinoBackend", "OpenVinoGraph", "make_backend", "precision_hint"]
@@ -141,6 +141,9 @@ class OpenVinoBackend(Backend):
 
     def concat(self, tensors: list[ov.Tensor]) -> ov.Tensor:
         return _tensor(np.concatenate([_host_array(t) for t in tensors]), tensors[0].get_element_type())
+
+    def positions(self, tensor: ov.Tensor, start: int, stop: int) -> ov.Tensor:
+        return _tensor(window(_host_array(tensor), start, stop), tensor.get_element_type())
 
     def nbytes(self, tensor: ov.Tensor) -> int:
         return int(tensor.get_byte_size())

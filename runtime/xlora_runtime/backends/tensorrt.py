@@ -24,7 +24,7 @@ from .. import contract as C
 from ..engine import read_sidecar
 from ..errors import XLoraError
 from ..profiles import Shapes, select_profile
-from . import Backend, Graph, cuda
+from . import Backend, Graph, cuda, window
 from .cuda import DeviceTensor
 from .dtypes import from_float32, to_float32
 
@@ -217,6 +217,10 @@ class TrtBackend(Backend):
             cuda.copy_bytes(out.ptr + offset, tensor.ptr, tensor.nbytes)
             offset += tensor.nbytes
         return out
+
+    def positions(self, tensor: DeviceTensor, start: int, stop: int) -> DeviceTensor:
+        self.on_device()
+        return DeviceTensor.from_host(window(tensor.to_host(), start, stop), tensor.dtype)
 
     def nbytes(self, tensor: DeviceTensor) -> int:
         return tensor.nbytes

@@ -1,0 +1,326 @@
+"""The OpenAI-compatible HTTP app (FastAPI) over a `Scheduler`.
+
+    POST /v1/completions        prompt (text, token ids, or a list of either), OpenAI sampling fields, `xlora`
+    POST /v1/chat/completions   messages rendered with the model's chat template (400 when it has none)
+    GET  /v1/models             the one model served
+    GET  /health                200 while the engine runs
+    GET  /metrics               Prometheus text format (metrics.py)
+
+Both generation endpoints stream server-sent events with `"stream": true` (one chunk per token that releases
+text, `data: [DONE]` last). Errors are OpenAI's JSON error objects: 400 for a bad request (one line naming the
+field), 404 for another model or path, 429 with `Retry-After` when the waiting queue is full, 500 when the
+graph fails. A client that disconnects cancels its request: its rows leave the batch and their caches are freed.
+A conversation may carry an `x-session-id` header: the server keeps its caches after each turn and extends them
+when the next turn's prompt continues the same tokens (best effort; correctness never depends on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..errors import XLoraError
+from ..session import XLoraSession
+from .chat import ChatTemplate, check_messages
+from .metrics import Metrics
+from .protocol import ParsedRequest, choice_extras, parse_chat, parse_completion
+from .scheduler import QueueFullError, RequestHandle, Scheduler, TokenOut
+
+__all__ = ["Server", "ServerConfig", "create_app"]
+
+SESSION_HEADER = "x-session-id"  # the header Ray Serve's consistent-hash router keys on by default
+MAX_SESSION_ID = 256
+
+
+@dataclass
+class ServerConfig:
+    """What `xlora-serve` (or a Ray Serve replica) serves, and how.
+
+    Attributes:
+        graph: OUT.onnx written by xlora-export.
+        model_name: the model id clients send (default: the graph's file name without .onnx).
+        provider, threads, device: where the graph runs (as `XLoraSession`'s; None: cpu, or trt-engine for an
+            .engine file) and the intra-op threads.
+        max_batch: rows decoded together at most. max_queue: requests waiting beyond it (then 429).
+        session_cache_mb: memory for conversations' caches kept between turns (0: none).
+    """
+
+    graph: str
+    model_name: str | None = None
+    provider: str | None = None
+    threads: int | None = None
+    max_batch: int = 16
+    max_queue: int = 64
+    session_cache_mb: float = 256.0
+    device: str | int | None = None
+
+
+class _NotFoundError(Exception):
+    pass
+
+
+class _DisconnectedError(Exception):
+    pass
+
+
+class Server:
+    """The serving state of one process (or replica): the graph, its scheduler, chat template and metrics.
+
+    Raises:
+        XLoraError: the graph cannot be served (missing file, not an export, bad chat template, bad options).
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        if not config.session_cache_mb >= 0:  # also nan
+            raise XLoraError(f"session cache {config.session_cache_mb} MB: expected a number >= 0")
+        self.config = config
+        self.session = XLoraSession(config.graph, provider=config.provider, threads=config.threads,
+                                    device=config.device)
+        self.info = self.session.info
+        self.name = config.model_name or os.path.splitext(os.path.basename(config.graph))[0]
+        self.chat_template = ChatTemplate.of_session(self.session)
+        self.instance = uuid.uuid4().hex[:12]
+        self.metrics = Metrics(lambda: self.scheduler.queue_depth, lambda: self.scheduler.batch_size,
+                               lambda: self.session.cache_bytes, lambda: self.scheduler.sessions.nbytes)
+        self.scheduler = Scheduler(self.session, config.max_batch, config.max_queue,
+                                   int(config.session_cache_mb * (1 << 20)), hooks=self.metrics)
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of a text (`special`: with the tokenizer's post-processing, as `Generator` encodes)."""
+        tokenizer = self.session.tokenizer
+        if tokenizer is None:
+            raise XLoraError(f"model '{self.name}': no tokenizer travelled with this export; send token ids")
+        if not text:
+            return []
+        return tokenizer.encode(text, add_special_tokens=special).ids
+
+    def render(self, messages: Any) -> str:
+        """The chat prompt of `messages`."""
+        if self.chat_template is None:
+            raise XLoraError(f"model '{self.name}' has no chat template (its tokenizer config had none when it "
+                             f"was exported); use /v1/completions with a prompt")
+        return self.chat_template.render(check_messages(messages))
+
+    def top_k(self, spec_top_k: int | None) -> int:
+        """A request's experts per token (its `expert_top_k`, else the model's default)."""
+        return self.info.default_top_k if spec_top_k is None else spec_top_k
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _Instrument:
+    """ASGI middleware: every response carries `x-xlora-instance` (which server or replica answered) and is counted
+    by route and status. (Plain ASGI: Starlette's BaseHTTPMiddleware would hide client disconnects.)"""
+
+    def __init__(self, app: Any, server: Server) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_with_header(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-xlora-instance", self.server.instance.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_header)
+        finally:
+            path = getattr(scope.get("route"), "path", "other")
+            self.server.metrics.requests.labels(path, str(status)).inc()
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def create_app(server: Server) -> FastAPI:
+    """The FastAPI app serving `server` (its engine starts and stops with the app's lifespan)."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.scheduler.start()
+        yield
+        await asyncio.to_thread(server.scheduler.stop)
+
+    app = FastAPI(title="xlora-serve", lifespan=lifespan)
+    metrics = server.metrics
+
+    app.add_middleware(_Instrument, server=server)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Any:
+        return _error(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Any:
+        return _error(400, str(exc).splitlines()[0])
+
+    @app.get("/health")
+    async def health() -> Any:
+        if not server.scheduler.alive:
+            return _error(503, "the engine is not running", "server_error")
+        return {"status": "ok", "model": server.name, "instance": server.instance}
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        info = server.info
+        return {"object": "list", "data": [{
+            "id": server.name, "object": "model", "created": 0, "owned_by": "xlora-serve",
+            "max_model_len": info.max_positions,
+            "xlora": {"experts": info.expert_names, "default_top_k": info.default_top_k,
+                      "chat_template": server.chat_template is not None,
+                      "frozen_graph": info.frozen_path is not None}}]}
+
+    @app.get("/metrics")
+    async def prometheus() -> Any:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await _handle(request, lambda body: parse_completion(body, server.encode))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        encode = lambda text: server.encode(text, special=False)  # noqa: E731 - the template wrote the specials
+        return await _handle(request, lambda body: parse_chat(body, server.render, encode))
+
+    async def _handle(request: Request, parse: Any) -> Any:
+        try:
+            raw = await request.body()
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise XLoraError(f"request body: not valid JSON ({e})") from None
+            parsed = parse(body)
+            if parsed.model is not None and parsed.model != server.name:
+                raise _NotFoundError(f"model '{parsed.model}' is not served here (this server serves '{server.name}')")
+            session_id = request.headers.get(SESSION_HEADER)
+            if session_id is not None and not 0 < len(session_id) <= MAX_SESSION_ID:
+                raise XLoraError(f"{SESSION_HEADER} header: expected 1 to {MAX_SESSION_ID} characters")
+            if session_id is not None and len(parsed.specs) == 1:
+                parsed.specs[0].session_id = session_id
+            handles = server.scheduler.submit(parsed.specs, asyncio.get_running_loop())
+        except XLoraError as e:
+            return _error(400, str(e))
+        except _NotFoundError as e:
+            return _error(404, str(e), code="model_not_found")
+        except QueueFullError as e:
+            metrics.rejected.inc()
+            return _error(429, str(e), "rate_limit_error", "queue_full", {"Retry-After": str(e.retry_after)})
+        if parsed.stream:
+            return StreamingResponse(_stream(parsed, handles), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            results = await _collect(request, handles)
+        except _DisconnectedError:
+            return Response(status_code=499)
+        except XLoraError as e:
+            return _error(500, str(e), "server_error")
+        return JSONResponse(_response(parsed, handles, results))
+
+    async def _collect(request: Request, handles: list[RequestHandle]) -> list[list[TokenOut]]:
+        """Every handle's tokens; a client that disconnects meanwhile cancels them (checked every 0.1 s)."""
+        async def drain(handle: RequestHandle) -> list[TokenOut]:
+            return [out async for out in handle]
+
+        task = asyncio.ensure_future(asyncio.gather(*(drain(h) for h in handles)))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.1)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    raise _DisconnectedError
+        finally:
+            if not task.done():
+                task.cancel()
+                for h in handles:
+                    h.cancel()
+
+    def _usage(handles: list[RequestHandle]) -> dict[str, Any]:
+        prompt = sum(h.prompt_tokens for h in handles)
+        completion = sum(h.completion_tokens for h in handles)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(h.cached_tokens for h in handles)}}
+
+    def _head(parsed: ParsedRequest, chunk: bool) -> dict[str, Any]:
+        if parsed.kind == "chat":
+            return {"id": f"chatcmpl-{parsed.id}", "object": "chat.completion.chunk" if chunk else "chat.completion",
+                    "created": parsed.created, "model": server.name}
+        return {"id": f"cmpl-{parsed.id}", "object": "text_completion", "created": parsed.created,
+                "model": server.name}
+
+    def _response(parsed: ParsedRequest, handles: list[RequestHandle], results: list[list[TokenOut]]) -> dict:
+        choices = []
+        for i, outs in enumerate(results):
+            text = "".join(o.text for o in outs)
+            choice: dict[str, Any] = {"index": i}
+            if parsed.kind == "chat":
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            choice.update(logprobs=None, finish_reason=outs[-1].finish_reason)
+            extras = choice_extras(outs, parsed, server.info.expert_names, server.top_k(parsed.specs[i].top_k))
+            if extras:
+                choice["xlora"] = extras
+            choices.append(choice)
+        response = _head(parsed, False) | {"choices": choices, "usage": _usage(handles)}
+        if parsed.return_scalings:
+            response["xlora"] = {"experts": server.info.expert_names, "modules": server.info.module_names}
+        return response
+
+    async def _stream(parsed: ParsedRequest, handles: list[RequestHandle]) -> AsyncIterator[str]:
+        head = _head(parsed, True)
+        try:
+            if parsed.kind == "chat":
+                delta = {"role": "assistant", "content": ""}
+                yield _sse(head | {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]})
+            for i, handle in enumerate(handles):  # the prompts run together; their chunks come prompt by prompt
+                top_k = server.top_k(parsed.specs[i].top_k)
+                async for out in handle:
+                    extras = choice_extras([out], parsed, server.info.expert_names, top_k)
+                    if not out.text and not extras and out.finish_reason is None:
+                        continue
+                    choice: dict[str, Any] = {"index": i}
+                    if parsed.kind == "chat":
+                        choice["delta"] = {"content": out.text}
+                    else:
+                        choice["text"] = out.text
+                    choice.update(logprobs=None, finish_reason=out.finish_reason)
+                    if extras:
+                        choice["xlora"] = extras
+                    yield _sse(head | {"choices": [choice]})
+            if parsed.include_usage:
+                yield _sse(head | {"choices": [], "usage": _usage(handles)})
+            yield _sse("[DONE]")
+        except XLoraError as e:
+            yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        finally:  # a client gone (the generator is closed early): stop what still runs
+            for h in handles:
+                if h.finish_reason is None:
+                    h.cancel()
+
+    return app

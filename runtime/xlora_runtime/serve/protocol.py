@@ -1,0 +1,206 @@
+"""The OpenAI API's request bodies, checked, and its response objects.
+
+`parse_completion` and `parse_chat` turn a JSON body into a `ParsedRequest` (one `RequestSpec` per prompt, plus
+what the response needs), raising a one-line `XLoraError` that names the field for anything wrong; fields that
+the OpenAI API has and this server does not implement are accepted at their neutral value only (`n: 1`,
+penalties 0, no logprobs...). X-LoRA options ride in the body under `xlora`:
+
+    "xlora": {"expert_top_k": 2,            experts kept per token and module, 0 = dense (default: the model's)
+              "freeze_scalings_after": 4,   after 4 decode steps the scalings freeze (the frozen graph)
+              "return_scalings": true,      per token the (modules x experts) scalings; "top": the top experts
+              "return_token_ids": true}     the generated token ids
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import XLoraError, brief
+from .scheduler import RequestSpec, TokenOut
+
+__all__ = ["ParsedRequest", "choice_extras", "parse_chat", "parse_completion"]
+
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n",
+           "logprobs", "frequency_penalty", "presence_penalty", "logit_bias", "user", "ignore_eos", "xlora"}
+COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+# accepted only at these values (OpenAI's defaults): the features are not implemented
+_NEUTRAL = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False),
+            "top_logprobs": (None, 0), "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
+            "logit_bias": (None, {}), "suffix": (None,)}
+XLORA_FIELDS = ("expert_top_k", "freeze_scalings_after", "return_scalings", "return_token_ids")
+MAX_STOPS = 4
+
+
+@dataclass
+class ParsedRequest:
+    """A checked request: its sequences and how to answer."""
+
+    kind: str  # "completion" or "chat"
+    specs: list[RequestSpec]
+    stream: bool
+    include_usage: bool
+    model: str | None
+    return_scalings: bool | str = False  # False, True (full) or "top"
+    return_token_ids: bool = False
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fields(body: Any, known: set[str], kind: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise XLoraError(f"request body: expected a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise XLoraError(f"unknown field {unknown[0]!r} for {kind} (known: {', '.join(sorted(known))})")
+    for name, allowed in _NEUTRAL.items():
+        if name in body and body[name] not in allowed:
+            raise XLoraError(f"{name}={brief(body[name])}: not supported by this server (only "
+                             f"{' or '.join('null' if a is None else str(a).lower() for a in allowed)})")
+    return body
+
+
+def _options(body: dict[str, Any], max_tokens_default: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The sampling options shared by both endpoints (RequestSpec fields) and the response options."""
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = max_tokens_default if max_tokens is None else max_tokens
+    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
+        raise XLoraError(f"max_tokens={brief(max_tokens)}: expected an int >= 1")
+    temperature = body.get("temperature")
+    temperature = 1.0 if temperature is None else temperature
+    if not _is_number(temperature) or temperature < 0:
+        raise XLoraError(f"temperature={brief(temperature)}: expected a number >= 0 (0 = greedy)")
+    top_p = body.get("top_p")
+    top_p = 1.0 if top_p is None else top_p
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise XLoraError(f"top_p={brief(top_p)}: expected 0 < top_p <= 1")
+    seed = body.get("seed")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise XLoraError(f"seed={brief(seed)}: expected null or an int >= 0")
+    stop = body.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
+        raise XLoraError(f"stop={brief(stop)}: expected a string or a list of up to {MAX_STOPS} non-empty strings")
+    for name in ("stream", "ignore_eos"):
+        if body.get(name) is not None and not isinstance(body[name], bool):
+            raise XLoraError(f"{name}={brief(body[name])}: expected true or false")
+    stream_options = body.get("stream_options")
+    include_usage = False
+    if stream_options is not None:
+        if not body.get("stream"):
+            raise XLoraError("stream_options: only allowed with stream: true")
+        if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"} or \
+                not isinstance(stream_options.get("include_usage", False), bool):
+            raise XLoraError(f"stream_options={brief(stream_options)}: expected {{\"include_usage\": true or false}}")
+        include_usage = stream_options.get("include_usage", False)
+    xlora = body.get("xlora")
+    xlora = {} if xlora is None else xlora
+    if not isinstance(xlora, dict):
+        raise XLoraError(f"xlora={brief(xlora)}: expected an object with some of {', '.join(XLORA_FIELDS)}")
+    unknown = sorted(set(xlora) - set(XLORA_FIELDS))
+    if unknown:
+        raise XLoraError(f"unknown field 'xlora.{unknown[0]}' (known: {', '.join(XLORA_FIELDS)})")
+    top_k = xlora.get("expert_top_k")
+    if top_k is not None and not _is_int(top_k):
+        raise XLoraError(f"xlora.expert_top_k={brief(top_k)}: expected an int (0 = dense)")
+    freeze = xlora.get("freeze_scalings_after")
+    if freeze is not None and (not _is_int(freeze) or freeze < 0):
+        raise XLoraError(f"xlora.freeze_scalings_after={brief(freeze)}: expected null or an int >= 0")
+    scalings = xlora.get("return_scalings", False)
+    if scalings not in (False, True, "top") or isinstance(scalings, (int, float)) and not isinstance(scalings, bool):
+        raise XLoraError(f"xlora.return_scalings={brief(scalings)}: expected false, true (every expert) or \"top\"")
+    token_ids = xlora.get("return_token_ids", False)
+    if not isinstance(token_ids, bool):
+        raise XLoraError(f"xlora.return_token_ids={brief(token_ids)}: expected true or false")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise XLoraError(f"model={brief(model)}: expected a string")
+    spec = dict(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed,
+                stop=tuple(stops), ignore_eos=bool(body.get("ignore_eos")), top_k=top_k, freeze_after=freeze,
+                scalings=scalings is not False)
+    answer = dict(stream=bool(body.get("stream")), include_usage=include_usage, model=model,
+                  return_scalings=scalings, return_token_ids=token_ids)
+    return spec, answer
+
+
+def _prompts(prompt: Any, encode: Any) -> list[list[int]]:
+    """`prompt`: a string, a list of token ids, or a list of either -> token id lists."""
+    if isinstance(prompt, str):
+        return [encode(prompt)]
+    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        return [list(prompt)]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return [encode(p) for p in prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, list) and p and all(_is_int(t) for t in p)
+                                                   for p in prompt):
+        return [list(p) for p in prompt]
+    raise XLoraError(f"prompt={brief(prompt)}: expected a string, a list of token ids, or a non-empty list of either")
+
+
+def parse_completion(body: Any, encode: Any) -> ParsedRequest:
+    """A `/v1/completions` body.
+
+    Args:
+        encode: text -> token ids (raises XLoraError without a tokenizer).
+    Raises:
+        XLoraError: what is wrong with the body.
+    """
+    body = _fields(body, COMPLETION_FIELDS, "/v1/completions")
+    if "prompt" not in body:
+        raise XLoraError("prompt: missing (expected a string, a list of token ids, or a list of either)")
+    spec, answer = _options(body, 16)  # OpenAI's default max_tokens for completions
+    specs = [RequestSpec(ids, **spec) for ids in _prompts(body["prompt"], encode)]
+    return ParsedRequest("completion", specs, **answer)
+
+
+def parse_chat(body: Any, render: Any, encode: Any) -> ParsedRequest:
+    """A `/v1/chat/completions` body.
+
+    Args:
+        render: messages -> prompt text (the chat template; raises XLoraError when there is none).
+        encode: text -> token ids, special tokens in the text recognised, none added.
+    Raises:
+        XLoraError: what is wrong with the body.
+    """
+    body = _fields(body, CHAT_FIELDS, "/v1/chat/completions")
+    if "messages" not in body:
+        raise XLoraError("messages: missing (expected a non-empty list of {role, content} objects)")
+    spec, answer = _options(body, None)  # OpenAI's default: until the model's positions end
+    ids = encode(render(body["messages"]))
+    return ParsedRequest("chat", [RequestSpec(ids, **spec)], **answer)
+
+
+def choice_extras(outs: list[TokenOut], request: ParsedRequest, experts: list[str], top_k: int) -> dict[str, Any]:
+    """The `xlora` object of a choice (or a streamed chunk) for these tokens: token ids and scalings as asked.
+
+    Args:
+        experts: expert names in graph order; top_k: the request's experts per token (0 = all, for "top").
+    """
+    extras: dict[str, Any] = {}
+    if request.return_token_ids:
+        extras["token_ids"] = [o.token for o in outs]
+    if request.return_scalings is True:
+        extras["scalings"] = [o.scalings.tolist() for o in outs]
+    elif request.return_scalings == "top":
+        keep = top_k or len(experts)
+        per_token = []
+        for o in outs:
+            weights = o.scalings.mean(0)
+            order = np.argsort(-weights, kind="stable")[:keep]
+            per_token.append([{"expert": experts[i], "weight": float(weights[i])} for i in order])
+        extras["top_experts"] = per_token
+    return extras
