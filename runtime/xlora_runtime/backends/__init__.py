@@ -95,10 +95,10 @@ class Backend(ABC):
     def nbytes(self, tensor: Any) -> int:
         """Bytes a cache tensor holds."""
 
+    @abstractmethod
     def positions(self, tensor: Any, start: int, stop: int) -> Any:
         """Positions [start, stop) (axis 2) of a cache tensor as a new tensor; positions before 0 are zeros, so a
         negative start left-pads. The server lines cache groups up with it (rare events: through the host)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot cut or pad cache positions")
 
 
 def window(array: np.ndarray, start: int, stop: int) -> np.ndarray:
