@@ -293,6 +293,15 @@ def test_per_row_freezing():
     for i, k in ((0, 0), (2, 2)):
         s = results[i].scalings
         assert np.array_equal(s[k:], np.broadcast_to(s[k], s[k:].shape)), f"row {i} kept changing after freezing"
+
+
+def test_freezing_after_more_steps_than_any_generation_is_never_freezing():
+    """A freeze step beyond int64 (here numpy's largest uint64, which hypothesis found overflowing) never comes."""
+    gen = Generator(session())
+    late = gen.generate(list(PROMPTS), max_new_tokens=4, stop_token_ids=[],
+                        freeze_scalings_after=[np.uint64(2**64 - 1), 2**70, None])
+    granular = gen.generate(list(PROMPTS), max_new_tokens=4, stop_token_ids=[])
+    assert [r.tokens for r in late] == [r.tokens for r in granular]
         assert np.abs(s[:k + 1] - granular[i].scalings[:k + 1]).max() <= 1e-6  # granular up to the freeze
 
 

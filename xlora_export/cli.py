@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -188,7 +190,27 @@ def _error(message: object) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
+    """Run the command; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted).
+
+    Ctrl-C raises KeyboardInterrupt as usual and is also remembered: Python swallows an exception raised while a
+    destructor runs (a released session, a temporary file), so the export's progress calls raise it again, and the
+    last one comes before anything is renamed into place."""
+    interrupted: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv, interrupted)
+
+    def on_sigint(signum: int, frame: object) -> None:
+        interrupted.append(True)
+        signal.default_int_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, on_sigint) or signal.SIG_DFL
+    try:
+        return _main(argv, interrupted)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: list[str] | None, interrupted: list[bool]) -> int:
     target, written = "OUT.onnx", False  # written: the export renamed OUT.onnx into place
     try:
         try:
@@ -208,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()  # progress times count from here, after the imports
 
             def progress(message: str) -> None:
+                if interrupted:  # a Ctrl-C that a destructor swallowed
+                    raise KeyboardInterrupt
                 if not args.quiet:
                     print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
 

@@ -410,6 +410,7 @@ def export(model_dir: str, out_path: str, options: ExportOptions | None = None,
             _validate(references, spec, hidden_size, report, staged, options, progress)
         if options.quantize is not None:  # the validated float graphs are the reference, then replaced
             quantize_export(staged, options.quantize, report, options.validate, progress)
+        _say(progress, f"writing {out_path} and its companions")
         follow_umask(tmp)  # the mode of any new file, whatever a writer chose (safetensors, onnx: 0600)
         staged_files = sorted(os.listdir(tmp), key=lambda f: f == name)  # OUT.onnx renamed last
         for stale in _companions(out_path, options):  # with --force: an older export's other files

@@ -264,7 +264,8 @@ class Generator:
                 raise XLoraError(f"freeze_scalings_after={brief(v)}: expected None or an int >= 0")
         if any(v is not None for v in values):
             self.session.frozen  # noqa: B018 - opens OUT.frozen.onnx, or raises the clear error now
-        return np.array([-1 if v is None else v for v in values], dtype=np.int64)
+        never = np.iinfo(np.int64).max  # a step no generation reaches (a larger int would overflow the array)
+        return np.array([-1 if v is None else min(int(v), never) for v in values], dtype=np.int64)
 
     def _request(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int, do_sample: bool, temperature: float,
                  top_p: float, seed: int | None, stop_token_ids: int | Sequence[int] | None,
