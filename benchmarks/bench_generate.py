@@ -140,7 +140,7 @@ def export_base_graph(folder: str, path: str) -> None:
         def forward(self, ids, mask, pos, *rest):
             past, scalings, top_k = _pairs(rest[:2 * n]), rest[2 * n], rest[-1]
             masks = attention_masks(mask, ids.shape[1], model.spec.windows)
-            hidden, present = decoder_pass(model.model, model.spec, ids, pos, masks, past, None, 1.0)
+            hidden, present = decoder_pass(model.model, model.spec, ids, pos, masks, past, None)
             logits = lm_logits(model.model, model.spec, hidden[:, -1:])
             keep = (scalings[:1, :1, :1] * 0 + top_k * 0).to(logits.dtype)  # (1, 1, 1) zeros
             return (logits + keep, *_flat(present))

@@ -12,6 +12,7 @@ import torch
 from helpers import make_xlora, max_diff
 from xlora_export.classifier import top_k_gates
 from xlora_export.decoder import attention_masks, decoder_pass, lm_logits
+from xlora_export.lora import column_gates
 
 STEPS = 20
 
@@ -147,12 +148,13 @@ def manual_grads(model, ids: torch.Tensor, scaling_pass_graph: bool) -> tuple[fl
     masks = attention_masks(mask, s, model.spec.windows)
     g = model.xlora_config.global_scaling_weight
     value = model.xlora_config.scaling_pass_value
+    layers = model.lora_layers()
     with contextlib.nullcontext() if scaling_pass_graph else torch.no_grad():
         hidden, _ = decoder_pass(model.model, model.spec, ids, pos, masks, None,
-                                 None if value == 0 else float(value), g)
+                                 column_gates(layers, None if value == 0 else float(value), g))
     scalings = model.internal_xlora_classifier(hidden)
     gates = top_k_gates(scalings, model.xlora_config.top_k_lora, model.xlora_config.enable_softmax_topk)
-    h, _ = decoder_pass(model.model, model.spec, ids, pos, masks, None, gates, g)
+    h, _ = decoder_pass(model.model, model.spec, ids, pos, masks, None, column_gates(layers, gates, g))
     logits = lm_logits(model.model, model.spec, h)
     loss = model.model.loss_function(logits=logits, labels=ids, vocab_size=logits.shape[-1])
     loss.backward()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architectures import DecoderSpec
-from .lora import XLoraLinear
+from .lora import ColumnGates, XLoraLinear
 
 __all__ = ["KV", "Masks", "attention_masks", "decoder_pass", "lm_logits"]
 
@@ -66,8 +66,10 @@ def attention_masks(attention_mask: torch.Tensor, seq_len: int, windows: tuple[i
     return masks
 
 
-def _proj(layer: nn.Module, x: torch.Tensor, gates: torch.Tensor | float | None, g: float) -> torch.Tensor:
-    return layer(x, gates, g) if isinstance(layer, XLoraLinear) else layer(x)
+def _proj(layer: nn.Module, x: torch.Tensor, gates: ColumnGates | None) -> torch.Tensor:
+    if not isinstance(layer, XLoraLinear):
+        return layer(x)
+    return layer(x, None if gates is None else gates[layer.module_index])
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: DecoderSpec) -> torch.Tensor:
@@ -87,14 +89,14 @@ def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 def _attention(attn: nn.Module, spec: DecoderSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               allowed: torch.Tensor, past: KV | None, gates: torch.Tensor | float | None, g: float,
+               allowed: torch.Tensor, past: KV | None, gates: ColumnGates | None,
                dims: tuple[int, int]) -> tuple[torch.Tensor, KV]:
     b, s = dims  # batch, new tokens (read once per pass: no Shape ops per layer in the graph)
     hd, heads, kvh = spec.head_dim, spec.num_heads, spec.kv_heads
     if spec.fused_projections:
-        q, k, v = _proj(attn.qkv_proj, x, gates, g).split([heads * hd, kvh * hd, kvh * hd], dim=-1)
+        q, k, v = _proj(attn.qkv_proj, x, gates).split([heads * hd, kvh * hd, kvh * hd], dim=-1)
     else:
-        q, k, v = (_proj(attn.q_proj, x, gates, g), _proj(attn.k_proj, x, gates, g), _proj(attn.v_proj, x, gates, g))
+        q, k, v = (_proj(attn.q_proj, x, gates), _proj(attn.k_proj, x, gates), _proj(attn.v_proj, x, gates))
     q = q.view(b, s, heads, hd).transpose(1, 2)  # (b, heads, s, hd)
     k = k.view(b, s, kvh, hd).transpose(1, 2)  # (b, kv_heads, s, hd)
     v = v.view(b, s, kvh, hd).transpose(1, 2)  # (b, kv_heads, s, hd)
@@ -116,16 +118,15 @@ def _attention(attn: nn.Module, spec: DecoderSpec, x: torch.Tensor, cos: torch.T
     probs = F.dropout(probs, attn.attention_dropout, attn.training)
     out = torch.matmul(probs, v.unsqueeze(2))  # (b, kv_heads, groups, s, hd)
     out = out.reshape(b, heads, s, hd).transpose(1, 2).reshape(b, s, heads * hd)  # (b, s, heads * hd)
-    return _proj(attn.o_proj, out, gates, g), present
+    return _proj(attn.o_proj, out, gates), present
 
 
-def _mlp(mlp: nn.Module, spec: DecoderSpec, x: torch.Tensor, gates: torch.Tensor | float | None,
-         g: float) -> torch.Tensor:
+def _mlp(mlp: nn.Module, spec: DecoderSpec, x: torch.Tensor, gates: ColumnGates | None) -> torch.Tensor:
     if spec.fused_projections:  # Phi-3: gate and up in one Linear, gate first
-        gate, up = _proj(mlp.gate_up_proj, x, gates, g).chunk(2, dim=-1)
-        return _proj(mlp.down_proj, up * mlp.activation_fn(gate), gates, g)
-    act = mlp.act_fn(_proj(mlp.gate_proj, x, gates, g)) * _proj(mlp.up_proj, x, gates, g)
-    return _proj(mlp.down_proj, act, gates, g)
+        gate, up = _proj(mlp.gate_up_proj, x, gates).chunk(2, dim=-1)
+        return _proj(mlp.down_proj, up * mlp.activation_fn(gate), gates)
+    act = mlp.act_fn(_proj(mlp.gate_proj, x, gates)) * _proj(mlp.up_proj, x, gates)
+    return _proj(mlp.down_proj, act, gates)
 
 
 def _rotary(base: nn.Module, spec: DecoderSpec, h: torch.Tensor,
@@ -138,8 +139,8 @@ def _rotary(base: nn.Module, spec: DecoderSpec, h: torch.Tensor,
 
 
 def decoder_pass(lm: nn.Module, spec: DecoderSpec, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                 masks: Masks, past: list[KV] | None, gates: torch.Tensor | float | None,
-                 global_weight: float) -> tuple[torch.Tensor, list[KV]]:
+                 masks: Masks, past: list[KV] | None,
+                 gates: ColumnGates | None) -> tuple[torch.Tensor, list[KV]]:
     """Run the base decoder once.
 
     Args:
@@ -149,8 +150,7 @@ def decoder_pass(lm: nn.Module, spec: DecoderSpec, input_ids: torch.Tensor, posi
         position_ids: (b, s) int64.
         masks: from `attention_masks`, each (b, 1, 1, s, past + s) bool.
         past: per block (key, value) of this pass's cache, or None (no past).
-        gates: None (no LoRA at all), a float (every expert weighted equally), or (b, s, L, n).
-        global_weight: g.
+        gates: None (no LoRA at all), or every module's column gates (`lora.column_gates`).
     Returns:
         hidden (b, s, H) after the final norm, and the per-block presents.
     """
@@ -162,10 +162,10 @@ def decoder_pass(lm: nn.Module, spec: DecoderSpec, input_ids: torch.Tensor, posi
     for i, block in enumerate(base.layers):
         cos, sin = rope[spec.layer_types[i]]
         a, kv = _attention(block.self_attn, spec, block.input_layernorm(h), cos, sin, masks[spec.windows[i]],
-                           None if past is None else past[i], gates, global_weight, dims)
+                           None if past is None else past[i], gates, dims)
         h = h + (block.post_attention_layernorm(a) if spec.sandwich_norm else a)
         presents.append(kv)
-        m = _mlp(block.mlp, spec, getattr(block, spec.mlp_in_norm)(h), gates, global_weight)
+        m = _mlp(block.mlp, spec, getattr(block, spec.mlp_in_norm)(h), gates)
         h = h + (block.post_feedforward_layernorm(m) if spec.sandwich_norm else m)
     return base.norm(h), presents
 

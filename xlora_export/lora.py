@@ -6,13 +6,15 @@ All experts targeting the module are concatenated along the rank dimension, so e
 module costs one down-projection and one up-projection whatever the number of experts:
 
     A_cat (R, in) = [A_0; A_1; ...]      B_cat (out, R) = [B_0 | B_1 | ...]     R = sum r_i
-    z = (x A_cat^T) * (s[..., l, :] expanded over each expert's rank columns) * scale_col * g
-    y = base(x) + z B_cat^T
+    c = s[..., l, :] expanded over each expert's rank columns * scale_col * g    (b, s, R): column gates
+    y = base(x) + ((x A_cat^T) * c) B_cat^T
 
-Expanding the gates over rank columns is a matmul with a constant one-hot (n, R) matrix,
-scaled per column: exact (one product per column, the rest zeros), any mix of ranks, and
-no shape ops in the graph; never `repeat_interleave`, which the TorchScript exporter
-mistranslates.
+Expanding the gates over rank columns is a matmul with a constant (n, R) matrix, one-hot
+and scaled per column: exact (one product per column, the rest zeros), any mix of ranks,
+and no shape ops in the graph; never `repeat_interleave`, which the TorchScript exporter
+mistranslates. `column_gates` does it once per pass for all modules whose experts have
+the same ranks and scales (usually all of them): one matmul for a non-layerwise
+classifier, whose gates are the same in every module, one batched matmul otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from torch import nn
 
 from .experts import Expert
 
-__all__ = ["XLoraLinear"]
+__all__ = ["ColumnGates", "XLoraLinear", "column_gates"]
+
+ColumnGates = list[torch.Tensor]  # per module index: its column gates, (R_l,) or (b, s, R_l)
 
 
 class XLoraLinear(nn.Module):
@@ -58,29 +62,26 @@ class XLoraLinear(nn.Module):
         self.register_buffer("col_onehot", onehot, persistent=False)
         self.register_buffer("col_scale", col_scale.to(weight.dtype), persistent=False)  # (R,) alpha/r
         self.dropouts = [e.dropout for e in experts]
+        # modules with equal column layouts share one gate expansion (`column_gates`)
+        self.column_key = (tuple(col_expert.tolist()), tuple(col_scale.tolist()))
 
-    def forward(self, x: torch.Tensor, gates: torch.Tensor | float | None, global_weight: float) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
         """
         Args:
             x: (b, s, in).
-            gates: None (base layer only), a float (every expert weighted by it: the scaling
-                pass), or (b, s, L, n) per-token gates of the real pass.
-            global_weight: g, multiplies every expert's output.
+            gates: None (base layer only), or this module's column gates from `column_gates`:
+                (R,) or (b, s, R).
         Returns:
             (b, s, out).
         """
         y = self.base_layer(x)
         if gates is None:
             return y
-        z = self._down(x)  # (b, s, R)
-        if isinstance(gates, torch.Tensor):
-            g = gates[:, :, self.module_index, :].to(z.dtype)  # (b, s, n)
-            # each rank column gets its expert's gate times its scale: one small matmul with a one-hot
-            # matrix (exact: one product and zeros per column), no shape ops in the graph
-            z = z * (g @ (self.col_onehot * (self.col_scale * global_weight)))  # (b, s, R)
-        else:
-            z = z * (self.col_scale * (global_weight * gates))
-        return y + F.linear(z, self.lora_B)
+        return y + F.linear(self._down(x) * gates, self.lora_B)
+
+    def column_weights(self, global_weight: float) -> torch.Tensor:
+        """(n, R): entry [i, c] = alpha_i / r_i * g where rank column c is expert i's, else 0."""
+        return self.col_onehot * (self.col_scale * global_weight)
 
     def _down(self, x: torch.Tensor) -> torch.Tensor:
         """x A_cat^T, (b, s, R); in training, each expert sees its own LoRA dropout of x."""
@@ -102,3 +103,41 @@ class XLoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"module_index={self.module_index}, experts={self.expert_names}, ranks={self.ranks}"
+
+
+def column_gates(layers: list[XLoraLinear], gates: torch.Tensor | float | None,
+                 global_weight: float) -> ColumnGates | None:
+    """Every module's column gates: each rank column's expert gate times alpha_i / r_i times g.
+
+    Modules with the same column layout (same experts, ranks and scales: usually all) share one
+    expansion, so that a pass costs one gate matmul, not one per module.
+
+    Args:
+        layers: the model's `XLoraLinear`s in module-index order.
+        gates: None (no LoRA at all), a float (every expert weighted by it: the scaling pass),
+            (b, s, L, n) per-token gates of every module, or (b, s, 1, n): the same gates in every
+            module (a non-layerwise classifier).
+        global_weight: g, multiplies every expert's output.
+    Returns:
+        None, or per module index (R_l,) for a float, else (b, s, R_l).
+    """
+    if gates is None:
+        return None
+    if not isinstance(gates, torch.Tensor):
+        return [layer.col_scale * (global_weight * gates) for layer in layers]
+    groups: dict[tuple, list[int]] = {}
+    for index, layer in enumerate(layers):
+        groups.setdefault(layer.column_key, []).append(index)
+    out: list[torch.Tensor | None] = [None] * len(layers)
+    for members in groups.values():
+        weights = layers[members[0]].column_weights(global_weight)  # (n, R)
+        if gates.shape[2] == 1:
+            shared = gates[:, :, 0].to(weights.dtype) @ weights  # (b, s, R)
+            for index in members:
+                out[index] = shared
+            continue
+        rows = gates if len(members) == len(layers) else gates[:, :, members]
+        expanded = rows.to(weights.dtype) @ weights  # (b, s, len(members), R)
+        for j, index in enumerate(members):
+            out[index] = expanded[:, :, j]
+    return out

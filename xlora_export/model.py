@@ -5,7 +5,7 @@ One step, with two caches (see `cache.py`):
     scaling pass:  hidden = decoder(input_ids, gates = scaling_pass_value, cache.scaling)   # no grad
     classifier:    scalings = softmax(classifier(hidden) / T)                               # (b, s, L, n)
     top-k:         gates = top_k_gates(scalings, k, enable_softmax_topk)
-    real pass:     logits = lm_head(decoder(input_ids, gates, cache.real))
+    real pass:     logits = lm_head(decoder(input_ids, column_gates(gates), cache.real))
 
 Both passes are plain calls of `decoder_pass` below, with no hooks: the same code runs
 eagerly, in training and under the ONNX exporter.
@@ -31,7 +31,7 @@ from .decoder import attention_masks, decoder_pass, lm_logits
 from .errors import XLoraError
 from .experts import Expert, load_expert
 from .generation import GenerationMixin
-from .lora import XLoraLinear
+from .lora import XLoraLinear, column_gates
 from .scalings_log import flush_log_scalings
 
 __all__ = ["XLoraCausalLMOutput", "add_xlora_to_model", "from_pretrained", "xLoRAModel"]
@@ -121,23 +121,27 @@ class xLoRAModel(GenerationMixin, nn.Module):  # noqa: N801 - the seed's public 
         masks = attention_masks(attention_mask, s, self.spec.windows)  # window -> (b, 1, 1, s, past + s)
         g = self.xlora_config.global_scaling_weight
         n_modules, n_experts = len(self.module_names), len(self.adapter_names)
+        layers = self.lora_layers()
 
         if scalings is None:
             with torch.no_grad():  # the scaling pass carries no gradient
                 hidden, scaling_present = decoder_pass(
                     self.model, self.spec, input_ids, position_ids, masks,
-                    cache.scaling if cache is not None else None, self._scaling_pass_gates(), g)
+                    cache.scaling if cache is not None else None,
+                    column_gates(layers, self._scaling_pass_gates(), g))
             scalings = self.internal_xlora_classifier(hidden)  # (b, s, L, n)
+            # a non-layerwise classifier gives every module the same scalings: gate them once
+            per_module = scalings if self.xlora_config.layerwise_scalings else scalings[:, :, :1]
         else:
             if scalings.shape != (b, n_modules, n_experts):
                 raise XLoraError(f"forward(scalings=...): expected shape ({b}, {n_modules}, {n_experts}), "
                                  f"got {tuple(scalings.shape)}")
-            scalings = scalings.unsqueeze(1).expand(b, s, n_modules, n_experts)
+            per_module = scalings = scalings.unsqueeze(1).expand(b, s, n_modules, n_experts)
             scaling_present = None
         k = self.xlora_config.top_k_lora if expert_top_k is None else expert_top_k
-        gates = top_k_gates(scalings, k, self.xlora_config.enable_softmax_topk)
+        gates = top_k_gates(per_module, k, self.xlora_config.enable_softmax_topk)  # (b, s, L or 1, n)
         hidden, present = decoder_pass(self.model, self.spec, input_ids, position_ids, masks,
-                                       cache.real if cache is not None else None, gates, g)
+                                       cache.real if cache is not None else None, column_gates(layers, gates, g))
         if logits_to_keep:
             if labels is not None:
                 raise XLoraError("forward(logits_to_keep=...) with labels: the loss needs every position's logits")
