@@ -4,13 +4,15 @@ it, and does the exported graph keep that?
     python -m models.demo_eval                          # the committed checkpoint, 100 held-out prompts per task
     python -m models.demo_eval MODEL_DIR --count 50 --json demo.json --no-graph
 
-Per task, exact-match accuracy of the greedy answer (plain prompts "QUESTION =", held out from training) of:
+Per task, exact-match accuracy of the greedy answer (prompts "QUESTION =", held out from training) of:
     base               no expert (every scaling 0)
     expert <task>      that expert alone (its scaling 1 in every module, the others 0)
     uniform mix        every expert at 1/n in every module
     X-LoRA             the classifier's scalings, token by token (the eager model)
-    X-LoRA, graph      the same through the exported graph (`xlora-export MODEL OUT.onnx --frozen-scalings`) run by
-                       the torch-free runtime (`xlora_runtime.Generator`); one row per graph precision
+    ..., after 1-3 chat turns   the task's own expert and X-LoRA on the same questions asked after 1-3 answered
+                       lines of random tasks (the chat template's format): the routing has to switch
+    X-LoRA, graph      the plain prompts through the exported graph (`xlora-export MODEL OUT.onnx --frozen-scalings`)
+                       run by the torch-free runtime (`xlora_runtime.Generator`); one row per graph precision
 and the classifier's routing accuracy: a prompt is routed right when the expert with the largest scaling,
 averaged over the prompt's tokens and the modules, is its task's (also per token: each prompt token's own
 dominant expert, averaged over modules). Prints a table, then one JSON object (also written with --json).
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.demo import TASKS, eval_set, plain_prompt
+from models.demo import TASKS, chat_set, eval_set, plain_prompt
 from xlora_export import XLoraError
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xlora-demo")
@@ -139,6 +141,7 @@ def evaluate(model_dir: str, count: int, graph: bool = True, log=print) -> dict:
     sets = {task: eval_set(task, count) for task in TASKS}
     texts = {task: [plain_prompt(q) for q, _ in pairs] for task, pairs in sets.items()}
     ids = {task: [tokenizer(t)["input_ids"] for t in texts[task]] for task in TASKS}
+    chats = {task: chat_set(task, count) for task in TASKS}
     record: dict = {"model": model_dir, "prompts_per_task": count, "tasks": list(TASKS), "experts": names,
                     "accuracy": {}, "routing": {}, "routing_per_token": {}}
     xlora_tokens = {}
@@ -152,6 +155,14 @@ def evaluate(model_dir: str, count: int, graph: bool = True, log=print) -> dict:
                 xlora_tokens[task] = got.tokens
                 by_prompt, by_token = routing(got.prefill_scalings, ids[task], names.index(task))
                 record["routing"][task], record["routing_per_token"][task] = by_prompt, by_token
+        log(f"{row}: {time.perf_counter() - start:.0f} s")
+    for row in ("own expert, after 1-3 chat turns", "X-LoRA, after 1-3 chat turns"):
+        record["accuracy"][row] = {}
+        for task in TASKS:
+            prompts = [tokenizer(text)["input_ids"] for text, _ in chats[task]]
+            got = eager_answers(model, tokenizer, prompts, None if row.startswith("X-LoRA") else
+                                configs[f"expert {task}"])
+            record["accuracy"][row][task] = sum(g == a for g, (_, a) in zip(got.texts, chats[task])) / len(prompts)
         log(f"{row}: {time.perf_counter() - start:.0f} s")
     if graph:
         record["graph"] = {}
