@@ -2,6 +2,7 @@
 
     python -m models.recipes                 # the default model: models/built/tiny-llama
     python -m models.recipes --all           # every recipe (one per supported family, the trained and 32M ones)
+    python -m models.recipes xlora-demo      # the trained demo (models/demo.py; minutes): models/built/xlora-demo
 
 A built checkpoint folder holds (this project's format):
     base/                 the base causal LM (transformers) and its tokenizer (made with `tokenizers`)
@@ -19,6 +20,8 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+
+from models.demo import DemoRecipe, build_demo
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "built")
 
@@ -189,13 +192,16 @@ def build_expert(base_dir: str, spec: ExpertSpec, out_dir: str, seed: int) -> st
     return out_dir
 
 
-def build(recipe: Recipe, out_dir: str) -> str:
-    """Build the whole checkpoint folder (see the module docstring); returns it."""
+def build(recipe: Recipe | DemoRecipe, out_dir: str) -> str:
+    """Build the whole checkpoint folder (see the module docstring; a `DemoRecipe` is trained by
+    `models/demo.py`); returns it."""
     from transformers import AutoModelForCausalLM
 
     import xlora_export as xlora
     from xlora_export.experts import follow_umask
 
+    if isinstance(recipe, DemoRecipe):
+        return build_demo(recipe, out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     base_dir = build_base(recipe, os.path.join(out_dir, "base"))
     staging = os.path.join(out_dir, ".experts")
@@ -257,6 +263,10 @@ RECIPES = {
     "tinyllama-1.1b": Recipe(arch="llama", hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632,
                              vocab=32000, max_positions=2048, seed=9, xlora_size=2048, classifier_std=0.02, experts=[
                                  ExpertSpec(name, 16, 16, ATTN + MLP) for name in ("code", "math", "chat")]),
+    # The trained demo: experts that each know one task and a classifier that routes to them (models/demo.py,
+    # minutes on a CPU). Its build is committed as models/xlora-demo (`python -m models.recipes xlora-demo --out
+    # models` rebuilds it there).
+    "xlora-demo": DemoRecipe(),
 }
 # The families the parity tests cover, one recipe each (hidden cases add other sizes and configurations).
 FAMILY_RECIPES = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3")

@@ -1,0 +1,97 @@
+"""The trained demo (`models/xlora-demo`, committed; `python -m models.recipes xlora-demo` rebuilds it): it is the
+recipe's build, its chat template renders what it was trained on, the classifier routes held-out prompts to their
+task's expert (and switches within one chat), and the exported graph run by the runtime gives the eager tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from models.demo import TASKS, chat_prompt, eval_set, plain_prompt
+from models.demo_eval import DEFAULT_MODEL, answer_text, eager_answers, routing
+from models.demo_plot import SWITCH_QUESTION, SWITCH_TURNS, switch_prompt
+from models.recipes import RECIPES
+
+ROUTING_PROMPTS = 25  # per task
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from xlora_export.xlora_utils import load_model
+
+    return load_model(DEFAULT_MODEL)
+
+
+def test_the_checkpoint_is_the_recipes_build(demo):
+    """The committed checkpoint records the recipe it was trained with: a changed recipe needs a rebuild."""
+    model, _ = demo
+    with open(os.path.join(DEFAULT_MODEL, "demo.json")) as f:
+        record = json.load(f)
+    assert record["recipe"] == dataclasses.asdict(RECIPES["xlora-demo"]), (
+        "models/xlora-demo was built from another recipe: python -m models.recipes xlora-demo --out models")
+    assert model.adapter_names == list(TASKS)
+
+
+def test_the_chat_template_renders_the_training_format(demo):
+    _, tokenizer = demo
+    with open(os.path.join(DEFAULT_MODEL, "base", "tokenizer_config.json")) as f:
+        assert "chat_template" in json.load(f)
+    turns = [("12+7", "19"), ("close: ( [", "] )")]
+    messages = [{"role": "system", "content": "Answer briefly."}]
+    for q, a in turns:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    messages.append({"role": "user", "content": "reverse: cat dog"})
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == chat_prompt(turns, "reverse: cat dog", system="Answer briefly.")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_the_classifier_routes_held_out_prompts_to_their_expert(demo, task):
+    model, tokenizer = demo
+    prompts = [tokenizer(plain_prompt(q))["input_ids"] for q, _ in eval_set(task, ROUTING_PROMPTS, seed=7)]
+    got = eager_answers(model, tokenizer, prompts, None, max_new_tokens=1)
+    by_prompt, _ = routing(got.prefill_scalings, prompts, model.adapter_names.index(task))
+    assert by_prompt >= 0.9, f"{task}: {by_prompt:.0%} of held-out prompts routed to the {task} expert"
+
+
+def test_routing_switches_with_the_task_within_one_chat(demo):
+    """In a chat whose turns are of different tasks, each turn (question and answer) is routed to its task's expert."""
+    model, tokenizer = demo
+    ids = tokenizer(switch_prompt())["input_ids"]
+    with torch.no_grad():
+        scalings = model(torch.tensor([ids])).scalings[0].mean(1)  # (tokens, n)
+    turns = [(q, a) for _, q, a in SWITCH_TURNS]
+    tasks = [t for t, _, _ in SWITCH_TURNS] + [SWITCH_QUESTION[0]]
+    ends = [len(tokenizer(chat_prompt(turns[:k], turns[k][0]) + f" {turns[k][1]}</s>")["input_ids"])
+            for k in range(len(turns))] + [len(ids)]
+    start = 0
+    for task, end in zip(tasks, ends):
+        dominant = model.adapter_names[int(scalings[start:end].mean(0).argmax())]
+        assert dominant == task, f"tokens {start}..{end - 1}: routed to {dominant}, expected {task}"
+        start = end
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    from xlora_export.export import ExportOptions, export
+
+    path = str(tmp_path_factory.mktemp("demo") / "demo.onnx")
+    export(DEFAULT_MODEL, path, ExportOptions(validate=False))
+    return path
+
+
+def test_the_graph_gives_the_eager_greedy_tokens(demo, graph):
+    from xlora_runtime import Generator, XLoraSession
+
+    model, tokenizer = demo
+    texts = [plain_prompt(q) for task in TASKS for q, _ in eval_set(task, 2, seed=3)] + [switch_prompt()]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    eager = eager_answers(model, tokenizer, prompts, None)
+    results = Generator(XLoraSession(graph, threads=2)).generate(texts, max_new_tokens=12, expert_top_k=0)
+    assert [r.prompt_ids for r in results] == prompts  # the runtime's tokenizer is the checkpoint's
+    assert [r.tokens for r in results] == eager.tokens
+    assert answer_text(tokenizer, results[-1].tokens, tokenizer.eos_token_id) != ""
