@@ -1,8 +1,9 @@
 """Deterministic recipes for tiny X-LoRA checkpoints (seconds on a CPU, no downloads).
 
     python -m models.recipes                 # the default model: models/built/tiny-llama
-    python -m models.recipes --all           # every recipe (one per supported family, the trained and 32M ones)
+    python -m models.recipes --all           # every recipe built in seconds (one per family, the trained, the 32M)
     python -m models.recipes xlora-demo      # the trained demo (models/demo.py; minutes): models/built/xlora-demo
+    python -m models.recipes tinyllama-1.1b  # TinyLlama-1.1B's shape, 4.4 GB (the export benchmark's; a minute or two)
 
 A built checkpoint folder holds (this project's format):
     base/                 the base causal LM (transformers) and its tokenizer (made with `tokenizers`)
@@ -268,6 +269,8 @@ RECIPES = {
     # models` rebuilds it there).
     "xlora-demo": DemoRecipe(),
 }
+# Minutes or gigabytes to build: only when named (the demo's build is committed as models/xlora-demo).
+SLOW_RECIPES = ("tinyllama-1.1b", "xlora-demo")
 # The families the parity tests cover, one recipe each (hidden cases add other sizes and configurations).
 FAMILY_RECIPES = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3")
 DEFAULT = "tiny-llama"
@@ -277,14 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the tiny X-LoRA checkpoints of models/.")
     parser.add_argument("names", nargs="*", default=[DEFAULT], help=f"recipes to build (default {DEFAULT}); "
                         f"known: {', '.join(RECIPES)}")
-    parser.add_argument("--all", action="store_true", help="build every recipe")
+    parser.add_argument("--all", action="store_true", help="build every recipe built in seconds (not "
+                        f"{' or '.join(SLOW_RECIPES)}: name them)")
     parser.add_argument("--out", default=ROOT, help="parent folder (default models/built)")
     args = parser.parse_args(argv)
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices
-    names = list(RECIPES) if args.all else args.names
+    names = [n for n in RECIPES if n not in SLOW_RECIPES] if args.all else args.names
     for name in names:
         if name not in RECIPES:
             parser.error(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")

@@ -216,8 +216,8 @@ def test_readme_export_transcript_is_what_the_command_prints(tmp_path, capsys):
         return [line for line in text.split("\n") if line and not line.startswith(("[", "parity", "size:", "wrote"))]
 
     args = transcript.group(1).split()[1:]
-    assert args[:2] == ["models/built/tiny-llama", "tiny-llama.onnx"]
-    code, stdout, _ = _run([built("tiny-llama"), str(tmp_path / "tiny-llama.onnx"), *args[2:]], capsys)
+    assert args[:2] == ["models/xlora-demo", "xlora-demo.onnx"]  # the committed trained demo
+    code, stdout, _ = _run([os.path.join(ROOT, *args[0].split("/")), str(tmp_path / args[1]), *args[2:]], capsys)
     assert code == 0
     assert stable(transcript.group(2)) == stable(stdout)
     assert len(stable(stdout)) > 15

@@ -95,3 +95,23 @@ def test_the_graph_gives_the_eager_greedy_tokens(demo, graph):
     assert [r.prompt_ids for r in results] == prompts  # the runtime's tokenizer is the checkpoint's
     assert [r.tokens for r in results] == eager.tokens
     assert answer_text(tokenizer, results[-1].tokens, tokenizer.eos_token_id) != ""
+
+
+def test_the_graph_declares_static_module_and_expert_dims(demo, graph):
+    """A non-layerwise classifier (the demo's) still gives the `scalings` output static L and n dims."""
+    import onnx
+
+    model, _ = demo
+    [scalings] = [o for o in onnx.load(graph, load_external_data=False).graph.output if o.name == "scalings"]
+    dims = [d.dim_value or d.dim_param for d in scalings.type.tensor_type.shape.dim]
+    assert dims == ["batch", "sequence", len(model.module_names), len(model.adapter_names)]
+
+
+def test_the_eager_demo_command_answers_and_stops_at_eos(capsys):
+    """`python -m xlora_export.demo models/xlora-demo PROMPT`: each new token with its top expert, up to eos."""
+    from xlora_export import demo as demo_command
+
+    assert demo_command.main([DEFAULT_MODEL, "reverse: cat fish moon ="]) == 0
+    lines = capsys.readouterr().out.splitlines()[2:]
+    assert [line.split("'")[1] for line in lines] == [" moon", " fish", " cat", "</s>"]
+    assert all(line.split("top expert ")[1].startswith("reverse") for line in lines)

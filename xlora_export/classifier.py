@@ -62,9 +62,11 @@ class XLoraClassifier(nn.Module):
         if self.config.layerwise_scalings:
             logits = logits.reshape(b, s, self.n_modules, self.n_experts)  # flat index layer*n + expert
         else:
-            logits = logits.unsqueeze(2).expand(b, s, self.n_modules, self.n_experts)
+            logits = logits.unsqueeze(2)  # (b, s, 1, n): the same for every module
         if self.config.enable_softmax:
             logits = torch.softmax(logits / self.config.softmax_temperature, dim=-1)
+        if not self.config.layerwise_scalings:  # a Tile by constants: the graph's output keeps static L and n
+            logits = logits.repeat(1, 1, self.n_modules, 1)
         return logits
 
 

@@ -15,8 +15,9 @@ from .xlora_utils import load_model
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xlora_export.demo", description=__doc__)
-    parser.add_argument("model_dir", help="X-LoRA checkpoint folder (e.g. models/built/tiny-llama)")
-    parser.add_argument("prompt", nargs="?", default="the model mixes low rank experts", help="text prompt")
+    parser.add_argument("model_dir", help="X-LoRA checkpoint folder (e.g. models/xlora-demo)")
+    parser.add_argument("prompt", nargs="?", default="spell: 305 =",
+                        help="text prompt (default: a question of the trained demo)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
     args = parser.parse_args(argv)
     transformers.utils.logging.disable_progress_bar()
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = tokenizer([args.prompt], return_tensors="pt")
         model.enable_scalings_logging()
         with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=args.max_new_tokens, eos_token_id=None)
+            out = model.generate(**batch, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
     except XLoraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         mean = log[i][0, -1].mean(0)  # (n,): the scalings that chose token i, averaged over modules
         top = int(mean.argmax())
         print(f"  {tokenizer.decode([token])!r:>14}  top expert {model.adapter_names[top]} ({mean[top]:.2f})")
+        if token == tokenizer.eos_token_id:
+            break
     return 0
 
 
