@@ -115,3 +115,52 @@ def test_the_eager_demo_command_answers_and_stops_at_eos(capsys):
     lines = capsys.readouterr().out.splitlines()[2:]
     assert [line.split("'")[1] for line in lines] == [" moon", " fish", " cat", "</s>"]
     assert all(line.split("top expert ")[1].startswith("reverse") for line in lines)
+
+
+def test_generate_chat_renders_the_exports_template_as_transformers_does(demo, graph, capsys):
+    """`xlora-generate --chat`: each prompt a user message (after --system) through OUT.chat_template.jinja; the
+    tokens are those of the eager model on transformers' `apply_chat_template` ids."""
+    from xlora_runtime.cli import generate_main
+
+    model, tokenizer = demo
+    questions = ["spell: 305", "close: ( [ { < ("]
+    assert generate_main([graph, "--chat", "--system", "Answer briefly.", "--json", *questions]) == 0
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    prompts = [tokenizer.apply_chat_template([{"role": "system", "content": "Answer briefly."},
+                                              {"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False) for q in questions]
+    assert [r["tokens"] for r in results] == eager_answers(model, tokenizer, prompts, None).tokens
+    assert [r["text"].strip() for r in results] == ["three zero five", ") > } ] )"]
+
+
+def test_generate_chat_refusals(graph, tmp_path, capsys, monkeypatch):
+    import shutil
+    import sys
+
+    from xlora_runtime import contract as C
+    from xlora_runtime.cli import generate_main
+
+    def copy_without(folder: str, missing: str) -> str:
+        """The export's files in `folder`, all but `missing` (a path function of the contract)."""
+        os.makedirs(folder)
+        for path in (graph, graph + ".data", C.tokenizer_path(graph), C.chat_template_path(graph)):
+            if path != getattr(C, missing)(graph) and os.path.exists(path):
+                shutil.copy(path, os.path.join(folder, os.path.basename(path)))
+        return os.path.join(folder, os.path.basename(graph))
+
+    no_template = copy_without(str(tmp_path / "a"), "chat_template_path")
+    no_tokenizer = copy_without(str(tmp_path / "b"), "tokenizer_path")
+    cases = [([graph, "--system", "x", "a"], "--system is a chat message: add --chat"),
+             ([graph, "--chat", "--ids", "1,2"], "--chat and --ids: chat messages are text"),
+             ([no_template, "--chat", "a"], f"--chat: {no_template} has no chat template beside it "
+              f"({C.chat_template_path(no_template)}; the checkpoint's tokenizer config had none)"),
+             ([no_tokenizer, "--chat", "a"], f"--chat: no tokenizer travelled with {no_tokenizer} "
+              f"({C.tokenizer_path(no_tokenizer)})")]
+    for argv, message in cases:
+        assert generate_main(argv) == 1
+        assert capsys.readouterr().err.strip() == f"xlora-generate: error: {message}"
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # not installed
+    assert generate_main([graph, "--chat", "a"]) == 1
+    assert capsys.readouterr().err.strip() == (f"xlora-generate: error: {C.chat_template_path(graph)}: rendering "
+                                               f"a chat template needs jinja2: pip install \"./runtime[chat]\" "
+                                               f"(or jinja2)")

@@ -316,7 +316,7 @@ def test_streaming_events(server):
 def test_chat_template_renders_as_transformers_does():
     from transformers import AutoTokenizer
 
-    from xlora_runtime.serve.chat import ChatTemplate
+    from xlora_runtime.chat import ChatTemplate
 
     hf = AutoTokenizer.from_pretrained(os.path.join(chat_checkpoint(), "base"))
     template = ChatTemplate.of_session(generator().session)
@@ -542,8 +542,8 @@ def test_models_health_and_metrics(server):
 
 # ----------------------------------------------------------------------------------------------- the Python API
 def test_scheduler_and_server_refusals(monkeypatch):
+    from xlora_runtime.chat import ChatTemplate
     from xlora_runtime.serve.app import Server, ServerConfig
-    from xlora_runtime.serve.chat import ChatTemplate
     from xlora_runtime.serve.scheduler import RequestSpec, Scheduler
 
     session = generator().session
@@ -709,7 +709,7 @@ def test_ray_serve_on_a_two_node_cluster():
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["cpus"] == {"total": 2.0, "free": 0.0, "nodes": 2}  # a replica on each node
     session = generator().session
-    template = __import__("xlora_runtime.serve.chat", fromlist=["ChatTemplate"]).ChatTemplate.of_session(session)
+    template = __import__("xlora_runtime.chat", fromlist=["ChatTemplate"]).ChatTemplate.of_session(session)
 
     def alone(messages: list[dict]) -> list[int]:
         ids = session.tokenizer.encode(template.render(messages), add_special_tokens=False).ids

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import contract as C
 from .errors import XLoraError
 
 if TYPE_CHECKING:
@@ -68,6 +69,9 @@ def build_generate_parser() -> argparse.ArgumentParser:
     inp = parser.add_argument_group("input")
     inp.add_argument("--ids", action="store_true", help="prompts are comma-separated token ids (e.g. 5,17,42) "
                      "instead of text")
+    inp.add_argument("--chat", action="store_true", help="each PROMPT is a user message, rendered with the "
+                     "export's chat template (OUT.chat_template.jinja; needs jinja2)")
+    inp.add_argument("--system", metavar="TEXT", help="with --chat: a system message before each user message")
     gen = parser.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int, default=defaults["max_new_tokens"], metavar="N",
                      help=f"new tokens per prompt (default {defaults['max_new_tokens']})")
@@ -106,7 +110,11 @@ def build_generate_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prompts(args: argparse.Namespace) -> list[str] | list[list[int]]:
+def _prompts(args: argparse.Namespace, session: XLoraSession) -> list[str] | list[list[int]]:
+    if args.system is not None and not args.chat:
+        raise XLoraError("--system is a chat message: add --chat")
+    if args.chat:
+        return _chat_prompts(args, session)
     if not args.ids:
         return list(args.prompts)
     prompts = []
@@ -116,6 +124,24 @@ def _prompts(args: argparse.Namespace) -> list[str] | list[list[int]]:
         except ValueError:
             raise XLoraError(f"prompt {i}: {text!r} is not a comma-separated list of token ids (--ids)") from None
     return prompts
+
+
+def _chat_prompts(args: argparse.Namespace, session: XLoraSession) -> list[list[int]]:
+    """Each prompt as a one-turn chat (after `--system`), rendered by the export's template and encoded without
+    adding special tokens (the template writes them), as transformers' `apply_chat_template` does."""
+    from .chat import ChatTemplate
+
+    if args.ids:
+        raise XLoraError("--chat and --ids: chat messages are text")
+    template = ChatTemplate.of_session(session)
+    if template is None:
+        raise XLoraError(f"--chat: {args.graph} has no chat template beside it ({C.chat_template_path(args.graph)}; "
+                         f"the checkpoint's tokenizer config had none)")
+    if session.tokenizer is None:
+        raise XLoraError(f"--chat: no tokenizer travelled with {args.graph} ({C.tokenizer_path(args.graph)})")
+    system = [] if args.system is None else [{"role": "system", "content": args.system}]
+    texts = [template.render(system + [{"role": "user", "content": text}]) for text in args.prompts]
+    return [session.tokenizer.encode(text, add_special_tokens=False).ids for text in texts]
 
 
 def _stream_options(args: argparse.Namespace, session: XLoraSession) -> dict[str, Any]:
@@ -189,7 +215,7 @@ def _generate(args: argparse.Namespace) -> int:
     session = XLoraSession(args.graph, provider=args.provider, threads=args.threads, device=device_arg(args.device))
     generator = Generator(session)
     generator.log_scalings = bool(args.log_scalings)
-    prompts, options = _prompts(args), _stream_options(args, session)
+    prompts, options = _prompts(args, session), _stream_options(args, session)
     has_text = session.tokenizer is not None
     encoded = generator.encode(prompts)  # validated before anything runs; `generate` takes the ids
     printer = _Printer(len(encoded), has_text) if args.stream else None

@@ -30,9 +30,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..chat import ChatTemplate, check_messages
 from ..errors import XLoraError
 from ..session import XLoraSession
-from .chat import ChatTemplate, check_messages
 from .metrics import Metrics
 from .protocol import ParsedRequest, choice_extras, parse_chat, parse_completion
 from .scheduler import QueueFullError, RequestHandle, Scheduler, TokenOut

@@ -10,10 +10,10 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ..errors import XLoraError, brief
+from .errors import XLoraError, brief
 
 if TYPE_CHECKING:
-    from ..session import XLoraSession
+    from .session import XLoraSession
 
 __all__ = ["ChatTemplate", "check_messages"]
 
@@ -60,8 +60,12 @@ class ChatTemplate:
     """
 
     def __init__(self, source: str, special_tokens: dict[str, str], path: str) -> None:
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        try:
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise XLoraError(f"{path}: rendering a chat template needs jinja2: pip install \"./runtime[chat]\" "
+                             f"(or jinja2)") from None
 
         def raise_exception(message: str) -> None:
             raise jinja2.exceptions.TemplateError(message)
