@@ -92,7 +92,8 @@ def prepare(name: str, say: Callable[[str], None]) -> dict:
         info.update(build_s=stamp["build_s"], build_reused=False)
         say(f"{name}: built in {stamp['build_s']:.1f} s")
     frozen = graph[: -len(".onnx")] + ".frozen.onnx"
-    if "export_s" in stamp and os.path.isfile(graph) and os.path.isfile(frozen):
+    digest = exporter_digest()
+    if "export_s" in stamp and stamp.get("exporter") == digest and os.path.isfile(graph) and os.path.isfile(frozen):
         say(f"{name}: reusing {os.path.relpath(graph, ROOT)} (exported in {stamp['export_s']:.1f} s)")
         info.update(export_s=stamp["export_s"], export_reused=True)
     else:
@@ -100,6 +101,7 @@ def prepare(name: str, say: Callable[[str], None]) -> dict:
         t0 = time.perf_counter()
         report = export(folder, graph, ExportOptions(frozen_scalings=True, force=True))
         stamp["export_s"] = time.perf_counter() - t0
+        stamp["exporter"] = digest
         stamp["parity"] = {k: dict(v.max_diff) for k, v in report.parity.items()}
         info.update(export_s=stamp["export_s"], export_reused=False)
         say(f"{name}: exported in {stamp['export_s']:.1f} s, max diff vs eager {stamp['parity']}")
@@ -112,6 +114,19 @@ def prepare(name: str, say: Callable[[str], None]) -> dict:
     with open(stamp_path, "w") as f:
         json.dump(stamp, f, indent=1)
     return info
+
+
+def exporter_digest() -> str:
+    """A hash of the exporter's sources (`xlora_export/*.py`): a cached graph from other code is exported again."""
+    import hashlib
+
+    folder = os.path.join(ROOT, "xlora_export")
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                h.update(name.encode() + f.read())
+    return h.hexdigest()[:16]
 
 
 def export_base_graph(folder: str, path: str) -> None:
@@ -166,7 +181,7 @@ def runtime_engine(graph: str, threads: int, freeze: int | None) -> Callable[[li
     """The runtime's streaming generator; each TokenEvent is timestamped when it is yielded."""
     from xlora_runtime import Generator, XLoraSession
 
-    generator = Generator(XLoraSession(graph, threads=threads))  # sessions never spin (see XLoraSession)
+    generator = Generator(XLoraSession(graph, threads=threads))
 
     def run(prompt: list[int], n: int) -> Run:
         tokens, times = [], []

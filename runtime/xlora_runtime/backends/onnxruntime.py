@@ -74,8 +74,10 @@ def _record(path: str) -> dict[str, Any] | None:
 
 def open_graph(path: str, provider: str = "cpu", threads: int | None = None,
                lean: bool = False, providers: list | None = None) -> ort.InferenceSession:
-    """One ONNX Runtime session of one graph file, idle threads not spinning (two sessions on a few cores
-    must not compete).
+    """One ONNX Runtime session of one graph file. Its threads spin while a run lasts (a decode step is hundreds
+    of small ops: waking sleeping threads for each cost a third of the step) and stop spinning when it ends
+    (`session.force_spinning_stop`), so that the main and frozen graphs alternating on a few cores, or other
+    processes, do not compete with idle spinners.
 
     Args:
         providers: the execution providers with their options (`backends.onnxruntime.provider_options`);
@@ -90,7 +92,8 @@ def open_graph(path: str, provider: str = "cpu", threads: int | None = None,
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     if lean:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
