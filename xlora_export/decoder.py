@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architectures import DecoderSpec
-from .lora import ColumnGates, XLoraLinear
+from .lora import ColumnGates, XLoraLinear, sibling_linears
 
 __all__ = ["KV", "Masks", "attention_masks", "decoder_pass", "lm_logits"]
 
@@ -96,7 +96,7 @@ def _attention(attn: nn.Module, spec: DecoderSpec, x: torch.Tensor, cos: torch.T
     if spec.fused_projections:
         q, k, v = _proj(attn.qkv_proj, x, gates).split([heads * hd, kvh * hd, kvh * hd], dim=-1)
     else:
-        q, k, v = (_proj(attn.q_proj, x, gates), _proj(attn.k_proj, x, gates), _proj(attn.v_proj, x, gates))
+        q, k, v = sibling_linears([attn.q_proj, attn.k_proj, attn.v_proj], x, gates)
     q = q.view(b, s, heads, hd).transpose(1, 2)  # (b, heads, s, hd)
     k = k.view(b, s, kvh, hd).transpose(1, 2)  # (b, kv_heads, s, hd)
     v = v.view(b, s, kvh, hd).transpose(1, 2)  # (b, kv_heads, s, hd)
@@ -125,7 +125,8 @@ def _mlp(mlp: nn.Module, spec: DecoderSpec, x: torch.Tensor, gates: ColumnGates 
     if spec.fused_projections:  # Phi-3: gate and up in one Linear, gate first
         gate, up = _proj(mlp.gate_up_proj, x, gates).chunk(2, dim=-1)
         return _proj(mlp.down_proj, up * mlp.activation_fn(gate), gates)
-    act = mlp.act_fn(_proj(mlp.gate_proj, x, gates)) * _proj(mlp.up_proj, x, gates)
+    gate, up = sibling_linears([mlp.gate_proj, mlp.up_proj], x, gates)
+    act = mlp.act_fn(gate) * up
     return _proj(mlp.down_proj, act, gates)
 
 

@@ -15,6 +15,8 @@ and no shape ops in the graph; never `repeat_interleave`, which the TorchScript 
 mistranslates. `column_gates` does it once per pass for all modules whose experts have
 the same ranks and scales (usually all of them): one matmul for a non-layerwise
 classifier, whose gates are the same in every module, one batched matmul otherwise.
+Modules that read the same input (q/k/v, gate/up) share one down-projection
+(`sibling_linears`: their A_cat stacked), each keeping its own up-projection.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 
 from .experts import Expert
 
-__all__ = ["ColumnGates", "XLoraLinear", "column_gates"]
+__all__ = ["ColumnGates", "XLoraLinear", "column_gates", "sibling_linears"]
 
 ColumnGates = list[torch.Tensor]  # per module index: its column gates, (R_l,) or (b, s, R_l)
 
@@ -74,10 +76,12 @@ class XLoraLinear(nn.Module):
         Returns:
             (b, s, out).
         """
+        return self.up(x, None if gates is None else self._down(x) * gates)
+
+    def up(self, x: torch.Tensor, gated: torch.Tensor | None) -> torch.Tensor:
+        """base(x) + gated B_cat^T, from `gated` = (x A_cat^T) * column gates, (b, s, R); None: base(x)."""
         y = self.base_layer(x)
-        if gates is None:
-            return y
-        return y + F.linear(self._down(x) * gates, self.lora_B)
+        return y if gated is None else y + F.linear(gated, self.lora_B)
 
     def column_weights(self, global_weight: float) -> torch.Tensor:
         """(n, R): entry [i, c] = alpha_i / r_i * g where rank column c is expert i's, else 0."""
@@ -141,3 +145,27 @@ def column_gates(layers: list[XLoraLinear], gates: torch.Tensor | float | None,
         for j, index in enumerate(members):
             out[index] = expanded[:, :, j]
     return out
+
+
+def sibling_linears(layers: list[nn.Module], x: torch.Tensor, gates: ColumnGates | None) -> list[torch.Tensor]:
+    """Linears that read the same input (q/k/v, gate/up): each base Linear on its own, the wrapped ones' LoRA
+    down-projections in one matmul (their A_cat stacked: one node instead of one per module), then each
+    module's up-projection. The same sums as calling each layer.
+
+    Args:
+        layers: `XLoraLinear`s or plain Linears, all reading `x`.
+        x: (b, s, in).
+        gates: every module's column gates (`column_gates`), or None.
+    Returns:
+        each layer's output, (b, s, out_i).
+    """
+    wrapped = [layer for layer in layers if isinstance(layer, XLoraLinear)]
+    dropout = any(layer.training and any(layer.dropouts) for layer in wrapped)  # each expert its own dropout
+    if gates is None or len(wrapped) < 2 or dropout:
+        return [layer(x, None if gates is None else gates[layer.module_index])
+                if isinstance(layer, XLoraLinear) else layer(x) for layer in layers]
+    a = torch.cat([layer.lora_A for layer in wrapped])  # (sum R, in)
+    columns = torch.cat([gates[layer.module_index] for layer in wrapped], -1)  # (sum R,) or (b, s, sum R)
+    parts = (F.linear(x, a) * columns).split([layer.lora_A.shape[0] for layer in wrapped], -1)
+    gated = dict(zip(map(id, wrapped), parts))
+    return [layer.up(x, gated[id(layer)]) if isinstance(layer, XLoraLinear) else layer(x) for layer in layers]
