@@ -7,7 +7,8 @@ routes every token to the expert of its task. Trained on the CPU from nothing, d
 Stages (each seeded; fixed thread count, deterministic algorithms):
     tokenizer   byte-level BPE (digits split one by one) trained on the task texts, with a chat template
     base        a small Llama pretrained on a mixed corpus of the tasks' vocabularies, without their answers
-    experts     one PEFT LoRA per task on the frozen base: spell, reverse, translate, brackets
+    experts     one PEFT LoRA per task (spell, reverse, translate, brackets), the four trained together on the
+                frozen base in the X-LoRA forward, each turn of a chat routed to its task's expert
     classifier  the X-LoRA classifier on the mixture (single questions and chats of 2-4 turns mixing tasks),
                 experts and base frozen, with this project's `add_xlora_to_model` and its training forward (one set
                 of scalings per token for all modules, softmax temperature 0.25)
@@ -129,30 +130,49 @@ def chat_set(task: str, count: int, seed: int = 1) -> list[tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------------------------- the texts
-# A training example is a list of (text, trained) segments: the loss is taken on the trained ones only (answers;
-# everything for the base). Segments end where the tokenizer splits anyway, so tokenizing them one by one gives
-# the tokens of the whole text.
-Example = list[tuple[str, bool]]
+# A training example is a list of (text, trained, task) segments: the loss is taken on the trained ones only
+# (answers; everything for the base); `task` is the turn a segment belongs to (None: a system line), the routing the
+# experts are trained with. Segments end where the tokenizer splits anyway, so tokenizing them one by one gives the
+# tokens of the whole text. A turn is "QUESTION =" then " ANSWER</s>", and "\n" when another turn follows.
+Example = list[tuple[str, bool, str | None]]
 
 
 def task_example(task: str, rng: random.Random, system_share: float = 0.2, context_share: float = 0.4) -> Example:
-    """One training example of `task`: "QUESTION =" + " ANSWER</s>", sometimes after a system line, sometimes after
-    1-3 answered lines of any task (context the expert must read past; not trained)."""
+    """One example of `task`: "QUESTION =" + " ANSWER</s>" (trained), sometimes after a system line, sometimes
+    after 1-3 answered turns of any task (context, not trained): the text `chat_prompt` renders."""
     system = rng.choice(SYSTEM_PROMPTS) if rng.random() < system_share else None
-    turns = [sample(rng.choice(TASKS), rng) for _ in range(rng.randint(1, 3))] if rng.random() < context_share else []
+    segments: Example = [] if system is None else [(f"{system}\n", False, None)]
+    if rng.random() < context_share:
+        for _ in range(rng.randint(1, 3)):
+            turn = rng.choice(TASKS)
+            tq, ta = sample(turn, rng)
+            segments += [(plain_prompt(tq), False, turn), (f" {ta}{EOS}\n", False, turn)]
     q, a = sample(task, rng)
-    return [(chat_prompt(turns, q, system), False), (f" {a}{EOS}", True)]
+    return segments + [(plain_prompt(q), False, task), (f" {a}{EOS}", True, task)]
 
 
 def mixture_example(rng: random.Random, multi_turn_share: float = 0.6) -> Example:
-    """One example of the classifier's mixture: a single task example, or a chat of 2-4 turns of random tasks
-    (every answer trained)."""
+    """One example of the mixture (the classifier's and the experts'): a single task example, or a chat of 2-4
+    turns of random tasks (every answer trained)."""
     example = task_example(rng.choice(TASKS), rng, context_share=0.0)
     if rng.random() < multi_turn_share:
         for _ in range(rng.randint(1, 3)):
-            q, a = sample(rng.choice(TASKS), rng)
-            example += [("\n" + plain_prompt(q), False), (f" {a}{EOS}", True)]
+            text, trained, turn = example[-1]
+            example[-1] = (text + "\n", trained, turn)
+            task = rng.choice(TASKS)
+            q, a = sample(task, rng)
+            example += [(plain_prompt(q), False, task), (f" {a}{EOS}", True, task)]
     return example
+
+
+def expert_example(rng: random.Random, own_context_share: float = 0.3) -> Example:
+    """One example of the experts' joint training: the mixture, routed by turn (each turn's tokens to its task's
+    expert, as the classifier will route them); sometimes a question after context routed to its own expert too
+    (each expert alone must still read any context)."""
+    if rng.random() < own_context_share:
+        task = rng.choice(TASKS)
+        return [(text, trained, task) for text, trained, _ in task_example(task, rng, context_share=1.0)]
+    return mixture_example(rng)
 
 
 def _random_line(rng: random.Random) -> str:
@@ -183,15 +203,15 @@ def base_example(rng: random.Random) -> Example:
     """The base model's corpus (trained whole): 1-3 lines, as a chat has them, of the tasks' words, numbers and
     brackets, the tasks' questions without answers, and a copying task ("repeat: LINE = LINE") in the tasks' line
     format; never a task's answer (the experts learn those)."""
-    return [("\n".join(_base_line(rng) for _ in range(rng.randint(1, 3))), True)]
+    return [("\n".join(_base_line(rng) for _ in range(rng.randint(1, 3))), True, None)]
 
 
 def tokenizer_corpus() -> Iterator[str]:
     """The texts the tokenizer's merges are learned from: the classifier's and the base's training examples."""
     rng = random.Random("tokenizer")
     for _ in range(3000):
-        yield "".join(text for text, _ in mixture_example(rng))
-        yield "".join(text for text, _ in base_example(rng))
+        yield "".join(text for text, _, _ in mixture_example(rng))
+        yield "".join(text for text, _, _ in base_example(rng))
 
 
 # ----------------------------------------------------------------------------------------------- the recipe
@@ -208,7 +228,7 @@ class DemoRecipe:
     max_positions: int = 256
     base_steps: int = 600
     base_lr: float = 3e-3
-    expert_steps: int = 800
+    expert_steps: int = 2000  # the four experts together (the mixture, routed by turn)
     expert_lr: float = 3e-3
     rank: int = 8
     alpha: float = 16.0
@@ -260,31 +280,45 @@ def build_tokenizer(out_dir: str, vocab_size: int) -> int:
     return tok.get_vocab_size()
 
 
-def batch_of(tokenizer, examples: list[Example]) -> dict[str, torch.Tensor]:
-    """Right-padded training batch: input_ids, attention_mask, labels (-100 on padding and untrained segments)."""
+def batch_of(tokenizer, examples: list[Example]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Right-padded training batch (input_ids, attention_mask, labels: -100 on padding and untrained segments) and
+    each token's route (b, width): its turn's task index, -1 on system lines and padding."""
     rows = []
     for example in examples:
-        ids, trained = [], []
-        for text, train in example:
+        ids, trained, routes = [], [], []
+        for text, train, task in example:
             piece = tokenizer(text)["input_ids"]
             ids += piece
             trained += [train] * len(piece)
-        rows.append((ids, trained))
-    width = max(len(ids) for ids, _ in rows)
+            routes += [-1 if task is None else TASKS.index(task)] * len(piece)
+        rows.append((ids, trained, routes))
+    width = max(len(ids) for ids, _, _ in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.int64)
     mask = torch.zeros(len(rows), width, dtype=torch.int64)
     labels = torch.full((len(rows), width), -100, dtype=torch.int64)
-    for i, (row, trained) in enumerate(rows):
+    routes = torch.full((len(rows), width), -1, dtype=torch.int64)
+    for i, (row, trained, route) in enumerate(rows):
         ids[i, :len(row)] = torch.tensor(row)
         mask[i, :len(row)] = 1
         labels[i, :len(row)] = torch.tensor(row).masked_fill(~torch.tensor(trained), -100)
-    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+        routes[i, :len(row)] = torch.tensor(route)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels), routes
+
+
+def route_scalings(routes: torch.Tensor, n_modules: int) -> torch.Tensor:
+    """(b, s, L, n) per-token scalings from routes (b, s): one-hot of each token's task in every module, uniform
+    where it has none (system lines, padding)."""
+    n = len(TASKS)
+    scalings = torch.nn.functional.one_hot(routes.clamp(min=0), n).float()
+    scalings[routes < 0] = 1.0 / n
+    return scalings.unsqueeze(2).expand(*routes.shape, n_modules, n)
 
 
 def train(model: torch.nn.Module, tokenizer, make_example: Callable[[random.Random], Example], steps: int, lr: float,
-          batch: int, seed: int, log: Callable[[str], None], what: str) -> list[float]:
+          batch: int, seed: int, log: Callable[[str], None], what: str, routed: bool = False) -> list[float]:
     """AdamW (a linear warm-up over the first 5% of the steps, then a constant rate) on batches of `make_example`;
-    returns the loss of every step."""
+    returns the loss of every step. `routed`: an X-LoRA model run with each token's route as its scalings (the
+    experts' joint training) instead of its classifier."""
     rng = random.Random(f"{what}-{seed}")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -293,7 +327,10 @@ def train(model: torch.nn.Module, tokenizer, make_example: Callable[[random.Rand
     model.train()
     losses, start = [], time.perf_counter()
     for step in range(steps):
-        loss = model(**batch_of(tokenizer, [make_example(rng) for _ in range(batch)])).loss
+        inputs, routes = batch_of(tokenizer, [make_example(rng) for _ in range(batch)])
+        if routed:
+            inputs["scalings"] = route_scalings(routes, len(model.module_names))
+        loss = model(**inputs).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -326,20 +363,30 @@ def train_base(recipe: DemoRecipe, base_dir: str, log: Callable[[str], None]) ->
     return losses[-1]
 
 
-def train_expert(recipe: DemoRecipe, base_dir: str, task: str, out_dir: str, log: Callable[[str], None]) -> float:
-    """A PEFT LoRA expert of `task` on the frozen base, saved in `out_dir`; returns the last training loss."""
+def train_experts(recipe: DemoRecipe, base_dir: str, out_dir: str, log: Callable[[str], None]) -> float:
+    """The four PEFT LoRA experts, trained together on the frozen base inside this project's X-LoRA forward, each
+    turn of an example routed to its task's expert (`forward(scalings=...)` per token, no classifier): each expert
+    learns its task and to read context that other experts computed, as it will under the classifier. Saved as
+    PEFT folders `out_dir/<task>/`; returns the last training loss."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import xlora_export as xlora
+
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    torch.manual_seed(recipe.seed + 1 + TASKS.index(task))
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    lora = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, target_modules=recipe.targets, lora_dropout=0.0,
-                      task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
-    losses = train(peft_model, tokenizer, lambda rng: task_example(task, rng), recipe.expert_steps,
-                   recipe.expert_lr, recipe.batch, recipe.seed, log, f"expert {task}")
-    peft_model.save_pretrained(out_dir)
+    fresh = os.path.join(out_dir, ".fresh")
+    for i, task in enumerate(TASKS):  # PEFT's initialisation (B = 0: each expert starts as the base)
+        torch.manual_seed(recipe.seed + 1 + i)
+        lora = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, target_modules=recipe.targets, lora_dropout=0.0,
+                          task_type="CAUSAL_LM")
+        get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora).save_pretrained(os.path.join(fresh, task))
+    config = xlora.xLoRAConfig(recipe.hidden, base_model_id="base", use_trainable_adapters=True,
+                               adapters={task: os.path.join(fresh, task) for task in TASKS})
+    xmodel = xlora.add_xlora_to_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
+    losses = train(xmodel, tokenizer, expert_example, recipe.expert_steps, recipe.expert_lr, recipe.batch,
+                   recipe.seed, log, "experts", routed=True)
+    xmodel.save_pretrained(out_dir)  # the experts as PEFT folders (and a classifier that is not used)
+    shutil.rmtree(fresh)
     return losses[-1]
 
 
@@ -377,11 +424,17 @@ def build_demo(recipe: DemoRecipe, out_dir: str, log: Callable[[str], None] = pr
     losses = {}
     with deterministic(recipe.threads):
         losses["base"] = train_base(recipe, base_dir, log)
+        losses["experts"] = train_experts(recipe, base_dir, staging, log)
         adapters = {task: os.path.join(staging, task) for task in TASKS}
-        for task in TASKS:
-            losses[task] = train_expert(recipe, base_dir, task, adapters[task], log)
         losses["classifier"] = train_classifier(recipe, base_dir, adapters, out_dir, log)
     shutil.rmtree(staging)
+    for task in TASKS:  # the experts name their base relative to themselves, not by this machine's path
+        path = os.path.join(out_dir, task, "adapter_config.json")
+        with open(path) as f:
+            adapter = json.load(f)
+        adapter["base_model_name_or_path"] = "../base"
+        with open(path, "w") as f:
+            json.dump(adapter, f, indent=2)
     record = {"recipe": asdict(recipe), "last_losses": {k: round(v, 4) for k, v in losses.items()},
               "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__}
     with open(os.path.join(out_dir, "demo.json"), "w") as f:

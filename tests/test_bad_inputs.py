@@ -274,8 +274,8 @@ def test_forward_with_given_scalings_of_the_wrong_shape():
     n_modules, n_experts = len(model.module_names), len(model.adapter_names)
     with pytest.raises(XLoraError) as excinfo:
         model(input_ids=torch.tensor([[5, 6]]), scalings=torch.zeros(1, n_modules, n_experts + 1))
-    assert _message(excinfo) == (f"forward(scalings=...): expected shape (1, {n_modules}, {n_experts}), got "
-                                 f"(1, {n_modules}, {n_experts + 1})")
+    assert _message(excinfo) == (f"forward(scalings=...): expected shape (1, {n_modules}, {n_experts}) or, per "
+                                 f"token, (1, 2, {n_modules}, {n_experts}), got (1, {n_modules}, {n_experts + 1})")
 
 
 # ------------------------------------------------------------------------------- xlora-generate, xlora-parity

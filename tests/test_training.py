@@ -255,3 +255,28 @@ def test_hf_trainer_gradient_accumulation_matches_one_big_batch(tmp_path):
         ratio = deltas[1][n].norm().item() / deltas[0][n].norm().item()
         assert ratio == pytest.approx(1.0, rel=1e-3), (
             f"{n}: the accumulated step is {ratio:.3f}x the one-batch step")
+
+
+# ----------------------------------------------------------------------------- experts trained with known routing
+def test_per_token_scalings_give_the_two_pass_forward_and_train_only_the_experts():
+    """`forward(scalings=(b, s, L, n))` runs the real pass with each token's given scalings (no scaling pass): fed
+    the classifier's own scalings it gives the two-pass logits; with trainable adapters its loss trains the
+    experts (and not the classifier, which it does not run)."""
+    model = make_xlora(use_trainable_adapters=True)
+    ids = batch()
+    model.eval()
+    with torch.no_grad():
+        two_pass = model(input_ids=ids)
+        given = model(input_ids=ids, scalings=two_pass.scalings)
+    assert max_diff(given.logits, two_pass.logits) < 1e-6
+    routes = torch.nn.functional.one_hot(torch.randint(0, 3, ids.shape), 3).float()  # (b, s, n): one expert a token
+    routed = routes.unsqueeze(2).expand(*ids.shape, len(model.module_names), 3)
+    model.train()
+    before = snapshot(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids, scalings=routed).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert {kind(name) for name in changed(before, model)} == {"lora"}

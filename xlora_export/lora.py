@@ -150,7 +150,7 @@ def column_gates(layers: list[XLoraLinear], gates: torch.Tensor | float | None,
 def sibling_linears(layers: list[nn.Module], x: torch.Tensor, gates: ColumnGates | None) -> list[torch.Tensor]:
     """Linears that read the same input (q/k/v, gate/up): each base Linear on its own, the wrapped ones' LoRA
     down-projections in one matmul (their A_cat stacked: one node instead of one per module), then each
-    module's up-projection. The same sums as calling each layer.
+    module's up-projection: what calling each layer gives, up to the rounding of the wider matmul.
 
     Args:
         layers: `XLoraLinear`s or plain Linears, all reading `x`.

@@ -102,7 +102,9 @@ class xLoRAModel(GenerationMixin, nn.Module):  # noqa: N801 - the seed's public 
             cache: the `XLoraCache` of earlier tokens (`past_key_values` is an alias).
             use_cache: return the updated cache (default: in eval mode).
             labels: (b, s) for the LM loss (HF convention: shifted inside, -100 ignored).
-            scalings: (b, L, n) frozen scalings: skip the scaling pass (and its cache).
+            scalings: given scalings instead of the classifier's, skipping the scaling pass (and its cache):
+                (b, L, n) for every new token (the frozen path), or (b, s, L, n) per token (e.g. training
+                experts with the routing known).
             expert_top_k: experts kept per token and module, overriding `top_k_lora` for this call (0 = dense);
                 an int64 tensor when traced.
             num_items_in_batch: HF Trainer's token count for the loss under gradient accumulation.
@@ -133,10 +135,12 @@ class xLoRAModel(GenerationMixin, nn.Module):  # noqa: N801 - the seed's public 
             # a non-layerwise classifier gives every module the same scalings: gate them once
             per_module = scalings if self.xlora_config.layerwise_scalings else scalings[:, :, :1]
         else:
-            if scalings.shape != (b, n_modules, n_experts):
-                raise XLoraError(f"forward(scalings=...): expected shape ({b}, {n_modules}, {n_experts}), "
-                                 f"got {tuple(scalings.shape)}")
-            per_module = scalings = scalings.unsqueeze(1).expand(b, s, n_modules, n_experts)
+            if scalings.shape not in ((b, n_modules, n_experts), (b, s, n_modules, n_experts)):
+                raise XLoraError(f"forward(scalings=...): expected shape ({b}, {n_modules}, {n_experts}) or, per "
+                                 f"token, ({b}, {s}, {n_modules}, {n_experts}), got {tuple(scalings.shape)}")
+            if scalings.dim() == 3:
+                scalings = scalings.unsqueeze(1).expand(b, s, n_modules, n_experts)
+            per_module = scalings
             scaling_present = None
         k = self.xlora_config.top_k_lora if expert_top_k is None else expert_top_k
         gates = top_k_gates(per_module, k, self.xlora_config.enable_softmax_topk)  # (b, s, L or 1, n)
