@@ -170,7 +170,8 @@ def export_base_graph(folder: str, path: str) -> None:
     fold_constants(proto)
     weights = dict(wrapper.named_buffers(remove_duplicate=False))
     weights.update(wrapper.named_parameters(remove_duplicate=False))
-    store = WeightStore(None)
+    large = sum(w.numel() * w.element_size() for w in weights.values()) > 1 << 30  # protobuf's 2 GB limit
+    store = WeightStore(path + ".data" if large else None)  # its own weights file: the base graph is separate
     attach_weights(proto, weights, store, rename={k: k.removeprefix("model.") for k in weights})
     store.close()
     onnx.save_model(proto, path)
