@@ -134,3 +134,17 @@ def test_scaling_pass_has_no_top_k(recipe):
         quirk_hidden = quirk(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True
                              ).hidden_states[-1]
     assert max_diff(model.internal_xlora_classifier(quirk_hidden)[real], expected[real]) > 1e-3
+
+
+def test_column_gates_of_modules_in_any_order():
+    """`ColumnGates.of` joins modules' gates side by side whether they come from one flat (b, s, L * R) tensor
+    (consecutive modules: one slice) or one tensor per module, in any order of the indices."""
+    from xlora_export.lora import ColumnGates
+
+    modules, width = 5, 3
+    flat = torch.randn(2, 4, modules * width)
+    per_module = [flat[..., m * width:(m + 1) * width].clone() for m in range(modules)]
+    for indices in ([0], [2], [1, 2, 3], [3, 1], [4, 0, 2]):
+        expected = torch.cat([per_module[i] for i in indices], -1)
+        assert torch.equal(ColumnGates([], flat, width).of(indices), expected), indices
+        assert torch.equal(ColumnGates(per_module).of(indices), expected), indices

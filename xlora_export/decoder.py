@@ -69,7 +69,7 @@ def attention_masks(attention_mask: torch.Tensor, seq_len: int, windows: tuple[i
 def _proj(layer: nn.Module, x: torch.Tensor, gates: ColumnGates | None) -> torch.Tensor:
     if not isinstance(layer, XLoraLinear):
         return layer(x)
-    return layer(x, None if gates is None else gates[layer.module_index])
+    return layer(x, None if gates is None else gates.of([layer.module_index]))
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: DecoderSpec) -> torch.Tensor:

@@ -29,8 +29,6 @@ from .experts import Expert
 
 __all__ = ["ColumnGates", "XLoraLinear", "column_gates", "sibling_linears"]
 
-ColumnGates = list[torch.Tensor]  # per module index: its column gates, (R_l,) or (b, s, R_l)
-
 
 class XLoraLinear(nn.Module):
     """A base `nn.Linear` plus the LoRA experts that target it (module index `module_index`)."""
@@ -109,6 +107,36 @@ class XLoraLinear(nn.Module):
         return f"module_index={self.module_index}, experts={self.expert_names}, ranks={self.ranks}"
 
 
+class ColumnGates:
+    """Every module's column gates for one pass (`column_gates` builds it): `of(indices)` gives the gates of
+    modules read together (one module, or siblings in module order), their columns side by side.
+
+    Modules with one column layout share one expansion: per module the same (b, s, R) tensor (gates equal in
+    every module), or slices of one (b, s, L * R) tensor laid out module after module, so that consecutive
+    modules' gates are one slice; otherwise one tensor per module, siblings' joined by a Concat.
+    """
+
+    def __init__(self, per_module: list[torch.Tensor], flat: torch.Tensor | None = None, width: int = 0) -> None:
+        """
+        Args:
+            per_module: each module's gates, (R_l,) or (b, s, R_l); unused for modules of `flat`.
+            flat: (b, s, L * width): every module's gates at columns [l * width, (l + 1) * width), or None.
+            width: R, the rank columns of every module when `flat` is given.
+        """
+        self.per_module = per_module
+        self.flat = flat
+        self.width = width
+
+    def of(self, indices: list[int]) -> torch.Tensor:
+        """The gates of modules `indices`, columns side by side: (sum R,) or (b, s, sum R)."""
+        if self.flat is None:
+            return self.per_module[indices[0]] if len(indices) == 1 else torch.cat(
+                [self.per_module[i] for i in indices], -1)
+        if indices == list(range(indices[0], indices[-1] + 1)):  # consecutive modules: one slice
+            return self.flat[..., indices[0] * self.width:(indices[-1] + 1) * self.width]
+        return torch.cat([self.of([i]) for i in indices], -1)
+
+
 def column_gates(layers: list[XLoraLinear], gates: torch.Tensor | float | None,
                  global_weight: float) -> ColumnGates | None:
     """Every module's column gates: each rank column's expert gate times alpha_i / r_i times g.
@@ -123,15 +151,19 @@ def column_gates(layers: list[XLoraLinear], gates: torch.Tensor | float | None,
             module (a non-layerwise classifier).
         global_weight: g, multiplies every expert's output.
     Returns:
-        None, or per module index (R_l,) for a float, else (b, s, R_l).
+        None, or the gates of every module, (R_l,) for a float, else (b, s, R_l) (see `ColumnGates`).
     """
     if gates is None:
         return None
     if not isinstance(gates, torch.Tensor):
-        return [layer.col_scale * (global_weight * gates) for layer in layers]
+        return ColumnGates([layer.col_scale * (global_weight * gates) for layer in layers])
     groups: dict[tuple, list[int]] = {}
     for index, layer in enumerate(layers):
         groups.setdefault(layer.column_key, []).append(index)
+    if gates.shape[2] > 1 and len(groups) == 1:  # per-module gates, one layout: one (b, s, L * R) tensor
+        weights = layers[0].column_weights(global_weight)  # (n, R)
+        expanded = gates.to(weights.dtype) @ weights  # (b, s, L, R)
+        return ColumnGates([], expanded.flatten(2), weights.shape[1])
     out: list[torch.Tensor | None] = [None] * len(layers)
     for members in groups.values():
         weights = layers[members[0]].column_weights(global_weight)  # (n, R)
@@ -140,11 +172,10 @@ def column_gates(layers: list[XLoraLinear], gates: torch.Tensor | float | None,
             for index in members:
                 out[index] = shared
             continue
-        rows = gates if len(members) == len(layers) else gates[:, :, members]
-        expanded = rows.to(weights.dtype) @ weights  # (b, s, len(members), R)
+        expanded = gates[:, :, members].to(weights.dtype) @ weights  # (b, s, len(members), R)
         for j, index in enumerate(members):
             out[index] = expanded[:, :, j]
-    return out
+    return ColumnGates(out)
 
 
 def sibling_linears(layers: list[nn.Module], x: torch.Tensor, gates: ColumnGates | None) -> list[torch.Tensor]:
@@ -162,10 +193,10 @@ def sibling_linears(layers: list[nn.Module], x: torch.Tensor, gates: ColumnGates
     wrapped = [layer for layer in layers if isinstance(layer, XLoraLinear)]
     dropout = any(layer.training and any(layer.dropouts) for layer in wrapped)  # each expert its own dropout
     if gates is None or len(wrapped) < 2 or dropout:
-        return [layer(x, None if gates is None else gates[layer.module_index])
+        return [layer(x, None if gates is None else gates.of([layer.module_index]))
                 if isinstance(layer, XLoraLinear) else layer(x) for layer in layers]
     a = torch.cat([layer.lora_A for layer in wrapped])  # (sum R, in)
-    columns = torch.cat([gates[layer.module_index] for layer in wrapped], -1)  # (sum R,) or (b, s, sum R)
+    columns = gates.of([layer.module_index for layer in wrapped])  # (sum R,) or (b, s, sum R)
     parts = (F.linear(x, a) * columns).split([layer.lora_A.shape[0] for layer in wrapped], -1)
     gated = dict(zip(map(id, wrapped), parts))
     return [layer.up(x, gated[id(layer)]) if isinstance(layer, XLoraLinear) else layer(x) for layer in layers]
