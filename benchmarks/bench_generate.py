@@ -467,7 +467,8 @@ def bench_model(name: str, args: argparse.Namespace, say: Callable[[str], None])
     contexts = context_sweep({k: v for k, v in engines.items() if k.startswith("graph") or k == "ort granular"},
                              args.contexts, vocab, args.seed, max(1, args.runs // 2))
     say(f"{name}: runtime peak memory (child process)")
-    memory = runtime_memory(info["graph"], prompt, args.new_tokens, args.threads)
+    memory = {mode: runtime_memory(info["graph"], prompt, args.new_tokens, args.threads, mode == "low_memory")
+              for mode in ("default", "low_memory")}
     sizes = {os.path.basename(p): os.path.getsize(p) for p in
              (info["graph"], info["graph"] + ".data", info["graph"][:-5] + ".frozen.onnx", info["base_graph"])
              if os.path.isfile(p)}
@@ -499,34 +500,38 @@ _MEMORY_CHILD = """
 import json, sys
 from xlora_runtime import Generator, XLoraSession
 graph, prompt, n, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-def rss(key="VmRSS"):  # VmHWM: this process's peak (ru_maxrss would carry the forking parent's over exec)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-baseline = rss()
-session = XLoraSession(graph, threads=threads)
+low_memory = sys.argv[5] == "1"
+def rss(key="VmRSS", path="/proc/self/status"):  # VmHWM: this process's peak (ru_maxrss would carry the parent's)
+    with open(path) as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+baseline, baseline_pss = rss(), rss("Pss", "/proc/self/smaps_rollup")
+session = XLoraSession(graph, threads=threads, low_memory=low_memory)
 session.frozen
 generator = Generator(session)
 generator.generate(prompt, max_new_tokens=n, stop_token_ids=[])
 granular = generator.peak_cache_bytes
 generator.generate(prompt, max_new_tokens=n, stop_token_ids=[], freeze_scalings_after=0)
-print(json.dumps({"baseline_rss": baseline, "peak_rss": rss("VmHWM"),
+print(json.dumps({"baseline_rss": baseline, "peak_rss": rss("VmHWM"), "baseline_pss": baseline_pss,
+                  "end_pss": rss("Pss", "/proc/self/smaps_rollup"),
                   "cache_bytes": max(granular, generator.peak_cache_bytes)}))
 """
 
 
-def runtime_memory(graph: str, prompt: list[int], n: int, threads: int) -> dict:
+def runtime_memory(graph: str, prompt: list[int], n: int, threads: int, low_memory: bool = False) -> dict:
     """Peak RSS of a fresh process that loads the main and the frozen graph and generates with each, against
-    weights (the graphs' files) + the peak cache bytes; `baseline_rss` is the process after its imports."""
+    weights (the graphs' files) + the peak cache bytes; `baseline_rss` is the process after its imports. Also its
+    PSS at the end (`end_pss`): RSS counts a file mapped by both graphs' sessions twice (`low_memory`), PSS once."""
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, graph, json.dumps(prompt), str(n), str(threads)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, graph, json.dumps(prompt), str(n), str(threads),
+                          "1" if low_memory else "0"], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     stem = graph[: -len(".onnx")]
     result["weight_bytes"] = sum(os.path.getsize(p) for p in (graph, graph + ".data", stem + ".frozen.onnx")
                                  if os.path.isfile(p))
-    result["rss_over_weights_and_caches"] = ((result["peak_rss"] - result["baseline_rss"])
-                                             / (result["weight_bytes"] + result["cache_bytes"]))
+    held = result["weight_bytes"] + result["cache_bytes"]
+    result["rss_over_weights_and_caches"] = (result["peak_rss"] - result["baseline_rss"]) / held
+    result["pss_over_weights_and_caches"] = (result["end_pss"] - result["baseline_pss"]) / held
     return result
 
 
@@ -624,11 +629,13 @@ def main(argv: list[str] | None = None) -> int:
         for engine, values in r["contexts"].items():
             print(f"  {engine:15s} " + "  ".join(f"{c}: {values[c]:7.1f}" for c in args.contexts)
                   + f"  growth {values['growth']:.2f}x")
-        m = r["memory"]
-        print(f"{r['model']}: runtime peak RSS {m['peak_rss'] / 1e6:.0f} MB ({m['baseline_rss'] / 1e6:.0f} MB after "
-              f"imports) with main + frozen graph loaded; weights {m['weight_bytes'] / 1e6:.0f} MB, peak caches "
-              f"{m['cache_bytes'] / 1e6:.1f} MB: (peak - imports) / (weights + caches) = "
-              f"{m['rss_over_weights_and_caches']:.2f}")
+        for mode, m in r["memory"].items():
+            print(f"{r['model']}: runtime ({mode}) peak RSS {m['peak_rss'] / 1e6:.0f} MB "
+                  f"({m['baseline_rss'] / 1e6:.0f} MB after imports), PSS at the end {m['end_pss'] / 1e6:.0f} MB, with "
+                  f"main + frozen graph loaded; weights {m['weight_bytes'] / 1e6:.0f} MB, peak caches "
+                  f"{m['cache_bytes'] / 1e6:.1f} MB: (peak RSS - imports) / (weights + caches) = "
+                  f"{m['rss_over_weights_and_caches']:.2f}, (PSS - imports) / (weights + caches) = "
+                  f"{m['pss_over_weights_and_caches']:.2f}")
         print(f"{r['model']}: files " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r["graph_bytes"].items()))
     if args.json:
         payload = {"settings": {k: v for k, v in vars(args).items() if k != "json"}, "machine": info,

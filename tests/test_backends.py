@@ -157,3 +157,25 @@ def test_commands_run_on_openvino(tmp_path, capsys):
     report = tmp_path / "parity.json"
     assert parity([built("tiny-llama"), path, "--provider", "openvino", "--steps", "4", "--json", str(report)]) == 0
     assert json.loads(report.read_text())["passed"]
+
+
+# ----------------------------------------------------------------------------------------------- low memory
+def test_low_memory_sessions_hold_no_packed_copies_and_give_the_same_results(sessions):
+    """`XLoraSession(low_memory=True)`: both ONNX Runtime sessions without pre-packed weights (the weights read
+    where they are mapped from OUT.onnx.data), and the same tokens, logits and scalings as the default session,
+    with scalings per token and frozen after 2 steps (the frozen graph)."""
+    lean = XLoraSession(sessions["cpu"].info.path, threads=1, low_memory=True)
+    for options in (dict(expert_top_k=0), dict(expert_top_k=2, freeze_scalings_after=2)):
+        default, low = _run(sessions["cpu"], max_new_tokens=12, **options), _run(lean, max_new_tokens=12, **options)
+        assert [r.tokens for r in low] == [r.tokens for r in default]
+        assert _max_diff(low, default, "logits") < ATOL_LOGITS and _max_diff(low, default, "scalings") < ATOL_SCALINGS
+    for graph in (lean.main, lean.frozen):
+        assert graph.session.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # the default session pre-packs
+        sessions["cpu"].main.session.get_session_options().get_session_config_entry("session.disable_prepacking")
+
+
+def test_low_memory_is_refused_where_no_weights_are_packed():
+    with pytest.raises(XLoraError, match=r"^low_memory: provider 'openvino' keeps no pre-packed weight copies; it "
+                                         r"applies to ONNX Runtime's providers \(cpu, cuda, tensorrt\)$"):
+        XLoraSession(exported("tiny-llama"), provider="openvino", low_memory=True)

@@ -99,6 +99,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
     rt.add_argument("--device", metavar="D", help="OpenVINO device (CPU, GPU, NPU, AUTO; default CPU), or the GPU "
                     "index of cuda, tensorrt and trt-engine (default 0)")
     rt.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: ONNX Runtime's choice)")
+    rt.add_argument("--low-memory", action="store_true", help="ONNX Runtime without pre-packed weight copies: the "
+                    "main and frozen graphs hold the weights once (a slower prefill)")
     out = parser.add_argument_group("output")
     fmt = out.add_mutually_exclusive_group()
     fmt.add_argument("--stream", action="store_true", help="print text as it is generated (several prompts: "
@@ -212,7 +214,8 @@ def _generate(args: argparse.Namespace) -> int:
         _check_log_path(args.log_scalings)
     if args.threads is not None and args.threads < 1:
         raise XLoraError(f"--threads {args.threads}: expected >= 1")
-    session = XLoraSession(args.graph, provider=args.provider, threads=args.threads, device=device_arg(args.device))
+    session = XLoraSession(args.graph, provider=args.provider, threads=args.threads, device=device_arg(args.device),
+                           low_memory=args.low_memory)
     generator = Generator(session)
     generator.log_scalings = bool(args.log_scalings)
     prompts, options = _prompts(args, session), _stream_options(args, session)

@@ -69,6 +69,7 @@ class Backend(ABC):
     """One inference engine on one device: opens graphs and owns the cache tensors' memory."""
 
     provider: str
+    prepack: bool | None = None  # ONNX Runtime's pre-packed weight copies (None: not this engine's notion)
 
     @abstractmethod
     def open(self, path: str) -> Graph:

@@ -73,7 +73,7 @@ def _record(path: str) -> dict[str, Any] | None:
 
 
 def open_graph(path: str, provider: str = "cpu", threads: int | None = None,
-               lean: bool = False, providers: list | None = None) -> ort.InferenceSession:
+               lean: bool = False, providers: list | None = None, prepack: bool = True) -> ort.InferenceSession:
     """One ONNX Runtime session of one graph file. Its threads spin while a run lasts (a decode step is hundreds
     of small ops: waking sleeping threads for each cost a third of the step) and stop spinning when it ends
     (`session.force_spinning_stop`), so that the main and frozen graphs alternating on a few cores, or other
@@ -82,6 +82,9 @@ def open_graph(path: str, provider: str = "cpu", threads: int | None = None,
     Args:
         providers: the execution providers with their options (`backends.onnxruntime.provider_options`);
             default: `provider`'s, then the CPU's.
+        prepack: let the CPU kernels keep pre-packed copies of the weights (faster; False: the weights are read
+            where ONNX Runtime mapped them from the external-data file, so that sessions of graphs sharing that
+            file hold them once).
         lean: run the graph as written: no graph optimizations and no pre-packed weights, so that the session
             holds the weights once (on the CPU, ONNX Runtime otherwise adds packed copies and, for fp16 graphs,
             fp32 copies of every weight; its memory arena would keep a run's temporaries); slower, for one-off
@@ -94,6 +97,8 @@ def open_graph(path: str, provider: str = "cpu", threads: int | None = None,
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     options.add_session_config_entry("session.force_spinning_stop", "1")
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if lean:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
@@ -165,9 +170,11 @@ class OrtBackend(Backend):
         self.device = "cpu" if provider == "cpu" else "cuda"
         self.device_id = device_id
         self.providers = provider_options(provider, graph_path, device_id)
+        self.prepack = True
 
     def open(self, path: str) -> OrtGraph:
-        return OrtGraph(self, path, open_graph(path, self.provider, self.threads, providers=self.providers))
+        return OrtGraph(self, path, open_graph(path, self.provider, self.threads, providers=self.providers,
+                                               prepack=self.prepack))
 
     def host_value(self, array: np.ndarray, dtype: str) -> ort.OrtValue:
         """An OrtValue of host memory holding `array` (bf16: its uint16 bits) as the graph dtype."""

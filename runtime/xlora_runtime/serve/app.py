@@ -54,6 +54,7 @@ class ServerConfig:
             .engine file) and the intra-op threads.
         max_batch: rows decoded together at most. max_queue: requests waiting beyond it (then 429).
         session_cache_mb: memory for conversations' caches kept between turns (0: none).
+        low_memory: ONNX Runtime without pre-packed weight copies (`XLoraSession`'s).
     """
 
     graph: str
@@ -64,6 +65,7 @@ class ServerConfig:
     max_queue: int = 64
     session_cache_mb: float = 256.0
     device: str | int | None = None
+    low_memory: bool = False
 
 
 class _NotFoundError(Exception):
@@ -86,7 +88,7 @@ class Server:
             raise XLoraError(f"session cache {config.session_cache_mb} MB: expected a number >= 0")
         self.config = config
         self.session = XLoraSession(config.graph, provider=config.provider, threads=config.threads,
-                                    device=config.device)
+                                    device=config.device, low_memory=config.low_memory)
         self.info = self.session.info
         self.name = config.model_name or os.path.splitext(os.path.basename(config.graph))[0]
         self.chat_template = ChatTemplate.of_session(self.session)

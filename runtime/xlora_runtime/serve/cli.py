@@ -45,6 +45,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
     rt.add_argument("--device", metavar="D", help="OpenVINO device (CPU, GPU, NPU, AUTO; default CPU), or the GPU "
                     "index for cuda, tensorrt and trt-engine (default 0)")
     rt.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: ONNX Runtime's choice)")
+    rt.add_argument("--low-memory", action="store_true", help="ONNX Runtime without pre-packed weight copies: the "
+                    "main and frozen graphs hold the weights once (a slower prefill)")
     rt.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning",
                     help="uvicorn's log level (default warning)")
     return parser
@@ -85,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
     if not args.session_cache_mb >= 0:
         raise XLoraError(f"--session-cache-mb {args.session_cache_mb}: expected a number >= 0")
     server = Server(ServerConfig(args.graph, args.model_name, args.provider, args.threads, args.max_batch,
-                                 args.max_queue, args.session_cache_mb, device_arg(args.device)))
+                                 args.max_queue, args.session_cache_mb, device_arg(args.device), args.low_memory))
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(create_app(server), log_level=args.log_level, access_log=False,
