@@ -54,7 +54,6 @@ def _run(prog: str, build_parser: Callable[[], argparse.ArgumentParser],
 def build_generate_parser() -> argparse.ArgumentParser:
     """The options of `xlora-generate`, grouped by concern (imports onnxruntime: the defaults are `stream`'s)."""
     from .generation import Generator
-    from .session import PROVIDERS
 
     defaults = {name: p.default for name, p in inspect.signature(Generator.stream).parameters.items()}
     parser = argparse.ArgumentParser(
@@ -92,15 +91,7 @@ def build_generate_parser() -> argparse.ArgumentParser:
     exp.add_argument("--freeze-scalings-after", type=int, metavar="K", help="after K decode steps, freeze each "
                      "sequence's scalings at its latest token and continue on OUT.frozen.onnx (0: the prompt's "
                      "last token)")
-    rt = parser.add_argument_group("runtime")
-    rt.add_argument("--provider", choices=list(PROVIDERS), help="where the graph runs: ONNX Runtime's cpu, cuda or "
-                    "tensorrt execution provider, openvino, or trt-engine (OUT.engine built by xlora-engine); "
-                    "default trt-engine for an .engine file, else cpu")
-    rt.add_argument("--device", metavar="D", help="OpenVINO device (CPU, GPU, NPU, AUTO; default CPU), or the GPU "
-                    "index of cuda, tensorrt and trt-engine (default 0)")
-    rt.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: ONNX Runtime's choice)")
-    rt.add_argument("--low-memory", action="store_true", help="ONNX Runtime without pre-packed weight copies: the "
-                    "main and frozen graphs hold the weights once (a slower prefill)")
+    add_session_options(parser, "OUT")
     out = parser.add_argument_group("output")
     fmt = out.add_mutually_exclusive_group()
     fmt.add_argument("--stream", action="store_true", help="print text as it is generated (several prompts: "
@@ -162,6 +153,35 @@ def _stream_options(args: argparse.Namespace, session: XLoraSession) -> dict[str
     return options
 
 
+def add_session_options(parser: argparse.ArgumentParser, stem: str) -> argparse._ArgumentGroup:
+    """The "runtime" options (where the graph runs) of xlora-generate and xlora-serve; `session_options` reads
+    them. `stem`: how the help names the graph (OUT, GRAPH)."""
+    from .session import PROVIDERS
+
+    rt = parser.add_argument_group("runtime")
+    rt.add_argument("--provider", choices=list(PROVIDERS), help="where the graph runs: ONNX Runtime's cpu, cuda or "
+                    f"tensorrt execution provider, openvino, or trt-engine ({stem}.engine built by xlora-engine); "
+                    "default trt-engine for an .engine file, else cpu")
+    rt.add_argument("--device", metavar="D", help="OpenVINO device (CPU, GPU, NPU, AUTO; default CPU), or the GPU "
+                    "index of cuda, tensorrt and trt-engine (default 0)")
+    rt.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: ONNX Runtime's choice)")
+    rt.add_argument("--low-memory", action="store_true", help="ONNX Runtime without pre-packed weight copies: the "
+                    "main and frozen graphs hold the weights once (a slower prefill)")
+    return rt
+
+
+def session_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`XLoraSession` keyword arguments from the options of `add_session_options`.
+
+    Raises:
+        XLoraError: --threads below 1.
+    """
+    if args.threads is not None and args.threads < 1:
+        raise XLoraError(f"--threads {args.threads}: expected >= 1")
+    return dict(provider=args.provider, threads=args.threads, device=device_arg(args.device),
+                low_memory=args.low_memory)
+
+
 def device_arg(text: str | None) -> str | int | None:
     """`--device`: a GPU index as an int, an OpenVINO device name as it is."""
     return int(text) if text is not None and text.isdigit() else text
@@ -212,10 +232,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.log_scalings:
         _check_log_path(args.log_scalings)
-    if args.threads is not None and args.threads < 1:
-        raise XLoraError(f"--threads {args.threads}: expected >= 1")
-    session = XLoraSession(args.graph, provider=args.provider, threads=args.threads, device=device_arg(args.device),
-                           low_memory=args.low_memory)
+    session = XLoraSession(args.graph, **session_options(args))
     generator = Generator(session)
     generator.log_scalings = bool(args.log_scalings)
     prompts, options = _prompts(args, session), _stream_options(args, session)

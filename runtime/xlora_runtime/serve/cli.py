@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import socket
 
-from ..backends import PROVIDERS
-from ..cli import _run, device_arg
+from ..cli import _run, add_session_options, session_options
 from ..errors import XLoraError
 
 __all__ = ["build_serve_parser", "main"]
@@ -38,15 +37,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
                      "batch at most; beyond it: 429 with Retry-After (default 64)")
     srv.add_argument("--session-cache-mb", type=float, default=256.0, metavar="MB", help="memory for the caches of "
                      "conversations (x-session-id header) kept between turns (default 256; 0: none)")
-    rt = parser.add_argument_group("runtime")
-    rt.add_argument("--provider", choices=list(PROVIDERS), help="where the graph runs: ONNX Runtime's cpu, cuda or "
-                    "tensorrt execution provider, openvino, or trt-engine (GRAPH.engine built by xlora-engine); "
-                    "default: trt-engine for an .engine file, else cpu")
-    rt.add_argument("--device", metavar="D", help="OpenVINO device (CPU, GPU, NPU, AUTO; default CPU), or the GPU "
-                    "index for cuda, tensorrt and trt-engine (default 0)")
-    rt.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: ONNX Runtime's choice)")
-    rt.add_argument("--low-memory", action="store_true", help="ONNX Runtime without pre-packed weight copies: the "
-                    "main and frozen graphs hold the weights once (a slower prefill)")
+    rt = add_session_options(parser, "GRAPH")
     rt.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning",
                     help="uvicorn's log level (default warning)")
     return parser
@@ -78,16 +69,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise XLoraError(f"--port {args.port}: expected 0 to 65535")
-    if args.threads is not None and args.threads < 1:
-        raise XLoraError(f"--threads {args.threads}: expected >= 1")
     if args.max_batch < 1:
         raise XLoraError(f"--max-batch {args.max_batch}: expected >= 1")
     if args.max_queue < 0:
         raise XLoraError(f"--max-queue {args.max_queue}: expected >= 0")
     if not args.session_cache_mb >= 0:
         raise XLoraError(f"--session-cache-mb {args.session_cache_mb}: expected a number >= 0")
-    server = Server(ServerConfig(args.graph, args.model_name, args.provider, args.threads, args.max_batch,
-                                 args.max_queue, args.session_cache_mb, device_arg(args.device), args.low_memory))
+    server = Server(ServerConfig(args.graph, args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
+                                 session_cache_mb=args.session_cache_mb, **session_options(args)))
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(create_app(server), log_level=args.log_level, access_log=False,
