@@ -10,9 +10,12 @@ the graph's dtype, the backend reads the metadata record itself, and its one-lin
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -173,6 +176,52 @@ def test_low_memory_sessions_hold_no_packed_copies_and_give_the_same_results(ses
         assert graph.session.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
     with pytest.raises(RuntimeError, match="does not have configuration"):  # the default session pre-packs
         sessions["cpu"].main.session.get_session_options().get_session_config_entry("session.disable_prepacking")
+    # Both sessions were handed the weights from one mapping of OUT.onnx.data: one OrtValue per stored tensor,
+    # the same object for both graphs, pointing into that mapping.
+    shared = lean.backend.shared
+    (data,) = shared._files.values()
+    assert data.filename == os.path.abspath(lean.info.path + ".data")
+    main, frozen = shared.initializers(lean.info.path), shared.initializers(lean.info.frozen_path)
+    common = set(main) & set(frozen)
+    assert len(common) > 10 and all(main[name] is frozen[name] for name in common)
+    start = data.ctypes.data
+    assert all(start <= value.data_ptr() < start + len(data) for value in main.values())
+    assert len({value.data_ptr() for value in main.values()}) == len(shared._values)  # each tensor once
+
+
+def test_low_memory_sessions_compute_with_the_shared_values(monkeypatch):
+    """The sessions run on the OrtValues that SharedWeights hands them, not on weights they read themselves:
+    values halved (own copies) change the logits; the same values unchanged give the default logits."""
+    from xlora_runtime.backends import onnxruntime as backend
+
+    original = backend.SharedWeights._value
+
+    def halved(self, file, tensor):
+        value = original(self, file, tensor)
+        array = value.numpy()
+        return ort.OrtValue.ortvalue_from_numpy(array * 0.5 if array.dtype == np.float32 else array)
+
+    path = exported("tiny-llama")
+    reference = _run(XLoraSession(path, threads=1, low_memory=True), max_new_tokens=1)
+    monkeypatch.setattr(backend.SharedWeights, "_value", halved)
+    changed = _run(XLoraSession(path, threads=1, low_memory=True), max_new_tokens=1)
+    assert _max_diff(reference, _run(XLoraSession(path, threads=1), max_new_tokens=1), "logits") < ATOL_LOGITS
+    assert _max_diff(changed, reference, "logits") > 0.01
+
+
+def test_low_memory_names_a_weight_outside_its_data_file(tmp_path):
+    source = exported("tiny-llama")
+    for suffix in (".onnx", ".onnx.data", ".frozen.onnx"):
+        shutil.copy(source[:-len(".onnx")] + suffix, tmp_path)
+    data = tmp_path / "tiny-llama.onnx.data"
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    with pytest.raises(XLoraError, match=r"tiny-llama\.onnx\.data: weight '.+' \(type 1, shape \[\d+(, \d+)*\], "
+                                         r"bytes \d+\.\.\d+\) does not fit the file \(\d+ bytes\)$"):
+        XLoraSession(str(tmp_path / "tiny-llama.onnx"), low_memory=True)
+    os.remove(data)
+    with pytest.raises(XLoraError, match=r"tiny-llama\.onnx\.data: cannot map the graph's weights \(.*No such file"):
+        XLoraSession(str(tmp_path / "tiny-llama.onnx"), low_memory=True)
 
 
 def test_low_memory_is_refused_where_no_weights_are_packed():

@@ -40,8 +40,8 @@ def exported(mode: str | None) -> tuple[str, object]:
     return path, export(built(RECIPE), path, options)
 
 
-def _greedy(path: str, freeze: int | None = None) -> np.ndarray:
-    generator = Generator(XLoraSession(path))
+def _greedy(path: str, freeze: int | None = None, low_memory: bool = False) -> np.ndarray:
+    generator = Generator(XLoraSession(path, low_memory=low_memory))
     outs = generator.generate(list(PROMPTS), max_new_tokens=12, stop_token_ids=[], freeze_scalings_after=freeze)
     return np.array([o.tokens for o in outs])
 
@@ -66,6 +66,34 @@ def test_quantized_graphs_generate_like_the_float_graph(mode):
     for freeze in (None, 2):
         reference, tokens = _greedy(float_path, freeze), _greedy(q_path, freeze)
         assert (reference == tokens).mean() >= 0.8, (mode, freeze, reference, tokens)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_low_memory_sessions_of_quantized_graphs_give_the_same_tokens(mode):
+    """low_memory hands ONNX Runtime the quantized weights (uint8/int8 tensors, scales, zero points) from one
+    mapping of the data file: the same tokens as the default session, both graphs."""
+    path = exported(mode)[0]
+    for freeze in (None, 2):
+        assert (_greedy(path, freeze, low_memory=True) == _greedy(path, freeze)).all(), (mode, freeze)
+
+
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_external_tensor_table_reads_what_onnx_reads(mode):
+    """graph_file.external_tensors (the runtime's protobuf walk, no onnx package) against onnx's own parse."""
+    from xlora_runtime.graph_file import external_tensors
+
+    path = exported(mode)[0]
+    for graph in (path, C.frozen_path(path)):
+        expected = []
+        for init in _graph(graph).graph.initializer:
+            if init.data_location == TensorProto.EXTERNAL:
+                entry = {e.key: e.value for e in init.external_data}
+                expected.append((init.name, init.data_type, tuple(init.dims), entry["location"],
+                                 int(entry.get("offset", 0)), int(entry["length"])))
+        table = [(t.name, t.data_type, t.shape, t.location, t.offset, t.length) for t in external_tensors(graph)]
+        assert table == expected and len(table) > 10
+        quantized = {None: set(), "int8": {TensorProto.INT8}, "int4": {TensorProto.UINT8}}[mode]
+        assert {t[1] for t in table} >= {TensorProto.FLOAT} | quantized
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

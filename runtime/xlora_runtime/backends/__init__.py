@@ -69,7 +69,15 @@ class Backend(ABC):
     """One inference engine on one device: opens graphs and owns the cache tensors' memory."""
 
     provider: str
-    prepack: bool | None = None  # ONNX Runtime's pre-packed weight copies (None: not this engine's notion)
+
+    def hold_weights_once(self) -> None:
+        """Hold every graph's weights once (low_memory), before any graph is opened.
+
+        Raises:
+            XLoraError: this engine keeps no extra copies of the weights to give up.
+        """
+        raise XLoraError(f"low_memory: provider {self.provider!r} keeps no pre-packed weight copies; "
+                         f"it applies to ONNX Runtime's providers (cpu, cuda, tensorrt)")
 
     @abstractmethod
     def open(self, path: str) -> Graph:

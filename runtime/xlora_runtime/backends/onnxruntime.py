@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from .. import contract as C
 from ..errors import XLoraError
-from ..graph_file import read_metadata_props
+from ..graph_file import external_tensors, read_metadata_props
 from ..profiles import limits_for, ort_tensorrt_options, wide_profile
 from . import Backend, Graph, window
 from .dtypes import HOST_DTYPES, from_float32, to_float32
@@ -37,6 +37,9 @@ EXECUTION_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProv
                        "tensorrt": "TensorrtExecutionProvider"}
 _ONNX_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16}  # TensorProto.DataType
 _TYPE_NAMES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
+# TensorProto.DataType -> the numpy dtype holding its bytes (bfloat16: uint16 bits)
+_ELEMENT_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
+                   9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64, 16: np.uint16}
 
 
 def provider_options(provider: str, graph_path: str | None, device_id: int = 0) -> list[tuple[str, dict[str, Any]]]:
@@ -72,8 +75,9 @@ def _record(path: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and "caches" in record else None
 
 
-def open_graph(path: str, provider: str = "cpu", threads: int | None = None,
-               lean: bool = False, providers: list | None = None, prepack: bool = True) -> ort.InferenceSession:
+def open_graph(path: str, provider: str = "cpu", threads: int | None = None, lean: bool = False,
+               providers: list | None = None, prepack: bool = True,
+               initializers: dict[str, ort.OrtValue] | None = None) -> ort.InferenceSession:
     """One ONNX Runtime session of one graph file. Its threads spin while a run lasts (a decode step is hundreds
     of small ops: waking sleeping threads for each cost a third of the step) and stop spinning when it ends
     (`session.force_spinning_stop`), so that the main and frozen graphs alternating on a few cores, or other
@@ -82,9 +86,11 @@ def open_graph(path: str, provider: str = "cpu", threads: int | None = None,
     Args:
         providers: the execution providers with their options (`backends.onnxruntime.provider_options`);
             default: `provider`'s, then the CPU's.
-        prepack: let the CPU kernels keep pre-packed copies of the weights (faster; False: the weights are read
-            where ONNX Runtime mapped them from the external-data file, so that sessions of graphs sharing that
-            file hold them once).
+        prepack: let the CPU kernels keep pre-packed copies of the weights (faster; False: the kernels read the
+            weights where they are).
+        initializers: OrtValues that replace the graph's initializers of those names (`SharedWeights`): ONNX
+            Runtime reads them where they are, without a copy, so that sessions given the same values hold the
+            weights once. Use with prepack=False (packing would copy them again).
         lean: run the graph as written: no graph optimizations and no pre-packed weights, so that the session
             holds the weights once (on the CPU, ONNX Runtime otherwise adds packed copies and, for fp16 graphs,
             fp32 copies of every weight; its memory arena would keep a run's temporaries); slower, for one-off
@@ -105,6 +111,8 @@ def open_graph(path: str, provider: str = "cpu", threads: int | None = None,
         options.enable_cpu_mem_arena = False  # per-run temporaries (fp16 weights cast to fp32) are freed at once
         options.enable_mem_pattern = False  # and not planned into one block that holds them all
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # a tensor's producer runs close to its use
+    for name, value in (initializers or {}).items():
+        options.add_initializer(name, value)
     if providers is None:
         providers = provider_options(provider, None)
     try:
@@ -161,6 +169,58 @@ def _host_array(value: ort.OrtValue) -> np.ndarray:
     return np.frombuffer(buffer, dtype=np.uint16, count=count).reshape(value.shape()).copy()
 
 
+class SharedWeights:
+    """The weights of graphs that share external-data files, mapped once per file and handed to every session as
+    OrtValues over that one mapping (`open_graph`'s initializers).
+
+    Each ONNX Runtime session maps the external-data files itself: two sessions (main and frozen graph) of one
+    `OUT.onnx.data` map it twice, which the resident set counts twice, and pre-packing adds a copy per session.
+    Here a file is mapped once (read-only, `np.memmap`) and a tensor of the same file, offset and length is one
+    OrtValue whichever graph asks for it.
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[str, np.memmap] = {}
+        self._values: dict[tuple[str, int, int], ort.OrtValue] = {}
+
+    def initializers(self, graph_path: str) -> dict[str, ort.OrtValue]:
+        """name -> OrtValue of every initializer of the graph kept in an external-data file.
+
+        Raises:
+            XLoraError: the graph or one of its data files cannot be read, or a tensor lies outside its file.
+        """
+        folder = os.path.dirname(os.path.abspath(graph_path))
+        try:
+            tensors = external_tensors(graph_path)
+        except (OSError, ValueError) as e:
+            raise XLoraError(f"{graph_path}: cannot read its table of external weights ({e})") from None
+        values = {}
+        for t in tensors:
+            file = os.path.join(folder, t.location)
+            key = (file, t.offset, t.length)
+            if key not in self._values:
+                self._values[key] = self._value(file, t)
+            values[t.name] = self._values[key]
+        return values
+
+    def _value(self, file: str, tensor: Any) -> ort.OrtValue:
+        if file not in self._files:
+            try:
+                self._files[file] = np.memmap(file, dtype=np.uint8, mode="r")
+            except (OSError, ValueError) as e:
+                raise XLoraError(f"{file}: cannot map the graph's weights ({e})") from None
+        data = self._files[file]
+        dtype = np.dtype(_ELEMENT_DTYPES.get(tensor.data_type, np.uint8))
+        count = int(np.prod(tensor.shape, dtype=np.int64))
+        if tensor.data_type not in _ELEMENT_DTYPES or count * dtype.itemsize != tensor.length \
+                or tensor.offset + tensor.length > len(data):
+            raise XLoraError(f"{file}: weight {tensor.name!r} (type {tensor.data_type}, shape {list(tensor.shape)}, "
+                             f"bytes {tensor.offset}..{tensor.offset + tensor.length}) does not fit the file "
+                             f"({len(data)} bytes)")
+        array = np.frombuffer(data, dtype=dtype, count=count, offset=tensor.offset).reshape(tensor.shape)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, tensor.data_type)
+
+
 class OrtBackend(Backend):
     """ONNX Runtime with one execution provider; cache tensors are OrtValues on its device."""
 
@@ -171,10 +231,19 @@ class OrtBackend(Backend):
         self.device_id = device_id
         self.providers = provider_options(provider, graph_path, device_id)
         self.prepack = True
+        self.shared: SharedWeights | None = None  # low_memory on the CPU: the weights mapped once, for every graph
+
+    def hold_weights_once(self) -> None:
+        """No pre-packed copies; on the CPU, every graph opened from now on reads its weights from one mapping
+        of each external-data file (`SharedWeights`), whichever graph opened it first."""
+        self.prepack = False
+        if self.device == "cpu":
+            self.shared = SharedWeights()
 
     def open(self, path: str) -> OrtGraph:
+        initializers = self.shared.initializers(path) if self.shared is not None else None
         return OrtGraph(self, path, open_graph(path, self.provider, self.threads, providers=self.providers,
-                                               prepack=self.prepack))
+                                               prepack=self.prepack, initializers=initializers))
 
     def host_value(self, array: np.ndarray, dtype: str) -> ort.OrtValue:
         """An OrtValue of host memory holding `array` (bf16: its uint16 bits) as the graph dtype."""
