@@ -25,6 +25,7 @@ from . import contract as C
 from .backends import PROVIDERS, Graph, default_provider, open_backend
 from .backends.onnxruntime import open_graph
 from .errors import XLoraError, brief
+from .graph_file import read_metadata_props
 
 __all__ = ["PROVIDERS", "GraphInfo", "XLoraSession", "open_graph"]
 
@@ -133,6 +134,20 @@ def _read_info(text: str | None, path: str) -> GraphInfo:
     return GraphInfo(path, record)
 
 
+def _check_low_memory(path: str) -> None:
+    """Refuse low_memory for an int4 graph (its metadata record says so; read from the file, before opening)."""
+    props = read_metadata_props(path) or {}
+    try:
+        record = json.loads(props.get(C.METADATA_KEY, "{}"))
+    except json.JSONDecodeError:
+        return  # the session reports the malformed record once the graph is open
+    quantization = record.get("quantization") if isinstance(record, dict) else None
+    if isinstance(quantization, dict) and quantization.get("mode") == "int4":
+        raise XLoraError(f"{path}: low_memory does not apply to int4 graphs: ONNX Runtime's MatMulNBits needs its "
+                         f"pre-packed weights (without them a decode step is about 18x slower); open it without "
+                         f"low_memory (its weights are already about a quarter of the float graph's)")
+
+
 class XLoraSession:
     """An exported X-LoRA graph opened by one backend (the same calls and results on every one).
 
@@ -148,7 +163,8 @@ class XLoraSession:
         low_memory: ONNX Runtime without pre-packed weight copies; on the CPU both graphs' sessions are handed the
             weights from one memory map of `OUT.onnx.data` (`backends.onnxruntime.SharedWeights`), held once:
             peak RSS 0.99x weights + caches at 1.1B (1.94x by default), and loading in seconds; decode about
-            15% slower, prefill about 25% (the kernels pack the weights as they go).
+            15% slower, prefill about 25% (the kernels pack the weights as they go). Not for int4 graphs:
+            ONNX Runtime's MatMulNBits without its packed weights decodes about 18x slower.
     Raises:
         XLoraError: missing file, not a graph the backend can load, not an X-LoRA export, unavailable provider.
     """
@@ -160,6 +176,7 @@ class XLoraSession:
         self.backend = open_backend(default_provider(path) if provider is None else provider, threads, device,
                                     graph_path=path)
         if low_memory:
+            _check_low_memory(path)
             self.backend.hold_weights_once()
         self.provider = self.backend.provider
         self.threads = threads
