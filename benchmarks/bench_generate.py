@@ -60,8 +60,10 @@ REFERENCE = "eager granular"
 
 
 # ----------------------------------------------------------------------------------------------- build + export
-def prepare(name: str, say: Callable[[str], None]) -> dict:
-    """Build (or reuse) the checkpoint and its export in benchmarks/.cache; returns paths and timings."""
+def prepare(name: str, say: Callable[[str], None], attention: str = "onnx") -> dict:
+    """Build (or reuse) the checkpoint and its export in benchmarks/.cache; returns paths and timings.
+
+    `attention` "gqa": the graphs (and the plain base graph) exported with `--attention gqa`, as NAME.gqa.onnx."""
     sys.path.insert(0, ROOT)  # `models` is a folder of the repository, not an installed package
     from models.recipes import RECIPES, build
     from xlora_export.export import ExportOptions, export
@@ -74,7 +76,8 @@ def prepare(name: str, say: Callable[[str], None]) -> dict:
         with open(ignore, "w") as f:
             f.write("*\n")  # built checkpoints and graphs stay out of git
     recipe = repr(RECIPES[name])
-    folder, graph = os.path.join(CACHE, name), os.path.join(CACHE, f"{name}.onnx")
+    flavour = "" if attention == "onnx" else f".{attention}"
+    folder, graph = os.path.join(CACHE, name), os.path.join(CACHE, f"{name}{flavour}.onnx")
     stamp_path = os.path.join(CACHE, f"{name}.json")
     stamp = {}
     if os.path.isfile(stamp_path):
@@ -93,24 +96,25 @@ def prepare(name: str, say: Callable[[str], None]) -> dict:
         say(f"{name}: built in {stamp['build_s']:.1f} s")
     frozen = graph[: -len(".onnx")] + ".frozen.onnx"
     digest = exporter_digest()
-    if "export_s" in stamp and stamp.get("exporter") == digest and os.path.isfile(graph) and os.path.isfile(frozen):
-        say(f"{name}: reusing {os.path.relpath(graph, ROOT)} (exported in {stamp['export_s']:.1f} s)")
-        info.update(export_s=stamp["export_s"], export_reused=True)
+    done = stamp.setdefault("exports", {}).get(attention, {})  # this attention's export, if any
+    if "export_s" in done and done.get("exporter") == digest and os.path.isfile(graph) and os.path.isfile(frozen):
+        say(f"{name}: reusing {os.path.relpath(graph, ROOT)} (exported in {done['export_s']:.1f} s)")
+        info.update(export_s=done["export_s"], export_reused=True)
     else:
-        say(f"{name}: exporting (two-pass + frozen graphs, validated against the eager model)")
+        say(f"{name}: exporting (two-pass + frozen graphs, attention {attention}, validated against the eager model)")
         t0 = time.perf_counter()
-        report = export(folder, graph, ExportOptions(frozen_scalings=True, force=True))
-        stamp["export_s"] = time.perf_counter() - t0
-        stamp["exporter"] = digest
-        stamp["parity"] = {k: dict(v.max_diff) for k, v in report.parity.items()}
-        info.update(export_s=stamp["export_s"], export_reused=False)
-        say(f"{name}: exported in {stamp['export_s']:.1f} s, max diff vs eager {stamp['parity']}")
-    info["parity"] = stamp.get("parity")
-    info["base_graph"] = os.path.join(CACHE, f"{name}.base.onnx")
-    if not os.path.isfile(info["base_graph"]) or stamp.get("base_graph_of") != stamp.get("export_s"):
+        report = export(folder, graph, ExportOptions(frozen_scalings=True, force=True, attention=attention))
+        done = {"export_s": time.perf_counter() - t0, "exporter": digest,
+                "parity": {k: dict(v.max_diff) for k, v in report.parity.items()}}
+        stamp["exports"][attention] = done
+        info.update(export_s=done["export_s"], export_reused=False)
+        say(f"{name}: exported in {done['export_s']:.1f} s, max diff vs eager {done['parity']}")
+    info["parity"] = done.get("parity")
+    info["base_graph"] = os.path.join(CACHE, f"{name}{flavour}.base.onnx")
+    if not os.path.isfile(info["base_graph"]) or done.get("base_graph_of") != done.get("export_s"):
         say(f"{name}: exporting the plain base graph")
-        export_base_graph(folder, info["base_graph"])
-        stamp["base_graph_of"] = stamp.get("export_s")
+        export_base_graph(folder, info["base_graph"], attention)
+        done["base_graph_of"] = done.get("export_s")
     with open(stamp_path, "w") as f:
         json.dump(stamp, f, indent=1)
     return info
@@ -129,11 +133,15 @@ def exporter_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def export_base_graph(folder: str, path: str) -> None:
+def export_base_graph(folder: str, path: str, attention: str = "onnx") -> None:
     """The checkpoint's base model alone as a graph with the frozen graph's signature, traced and given its
     weights by the exporter's own passes: `decoder_pass` without gates (no LoRA op), lm_head on the last position.
     The frozen graph's `scalings` and `top_k` inputs are kept by a zero-cost use (ONNX drops unused inputs), so
-    that the runtime's cache manager drives it like the frozen graph."""
+    that the runtime's cache manager drives it like the frozen graph. With `attention` "gqa" its attention is
+    GroupQueryAttention too, and its metadata says so (the runtime then updates its caches in place)."""
+    import dataclasses
+    import json
+
     import onnx
     import torch
 
@@ -145,6 +153,7 @@ def export_base_graph(folder: str, path: str) -> None:
     from xlora_runtime import contract as C
 
     model = load_model(folder)[0].eval()
+    model.spec = dataclasses.replace(model.spec, attention_op=attention)
     n = model.config.num_hidden_layers
 
     class BaseGraph(torch.nn.Module):
@@ -165,7 +174,7 @@ def export_base_graph(folder: str, path: str) -> None:
         torch.onnx.export(wrapper, _example_inputs(model, True), path, input_names=C.input_names(n, True),
                           output_names=C.output_names(n, True), dynamic_axes=C.dynamic_axes(n, True),
                           opset_version=ExportOptions().opset, dynamo=False, export_params=False,
-                          do_constant_folding=False)
+                          do_constant_folding=False, custom_opsets={C.ORT_DOMAIN: 1} if attention == "gqa" else None)
     proto = onnx.load(path)
     fold_constants(proto)
     weights = dict(wrapper.named_buffers(remove_duplicate=False))
@@ -174,6 +183,8 @@ def export_base_graph(folder: str, path: str) -> None:
     store = WeightStore(path + ".data" if large else None)  # its own weights file: the base graph is separate
     attach_weights(proto, weights, store, rename={k: k.removeprefix("model.") for k in weights})
     store.close()
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = C.METADATA_KEY, json.dumps({"attention": attention})
     onnx.save_model(proto, path)
 
 
@@ -376,7 +387,7 @@ def bench_model(name: str, args: argparse.Namespace, say: Callable[[str], None])
 
     from xlora_export.xlora_utils import load_model
 
-    info = prepare(name, say)
+    info = prepare(name, say, args.attention)
     torch.set_num_threads(args.threads)
     model, _ = load_model(info["checkpoint"])
     model.eval()
@@ -591,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                         help="before each timed run, wait up to S seconds until other processes use < 0.25 CPUs "
                              "(for shared machines; Linux only; default 0: do not wait)")
+    parser.add_argument("--attention", choices=["onnx", "gqa"], default="onnx",
+                        help="how the graphs write attention (xlora-export --attention; default onnx)")
     parser.add_argument("--json", help="write the results (with machine info and every run) here")
     args = parser.parse_args(argv)
     if args.new_tokens < 2 or args.runs < 1 or args.prompt_len < 1:
@@ -601,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = [bench_model(name, args, say) for name in args.models]
     info = machine(args.threads)
-    print(f"batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy; {args.threads} threads; "
+    print(f"attention {args.attention}; batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+          f"greedy; {args.threads} threads; "
           f"{info['cpu_count']} CPUs ({info['cpu']}); onnxruntime "
           f"{info['onnxruntime']}, torch {info['torch']}")
     print(f"medians of {args.runs} runs:")

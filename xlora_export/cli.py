@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "above 2 GB and with --frozen-scalings)")
     graph.add_argument("--all-logits", action="store_true", help="output the logits of every position (for "
                        "scoring); by default only the last position's, which is what generation needs")
+    graph.add_argument("--attention", choices=C.ATTENTIONS, default=C.ATTENTION_ONNX, help="onnx: attention as "
+                       "plain ONNX ops, for every runtime (default); gqa: ONNX Runtime's GroupQueryAttention, whose "
+                       "cache the runtime updates in place (faster decode, less growth with the context; ONNX "
+                       "Runtime only: not TensorRT, OpenVINO or Triton's other backends)")
     graph.add_argument("--max-batch", type=_positive_int, default=8, metavar="N", help="TensorRT profile hint "
                        "recorded in the metadata, at least 1 (default 8)")
     quant = parser.add_argument_group("quantization (the float graph is exported and validated first, then "
@@ -243,7 +247,7 @@ def _main(argv: list[str] | None, interrupted: list[bool]) -> int:
                 quantize.block_size = args.block_size or quantize.block_size
                 quantize.min_agreement = quantize.min_agreement if args.min_agreement is None else args.min_agreement
             options = ExportOptions(dtype=args.dtype, opset=args.opset, frozen_scalings=args.frozen_scalings,
-                                    all_logits=args.all_logits,
+                                    all_logits=args.all_logits, attention=args.attention,
                                     atol=args.atol, atol_scalings=args.atol_scalings,
                                     validate=not args.no_validate, force=args.force,
                                     external_data=args.external_data, base_model=args.base_model,

@@ -32,7 +32,7 @@ from torch import nn
 from .architectures import DecoderSpec
 from .lora import ColumnGates, XLoraLinear, sibling_linears
 
-__all__ = ["KV", "Masks", "attention_masks", "decoder_pass", "lm_logits"]
+__all__ = ["KV", "GroupQueryAttention", "Masks", "attention_masks", "decoder_pass", "lm_logits"]
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (key, value), each (b, kv_heads, t, head_dim)
 Masks = dict[int | None, torch.Tensor]  # sliding window (None: full attention) -> allowed keys (b, 1, 1, s, t)
@@ -73,7 +73,7 @@ def _proj(layer: nn.Module, x: torch.Tensor, gates: ColumnGates | None) -> torch
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: DecoderSpec) -> torch.Tensor:
-    """RoPE on the first `spec.rotary_dim` features of x (b, heads, s, head_dim); cos, sin (b, 1, s, rotary_dim).
+    """RoPE on the first `spec.rotary_dim` features of x (b, s, heads, head_dim); cos, sin (b, s, 1, rotary_dim).
 
     The widths come from the config (constants in the graph, not Shape ops)."""
     rot, rest = (x, None) if spec.rotary_dim == spec.head_dim else x.split(
@@ -97,28 +97,95 @@ def _attention(attn: nn.Module, spec: DecoderSpec, x: torch.Tensor, cos: torch.T
         q, k, v = _proj(attn.qkv_proj, x, gates).split([heads * hd, kvh * hd, kvh * hd], dim=-1)
     else:
         q, k, v = sibling_linears([attn.q_proj, attn.k_proj, attn.v_proj], x, gates)
-    q = q.view(b, s, heads, hd).transpose(1, 2)  # (b, heads, s, hd)
-    k = k.view(b, s, kvh, hd).transpose(1, 2)  # (b, kv_heads, s, hd)
-    v = v.view(b, s, kvh, hd).transpose(1, 2)  # (b, kv_heads, s, hd)
+    q, k, v = q.view(b, s, heads, hd), k.view(b, s, kvh, hd), v.view(b, s, kvh, hd)  # (b, s, heads, hd)
     if spec.qk_norm:  # RMSNorm over head_dim, per head
         q, k = attn.q_norm(q), attn.k_norm(k)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (b, 1, s, rotary_dim)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (b, s, 1, rotary_dim)
     q, k = _rope(q, cos, sin, spec), _rope(k, cos, sin, spec)
+    if spec.attention_op == "gqa" and past is not None and torch.onnx.is_in_onnx_export():
+        out, *present = GroupQueryAttention.apply(q.reshape(b, s, heads * hd), k.reshape(b, s, kvh * hd),
+                                                  v.reshape(b, s, kvh * hd), past[0], past[1], allowed,
+                                                  attn.scaling, spec.attn_softcap, heads, kvh)
+        return _proj(attn.o_proj, out, gates), tuple(present)
+    out, present = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), past, allowed, attn.scaling,
+                           spec.attn_softcap, (b, s, heads, kvh, hd), attn.attention_dropout if attn.training else 0.0)
+    return _proj(attn.o_proj, out, gates), present
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: KV | None, allowed: torch.Tensor,
+            scaling: float, softcap: float | None, dims: tuple[int, int, int, int, int],
+            dropout: float = 0.0) -> tuple[torch.Tensor, KV]:
+    """Attention of the new queries over the cache and the new keys.
+
+    Args:
+        q: (b, heads, s, hd); k, v: (b, kv_heads, s, hd), after RoPE.
+        past: this layer's (key, value), each (b, kv_heads, past, hd), or None.
+        allowed: (b, 1, 1, s, past + s) bool, from `attention_masks`.
+        dims: (b, s, heads, kv_heads, hd), given rather than read from the tensors (no Shape ops in a graph).
+    Returns:
+        out (b, s, heads * hd) and the present (key, value), each (b, kv_heads, past + s, hd).
+    """
+    b, s, heads, kvh, hd = dims
     if past is not None:
         k = torch.cat([past[0], k], dim=2)  # (b, kv_heads, past + s, hd)
         v = torch.cat([past[1], v], dim=2)
-    present = (k, v)
     # Grouped-query attention without copying the cache: query head j * groups + i reads kv head j, so the
     # queries are grouped per kv head and each kv head broadcasts over its group.
-    groups = heads // kvh
-    q = q.reshape(b, kvh, groups, s, hd)  # (b, kv_heads, groups, s, hd)
-    scores = torch.matmul(q, k.unsqueeze(2).transpose(3, 4)) * attn.scaling  # (b, kv_heads, groups, s, t)
-    scores = _softcap(scores, spec.attn_softcap).masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    q = q.reshape(b, kvh, heads // kvh, s, hd)  # (b, kv_heads, groups, s, hd)
+    scores = torch.matmul(q, k.unsqueeze(2).transpose(3, 4)) * scaling  # (b, kv_heads, groups, s, t)
+    scores = _softcap(scores, softcap).masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    probs = F.dropout(probs, attn.attention_dropout, attn.training)
+    probs = F.dropout(probs, dropout, dropout > 0)
     out = torch.matmul(probs, v.unsqueeze(2))  # (b, kv_heads, groups, s, hd)
-    out = out.reshape(b, heads, s, hd).transpose(1, 2).reshape(b, s, heads * hd)  # (b, s, heads * hd)
-    return _proj(attn.o_proj, out, gates), present
+    return out.reshape(b, heads, s, hd).transpose(1, 2).reshape(b, s, heads * hd), (k, v)
+
+
+class GroupQueryAttention(torch.autograd.Function):
+    """`_attend` as ONNX Runtime's `com.microsoft.GroupQueryAttention` node in an exported graph (`xlora-export
+    --attention gqa`); run eagerly (while tracing, for the shapes), it is `_attend` itself.
+
+    The node takes the new queries, keys and values (b, s, heads * hd) after RoPE, the layer's past key and
+    value (b, kv_heads, past, hd), `seqlens_k` = total - 1 per row and `total_sequence_length` (every row has
+    the same length: prompts are left padded), and the padding and window mask as an additive
+    `attention_bias` (b, 1, s, total) of 0 and the dtype's minimum. Its presents are concat(past, new), as the
+    graph contract says; a runtime that binds each present to its past's buffer (longer than the past) gets
+    them written in place (`past_present_share_buffer`): no copy of the cache per step.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tensor,
+                past_value: torch.Tensor, allowed: torch.Tensor, scaling: float, softcap: float | None, heads: int,
+                kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, s = q.shape[:2]
+        hd = past_key.shape[-1]
+        split = [t.reshape(b, s, n, hd).transpose(1, 2) for t, n in ((q, heads), (k, kv_heads), (v, kv_heads))]
+        out, (key, value) = _attend(*split, (past_key, past_value), allowed, scaling, softcap,
+                                    (b, s, heads, kv_heads, hd))
+        return out, key, value
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_key, past_value, allowed, scaling: float, softcap: float | None, heads: int,
+                 kv_heads: int):
+        def const(value, dtype):
+            return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+        # everything below reads only `allowed`, the same tensor in every layer of a pass: ONNX Runtime's
+        # common-subexpression elimination keeps one copy per pass
+        dtype = {"Half": torch.float16, "BFloat16": torch.bfloat16}.get(q.type().scalarType(), torch.float32)
+        mask = g.op("Squeeze", allowed, const([2], torch.int64))  # (b, 1, s, total)
+        bias = g.op("Where", mask, const(0.0, dtype), const(torch.finfo(dtype).min, dtype))
+        shape = g.op("Shape", allowed)  # (b, 1, 1, s, total)
+        total = g.op("Gather", shape, const(4, torch.int64), axis_i=0)  # ()
+        batch = g.op("Gather", shape, const([0], torch.int64), axis_i=0)  # (1,)
+        seqlens = g.op("Expand", g.op("Cast", g.op("Sub", total, const(1, torch.int64)), to_i=6), batch)  # int32
+        none = g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor())
+        out, key, value = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_key, past_value, seqlens,
+                               g.op("Cast", total, to_i=6), none, none, none, bias, num_heads_i=heads,
+                               kv_num_heads_i=kv_heads, scale_f=scaling, softcap_f=softcap or 0.0, outputs=3)
+        out.setType(q.type())
+        key.setType(past_key.type())
+        value.setType(past_value.type())
+        return out, key, value
 
 
 def _mlp(mlp: nn.Module, spec: DecoderSpec, x: torch.Tensor, gates: ColumnGates | None) -> torch.Tensor:

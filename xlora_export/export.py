@@ -10,6 +10,7 @@ check passed, so a failed or interrupted export leaves no OUT.onnx.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -54,6 +55,7 @@ class ExportOptions:
     opset: int = 17
     frozen_scalings: bool = False
     all_logits: bool = False  # logits of every position (scoring), not only the last one (generation)
+    attention: str = C.ATTENTION_ONNX  # or C.ATTENTION_GQA: ONNX Runtime's GroupQueryAttention (contract.py)
     atol: float | None = None  # logits tolerance (default: `validate.tolerance`)
     atol_scalings: float | None = None  # scalings tolerance (default: `validate.tolerance`)
     validate: bool = True
@@ -115,6 +117,7 @@ def _load(model_dir: str, options: ExportOptions) -> tuple[Checkpoint, xLoRAMode
         raise XLoraError(f"{model_dir}: rope_type {model.spec.rope_type!r} changes with the sequence length at run "
                          f"time and cannot be fixed in a graph")
     model.eval()
+    model.spec = dataclasses.replace(model.spec, attention_op=options.attention)
     return checkpoint, model
 
 
@@ -169,6 +172,7 @@ def _metadata(model: xLoRAModel, options: ExportOptions, out_path: str, frozen: 
         "default_top_k": model.xlora_config.top_k_lora or 0,
         "caches": caches,
         "logits": "all" if options.all_logits else "last",
+        "attention": options.attention,
         "eos_token_id": [eos] if isinstance(eos, int) else list(eos or []),
         "pad_token_id": cfg.pad_token_id,
         "bos_token_id": cfg.bos_token_id,
@@ -246,7 +250,8 @@ def _trace(model: xLoRAModel, path: str, options: ExportOptions, frozen: bool, m
             torch.onnx.export(wrapper, _example_inputs(model, frozen), raw,
                               input_names=C.input_names(n, frozen), output_names=C.output_names(n, frozen),
                               dynamic_axes=C.dynamic_axes(n, frozen, options.all_logits),
-                              opset_version=options.opset, dynamo=False, export_params=False, do_constant_folding=False)
+                              opset_version=options.opset, dynamo=False, export_params=False, do_constant_folding=False,
+                              custom_opsets={C.ORT_DOMAIN: 1} if options.attention == C.ATTENTION_GQA else None)
         proto = onnx.load(raw)
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
@@ -353,6 +358,8 @@ def export(model_dir: str, out_path: str, options: ExportOptions | None = None,
     if not C.OPSET_MIN <= options.opset <= C.OPSET_MAX:
         raise XLoraError(f"opset {options.opset}: expected {C.OPSET_MIN} to {C.OPSET_MAX} (the graph needs "
                          f"{C.OPSET_MIN}, torch's TorchScript exporter stops at {C.OPSET_MAX}; 17 is the default)")
+    if options.attention not in C.ATTENTIONS:
+        raise XLoraError(f"--attention {options.attention!r}: expected one of {', '.join(C.ATTENTIONS)}")
     if options.quantize is not None:
         options.quantize.check(options.dtype)
     _check_output(out_path, options)

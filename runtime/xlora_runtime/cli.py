@@ -167,7 +167,7 @@ def add_session_options(parser: argparse.ArgumentParser, stem: str) -> argparse.
     rt.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: ONNX Runtime's choice)")
     rt.add_argument("--low-memory", action="store_true", help="ONNX Runtime without pre-packed weight copies: the "
                     "main and frozen graphs read the weights from one memory map of OUT.onnx.data (held once; "
-                    "decode about 15%% slower)")
+                    "decode about 1.15x slower)")
     return rt
 
 

@@ -15,16 +15,20 @@ Main graph `OUT.onnx` (both passes):
              present.{i}.key|value, scaling_present.{i}.key|value (batch, kv_heads, total_sequence, head_dim)
 Frozen graph `OUT.frozen.onnx` (real pass only): the same inputs minus the scaling caches, plus
 `scalings` (batch, L, n) before `top_k`; outputs logits and present.*.
+
+Attention (`attention` in the metadata record): "onnx", plain ONNX ops; or "gqa" (`xlora-export --attention
+gqa`), ONNX Runtime's com.microsoft GroupQueryAttention per layer and pass. The names and shapes are the same;
+a "gqa" graph may also be run with each present bound to its past's buffer, longer than the past
+(batch, kv_heads, capacity, head_dim): it writes the new positions in place (ONNX Runtime only).
 """
 
 from __future__ import annotations
 
 __all__ = [
-    "ATTENTION_MASK", "BATCH", "FORMAT_VERSION", "INPUT_IDS", "LOGITS", "METADATA_KEY", "OPSET_DEFAULT",
-    "OPSET_MAX", "OPSET_MIN", "PAST_SEQUENCE",
+    "ATTENTIONS", "ATTENTION_GQA", "ATTENTION_MASK", "ATTENTION_ONNX", "BATCH", "FORMAT_VERSION", "INPUT_IDS",
+    "LOGITS", "METADATA_KEY", "OPSET_DEFAULT", "OPSET_MAX", "OPSET_MIN", "ORT_DOMAIN", "PAST_SEQUENCE",
     "POSITION_IDS", "SCALINGS", "SEQUENCE", "TOP_K", "TOTAL_SEQUENCE", "chat_template_path", "dynamic_axes",
-    "frozen_path",
-    "input_names", "output_names", "past_names", "present_names", "tokenizer_path",
+    "frozen_path", "input_names", "output_names", "past_names", "present_name", "present_names", "tokenizer_path",
 ]
 
 FORMAT_VERSION = 1
@@ -33,6 +37,10 @@ METADATA_KEY = "xlora_export"  # metadata_props key holding the JSON record
 # (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET; a test keeps them equal). 17 is the default
 # because TensorRT's ONNX parser reads it.
 OPSET_MIN, OPSET_MAX, OPSET_DEFAULT = 14, 20, 17
+# How attention is written (the record's "attention"; see the module docstring).
+ATTENTION_ONNX, ATTENTION_GQA = "onnx", "gqa"
+ATTENTIONS = (ATTENTION_ONNX, ATTENTION_GQA)
+ORT_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
@@ -51,6 +59,11 @@ def past_names(n_layers: int, scaling: bool = False) -> list[str]:
     """`past_key_values.{i}.key|value` (or `scaling_past_key_values...`), block by block."""
     prefix = "scaling_past_key_values" if scaling else "past_key_values"
     return [f"{prefix}.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+
+
+def present_name(past: str) -> str:
+    """The present output that continues a past input: `past_key_values.3.key` -> `present.3.key`."""
+    return past.replace("past_key_values.", "present.", 1)
 
 
 def present_names(n_layers: int, scaling: bool = False) -> list[str]:

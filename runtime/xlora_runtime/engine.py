@@ -171,6 +171,10 @@ def build_engines(onnx_path: str, engine_path: str, limits: dict[str, int | None
     """
     say = progress or (lambda message: None)
     record = read_record(onnx_path)
+    if record.get("attention", C.ATTENTION_ONNX) != C.ATTENTION_ONNX:
+        raise XLoraError(f"{onnx_path}: exported with --attention {record['attention']} (ONNX Runtime's "
+                         f"GroupQueryAttention), which TensorRT's parser does not read; export with --attention onnx "
+                         f"for TensorRT")
     if record.get("graph") != "two_pass":
         raise XLoraError(f"{onnx_path}: this is the frozen-scalings graph; give the main graph (OUT.onnx)")
     spec = limits_for(record, **limits)

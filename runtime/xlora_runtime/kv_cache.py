@@ -14,6 +14,11 @@ garbage collected.
 
     granular group: main graph, pasts = past_key_values.* + scaling_past_key_values.*
     frozen group:   frozen graph, pasts = past_key_values.*, plus each row's fixed scalings (L, n)
+
+A graph that writes in place (`Graph.in_place`: a "gqa" graph on ONNX Runtime's CPU provider) gets buffers
+of `capacity` >= `length` positions, the first `length` of them held, bound as past and present at once: the
+graph writes each step's new positions into them, so no step copies the cache. When a step would overflow,
+the buffers are reallocated at twice the capacity (`Backend.resize`): a copy every doubling, not every step.
 """
 
 from __future__ import annotations
@@ -47,17 +52,20 @@ class CacheGroup:
         frozen: run the frozen graph (no scaling pass, no scaling cache).
         fixed_scalings: (g, L, n) per-row scalings of a frozen group.
         pasts, length: the caches (the backend's device tensors) and the positions they hold; default empty.
+        capacity: the positions the caches have room for (default `length`).
     """
 
     def __init__(self, session: XLoraSession, rows: np.ndarray, frozen: bool = False,
                  fixed_scalings: np.ndarray | None = None, pasts: dict[str, Any] | None = None,
-                 length: int = 0) -> None:
+                 length: int = 0, capacity: int | None = None) -> None:
         info = session.info
         self.session = session
         self.rows = np.asarray(rows, dtype=np.int64)
         self.frozen = frozen
         self.fixed_scalings = fixed_scalings
         self.length = length  # positions held (padding included)
+        # positions the cache tensors have room for (> length: buffers of a graph that writes in place)
+        self.capacity = length if capacity is None else capacity
         n = info.num_layers
         self.past_names = C.past_names(n) + ([] if frozen else C.past_names(n, scaling=True))
         self.present_names = C.present_names(n) + ([] if frozen else C.present_names(n, scaling=True))
@@ -74,6 +82,8 @@ class CacheGroup:
             top_k: int) -> StepOutput:
         """One step: the group's new tokens (g, s) through its graph; the caches advance by s."""
         graph = self.session.frozen if self.frozen else self.session.main
+        if graph.in_place:
+            self._reserve(self.length + input_ids.shape[1])
         feeds = {C.INPUT_IDS: input_ids, C.ATTENTION_MASK: attention_mask, C.POSITION_IDS: position_ids,
                  C.TOP_K: np.array(top_k, dtype=np.int64)}
         if self.frozen:
@@ -81,6 +91,7 @@ class CacheGroup:
         host, presents = graph.step(feeds, self.pasts)
         self.pasts = {p: presents[q] for p, q in zip(self.past_names, self.present_names)}
         self.length += input_ids.shape[1]
+        self.capacity = max(self.capacity, self.length)
         scalings = None if self.frozen else host[C.SCALINGS]
         return StepOutput(host[C.LOGITS][:, -1], scalings)
 
@@ -98,11 +109,14 @@ class CacheGroup:
         names += [] if frozen else C.past_names(self.session.info.num_layers, scaling=True)
         rows = np.flatnonzero(keep)
         pasts = {name: self.session.backend.gather(self.pasts[name], rows) for name in names}
-        return CacheGroup(self.session, self.rows[keep], frozen, fixed_scalings, pasts, self.length)
+        return CacheGroup(self.session, self.rows[keep], frozen, fixed_scalings, pasts, self.length, self.capacity)
 
     def merge(self, other: CacheGroup) -> CacheGroup:
         """This group and `other` (same kind and length) as one group; `other` is released."""
         assert self.frozen == other.frozen and self.length == other.length
+        if self.capacity != other.capacity:  # buffers of in-place graphs: one capacity for the joined tensors
+            self._reserve(other.capacity, exact=True)
+            other._reserve(self.capacity, exact=True)
         self.rows = np.concatenate([self.rows, other.rows])
         backend = self.session.backend
         self.pasts = {name: backend.concat([self.pasts[name], other.pasts[name]]) for name in self.past_names}
@@ -119,6 +133,7 @@ class CacheGroup:
             backend = self.session.backend
             self.pasts = {name: backend.positions(v, -columns, self.length) for name, v in self.pasts.items()}
             self.length += columns
+            self.capacity = self.length
 
     def slice_positions(self, start: int, stop: int | None = None) -> None:
         """Keep positions [start, stop) of the caches (0 <= start < stop <= length): drops leading columns that
@@ -128,14 +143,27 @@ class CacheGroup:
         if (start, stop) != (0, self.length):
             backend = self.session.backend
             self.pasts = {name: backend.positions(v, start, stop) for name, v in self.pasts.items()}
-            self.length = stop - start
+            self.length = self.capacity = stop - start
+
+    def _reserve(self, positions: int, exact: bool = False) -> None:
+        """Room for `positions` in every cache buffer: reallocated (the held positions copied) when short, at
+        twice the capacity (at least `positions`, rounded up to 64, at most the model's positions) unless
+        `exact`."""
+        if positions <= self.capacity:
+            return
+        capacity = positions if exact else min(max(2 * self.capacity, -(-positions // 64) * 64),
+                                                max(positions, self.session.info.max_positions))
+        backend = self.session.backend
+        self.pasts = {name: backend.resize(v, self.length, capacity) for name, v in self.pasts.items()}
+        self.capacity = capacity
 
     def release(self) -> None:
         """Free the caches now (a finished, cancelled or failed generation); the group cannot run again."""
         self.pasts = {}
 
     def nbytes(self) -> int:
-        """Bytes held by this group's caches (0 once released): arithmetic, not a walk of the tensors."""
+        """Bytes held by this group's caches (0 once released; buffers count their capacity): arithmetic, not a
+        walk of the tensors."""
         info = self.session.info
         per_position = info.kv_heads * info.head_dim * HOST_DTYPES[info.cache_dtype].itemsize
-        return len(self.pasts) * len(self.rows) * self.length * per_position
+        return len(self.pasts) * len(self.rows) * self.capacity * per_position

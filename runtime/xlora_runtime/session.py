@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import contract as C
-from .backends import PROVIDERS, Graph, default_provider, open_backend
+from .backends import ENGINE_SUFFIX, PROVIDERS, Graph, default_provider, open_backend
 from .backends.onnxruntime import open_graph
 from .errors import XLoraError, brief
 from .graph_file import read_metadata_props
@@ -59,6 +59,11 @@ class GraphInfo:
     @property
     def max_positions(self) -> int:
         return self.record["max_position_embeddings"]
+
+    @property
+    def attention(self) -> str:
+        """How the graph writes attention (`contract.ATTENTIONS`); graphs exported before the field: plain ONNX."""
+        return self.record.get("attention", C.ATTENTION_ONNX)
 
     @property
     def n_modules(self) -> int:
@@ -134,15 +139,23 @@ def _read_info(text: str | None, path: str) -> GraphInfo:
     return GraphInfo(path, record)
 
 
-def _check_low_memory(path: str) -> None:
-    """Refuse low_memory for an int4 graph (its metadata record says so; read from the file, before opening)."""
+def _check_before_opening(path: str, provider: str, low_memory: bool) -> None:
+    """What the file's metadata record rules out before a backend opens it: a "gqa" graph on a provider that is
+    not ONNX Runtime's; low_memory for an int4 graph. (A malformed record is reported once the graph is open.)"""
     props = read_metadata_props(path) or {}
     try:
         record = json.loads(props.get(C.METADATA_KEY, "{}"))
     except json.JSONDecodeError:
-        return  # the session reports the malformed record once the graph is open
-    quantization = record.get("quantization") if isinstance(record, dict) else None
-    if isinstance(quantization, dict) and quantization.get("mode") == "int4":
+        return
+    if not isinstance(record, dict):
+        return
+    attention = record.get("attention", C.ATTENTION_ONNX)
+    if attention != C.ATTENTION_ONNX and PROVIDERS.get(provider, ("",))[0] != "onnxruntime":
+        raise XLoraError(f"{path}: exported with --attention {attention} (ONNX Runtime's GroupQueryAttention); "
+                         f"provider {provider!r} cannot run it: use cpu, cuda or tensorrt (ONNX Runtime), or export "
+                         f"with --attention onnx")
+    quantization = record.get("quantization")
+    if low_memory and isinstance(quantization, dict) and quantization.get("mode") == "int4":
         raise XLoraError(f"{path}: low_memory does not apply to int4 graphs: ONNX Runtime's MatMulNBits needs its "
                          f"pre-packed weights (without them a decode step is about 18x slower); open it without "
                          f"low_memory (its weights are already about a quarter of the float graph's)")
@@ -173,10 +186,11 @@ class XLoraSession:
                  device: str | int | None = None, low_memory: bool = False) -> None:
         if not os.path.isfile(path):
             raise XLoraError(f"{path}: no such file (expected an .onnx graph written by xlora-export)")
-        self.backend = open_backend(default_provider(path) if provider is None else provider, threads, device,
-                                    graph_path=path)
+        provider = default_provider(path) if provider is None else provider
+        if not path.endswith(ENGINE_SUFFIX):
+            _check_before_opening(path, provider, low_memory)
+        self.backend = open_backend(provider, threads, device, graph_path=path)
         if low_memory:
-            _check_low_memory(path)
             self.backend.hold_weights_once()
         self.provider = self.backend.provider
         self.threads = threads

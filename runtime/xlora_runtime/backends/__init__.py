@@ -44,6 +44,10 @@ class Graph(ABC):
     """One opened graph on a backend."""
 
     path: str
+    # Whether `step` writes the presents into the pasts' buffers (a "gqa" graph on ONNX Runtime's CPU provider):
+    # the caches are then buffers of a capacity >= their length (`Backend.resize`), and the presents `step`
+    # returns are the pasts themselves.
+    in_place: bool = False
 
     @property
     @abstractmethod
@@ -103,6 +107,11 @@ class Backend(ABC):
     @abstractmethod
     def nbytes(self, tensor: Any) -> int:
         """Bytes a cache tensor holds."""
+
+    def resize(self, tensor: Any, length: int, capacity: int) -> Any:
+        """A cache buffer of `capacity` positions holding the first `length` positions of `tensor` (the rest zeros),
+        for graphs that write in place (`Graph.in_place`)."""
+        raise NotImplementedError(f"{type(self).__name__} runs no graph in place")
 
     @abstractmethod
     def positions(self, tensor: Any, start: int, stop: int) -> Any:

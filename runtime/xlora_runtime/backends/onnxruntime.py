@@ -132,6 +132,16 @@ class OrtGraph(Graph):
         self.input_types = {i.name: _TYPE_NAMES.get(i.type) for i in session.get_inputs()}
         self.output_names = [o.name for o in session.get_outputs()]
         self.output_types = {o.name: _TYPE_NAMES.get(o.type) for o in session.get_outputs()}
+        try:
+            record = json.loads(self.metadata or "{}")
+        except json.JSONDecodeError:
+            record = None  # the session reports a malformed record
+        # GroupQueryAttention writes the new positions into a past buffer bound as its present too (on the CPU:
+        # the CacheGroup's buffers are host OrtValues; other devices keep the contract's concat)
+        self.in_place = (isinstance(record, dict) and record.get("attention") == C.ATTENTION_GQA
+                         and backend.device == "cpu")
+        pasts = [n for n in self.input_types if n.startswith(("past_key_values.", "scaling_past_key_values."))]
+        self.present_of = {C.present_name(past): past for past in pasts}  # present output -> its past input
 
     @property
     def metadata(self) -> str | None:
@@ -152,10 +162,15 @@ class OrtGraph(Graph):
         for name in self.output_names:
             if name in host:
                 binding.bind_output(name, "cpu")
+            elif self.in_place:
+                binding.bind_ortvalue_output(name, pasts[self.present_of[name]])
             else:
                 binding.bind_output(name, self.backend.device, self.backend.device_id)
         self.session.run_with_iobinding(binding)
         outputs = dict(zip(self.output_names, binding.get_outputs()))
+        if self.in_place:  # the same buffers (get_outputs wraps them anew)
+            return ({name: to_float32(_host_array(outputs[name]), self.output_types[name]) for name in host},
+                    {name: pasts[self.present_of[name]] for name in outputs if name not in host})
         return ({name: to_float32(_host_array(outputs[name]), self.output_types[name]) for name in host},
                 {name: value for name, value in outputs.items() if name not in host})
 
@@ -295,6 +310,14 @@ class OrtBackend(Backend):
         out = self._device_value(host.shape, dtype)
         copy_bytes(out.data_ptr(), host.ctypes.data, host.nbytes, "HostToDevice")
         return out
+
+    def resize(self, tensor: ort.OrtValue, length: int, capacity: int) -> ort.OrtValue:
+        if self.device != "cpu":
+            return super().resize(tensor, length, capacity)
+        host = _host_array(tensor)
+        out = np.zeros((*host.shape[:2], capacity, *host.shape[3:]), host.dtype)
+        out[:, :, :length] = host[:, :, :length]
+        return self._from_host(out, tensor)
 
     def _from_host(self, array: np.ndarray, like: ort.OrtValue) -> ort.OrtValue:
         return self.host_value(np.ascontiguousarray(array), _TYPE_NAMES[like.data_type()])
