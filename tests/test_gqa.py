@@ -179,3 +179,10 @@ def test_attention_option_of_the_cli(tmp_path, capsys):
     with pytest.raises(XLoraError, match=r"^--attention 'flash': expected one of onnx, gqa$"):
         export(built("tiny-llama"), str(tmp_path / "bad.onnx"), ExportOptions(attention="flash"))
     assert not os.listdir(tmp_path)
+    # the summary: one line for the 4 GroupQueryAttention nodes (2 layers x 2 passes) TensorRT would not parse
+    assert cli.main([built("tiny-llama"), str(tmp_path / "g.onnx"), "--attention", "gqa", "--no-validate"]) == 0
+    out = capsys.readouterr().out
+    assert "TensorRT readiness: 4 finding(s):\n  GroupQueryAttention 4 nodes (" in out
+    assert [line for line in out.splitlines() if line.startswith("  GroupQueryAttention")] == [
+        "  GroupQueryAttention 4 nodes (/model/GroupQueryAttention, ...): custom domain 'com.microsoft' (not an ONNX "
+        "standard op)"]

@@ -73,8 +73,8 @@ class DecoderSpec:
     attn_softcap: float | None  # scores -> cap * tanh(scores / cap)
     final_softcap: float | None  # logits -> cap * tanh(logits / cap)
     rope_type: str
-    # how an export writes attention: "onnx" (plain ONNX ops, any runtime) or "gqa" (ONNX Runtime's
-    # GroupQueryAttention, `xlora-export --attention gqa`); eager runs are the same either way
+    # how an export writes attention (`contract.ATTENTIONS`): "onnx" (plain ONNX ops, any runtime) or "gqa" (ONNX
+    # Runtime's GroupQueryAttention, `xlora-export --attention gqa`); eager runs are the same either way
     attention_op: str = "onnx"
 
     @property

@@ -159,7 +159,12 @@ def format_report(report: ExportReport) -> str:
         lines += report.quantization.lines()
     if report.tensorrt_findings:
         lines += [f"TensorRT readiness: {len(report.tensorrt_findings)} finding(s):"]
-        lines += [f"  {f}" for f in report.tensorrt_findings]
+        groups: dict[tuple[str, str], list[str]] = {}  # (op, reason) -> nodes: 305 MatMulNBits are one line
+        for f in report.tensorrt_findings:
+            groups.setdefault((f.op_type, f.reason), []).append(f.node or "<unnamed>")
+        for (op, reason), nodes in groups.items():
+            where = nodes[0] if len(nodes) == 1 else f"{len(nodes)} nodes ({nodes[0]}, ...)"
+            lines += [f"  {op} {where}: {reason}"]
     else:
         lines += ["TensorRT readiness: nothing flagged"]
     return "\n".join(lines)

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xlora_runtime import contract as C
+
 from .architectures import DecoderSpec
 from .lora import ColumnGates, XLoraLinear, sibling_linears
 
@@ -102,7 +104,7 @@ def _attention(attn: nn.Module, spec: DecoderSpec, x: torch.Tensor, cos: torch.T
         q, k = attn.q_norm(q), attn.k_norm(k)
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (b, s, 1, rotary_dim)
     q, k = _rope(q, cos, sin, spec), _rope(k, cos, sin, spec)
-    if spec.attention_op == "gqa" and past is not None and torch.onnx.is_in_onnx_export():
+    if spec.attention_op == C.ATTENTION_GQA and past is not None and torch.onnx.is_in_onnx_export():
         out, *present = GroupQueryAttention.apply(q.reshape(b, s, heads * hd), k.reshape(b, s, kvh * hd),
                                                   v.reshape(b, s, kvh * hd), past[0], past[1], allowed,
                                                   attn.scaling, spec.attn_softcap, heads, kvh)
@@ -179,7 +181,7 @@ class GroupQueryAttention(torch.autograd.Function):
         batch = g.op("Gather", shape, const([0], torch.int64), axis_i=0)  # (1,)
         seqlens = g.op("Expand", g.op("Cast", g.op("Sub", total, const(1, torch.int64)), to_i=6), batch)  # int32
         none = g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor())
-        out, key, value = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_key, past_value, seqlens,
+        out, key, value = g.op(f"{C.ORT_DOMAIN}::GroupQueryAttention", q, k, v, past_key, past_value, seqlens,
                                g.op("Cast", total, to_i=6), none, none, none, bias, num_heads_i=heads,
                                kv_num_heads_i=kv_heads, scale_f=scaling, softcap_f=softcap or 0.0, outputs=3)
         out.setType(q.type())
