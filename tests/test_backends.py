@@ -224,6 +224,15 @@ def test_low_memory_names_a_weight_outside_its_data_file(tmp_path):
         XLoraSession(str(tmp_path / "tiny-llama.onnx"), low_memory=True)
 
 
+def test_low_memory_names_a_weight_of_an_element_type_it_cannot_map(monkeypatch):
+    from xlora_runtime.backends import onnxruntime as backend
+
+    monkeypatch.setattr(backend, "_ELEMENT_DTYPES", {})  # as if float32 (1) were a type numpy could not hold
+    with pytest.raises(XLoraError, match=r"tiny-llama\.onnx\.data: weight '.+' has element type 1, which low_memory "
+                                         r"cannot map \(open the graph without low_memory\)$"):
+        XLoraSession(exported("tiny-llama"), low_memory=True)
+
+
 def test_low_memory_is_refused_where_no_weights_are_packed():
     with pytest.raises(XLoraError, match=r"^low_memory: provider 'openvino' keeps no pre-packed weight copies; it "
                                          r"applies to ONNX Runtime's providers \(cpu, cuda, tensorrt\)$"):

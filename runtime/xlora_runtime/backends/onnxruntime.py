@@ -225,10 +225,12 @@ class SharedWeights:
             except (OSError, ValueError) as e:
                 raise XLoraError(f"{file}: cannot map the graph's weights ({e})") from None
         data = self._files[file]
-        dtype = np.dtype(_ELEMENT_DTYPES.get(tensor.data_type, np.uint8))
+        if tensor.data_type not in _ELEMENT_DTYPES:
+            raise XLoraError(f"{file}: weight {tensor.name!r} has element type {tensor.data_type}, which low_memory "
+                             f"cannot map (open the graph without low_memory)")
+        dtype = np.dtype(_ELEMENT_DTYPES[tensor.data_type])
         count = int(np.prod(tensor.shape, dtype=np.int64))
-        if tensor.data_type not in _ELEMENT_DTYPES or count * dtype.itemsize != tensor.length \
-                or tensor.offset + tensor.length > len(data):
+        if count * dtype.itemsize != tensor.length or tensor.offset + tensor.length > len(data):
             raise XLoraError(f"{file}: weight {tensor.name!r} (type {tensor.data_type}, shape {list(tensor.shape)}, "
                              f"bytes {tensor.offset}..{tensor.offset + tensor.length}) does not fit the file "
                              f"({len(data)} bytes)")
