@@ -173,6 +173,24 @@ def test_other_engines_refuse_a_gqa_graph():
         build_engines(gqa_graph("tiny-llama"), os.path.join(EXPORTS, "x.engine"), {})
 
 
+def test_multi_token_steps_after_a_past_run_one_row_at_a_time():
+    """ONNX Runtime's GroupQueryAttention refuses batch > 1 with several new tokens after a past (the runtime's
+    own paths never do that: prefills start at 0, resumed sessions are single rows): a one-line error first."""
+    session = XLoraSession(gqa_graph("tiny-llama"), threads=1)
+    group = CacheGroup(session, np.arange(2))
+    ids = np.array([[5, 17, 99], [4, 8, 15]])
+    group.run(ids, np.ones_like(ids), np.tile(np.arange(3), (2, 1)), 0)
+    with pytest.raises(XLoraError, match=r"tiny-llama\.onnx: a step of 2 tokens for 2 rows after 3 positions; ONNX "
+                                         r"Runtime's GroupQueryAttention \(--attention gqa\) runs steps of several "
+                                         r"tokens after a past one row at a time$"):
+        group.run(ids[:, :2], np.ones((2, 5), np.int64), np.tile(np.arange(3, 5), (2, 1)), 0)
+    single = group.take(np.array([True, False]))  # one row: allowed
+    out = single.run(ids[:1, :2], np.ones((1, 5), np.int64), np.arange(3, 5)[None], 0)
+    assert out.last_logits.shape == (1, session.info.vocab_size) and single.length == 5
+    group.release()
+    single.release()
+
+
 def test_attention_option_of_the_cli(tmp_path, capsys):
     assert cli.main([built("tiny-llama"), str(tmp_path / "bad.onnx"), "--attention", "flash"]) == 2
     assert "argument --attention: invalid choice: 'flash' (choose from 'onnx', 'gqa')" in capsys.readouterr().err

@@ -30,6 +30,7 @@ import numpy as np
 
 from . import contract as C
 from .backends.dtypes import HOST_DTYPES
+from .errors import XLoraError
 from .session import XLoraSession
 
 __all__ = ["CacheGroup", "StepOutput"]
@@ -82,6 +83,11 @@ class CacheGroup:
             top_k: int) -> StepOutput:
         """One step: the group's new tokens (g, s) through its graph; the caches advance by s."""
         graph = self.session.frozen if self.frozen else self.session.main
+        if (self.session.info.attention == C.ATTENTION_GQA and len(self.rows) > 1 and input_ids.shape[1] > 1
+                and self.length > 0):
+            raise XLoraError(f"{graph.path}: a step of {input_ids.shape[1]} tokens for {len(self.rows)} rows after "
+                             f"{self.length} positions; ONNX Runtime's GroupQueryAttention (--attention gqa) runs "
+                             f"steps of several tokens after a past one row at a time")
         if graph.in_place:
             self._reserve(self.length + input_ids.shape[1])
         feeds = {C.INPUT_IDS: input_ids, C.ATTENTION_MASK: attention_mask, C.POSITION_IDS: position_ids,
