@@ -56,15 +56,18 @@ def _max_diff(results: list, reference: np.ndarray, field: str) -> float:
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2",
                                   "tiny-gemma3", "tiny-phi3"])
 def test_every_family_exports_and_validates_with_group_query_attention(name):
-    """One GroupQueryAttention per layer and pass replaces the attention ops; the export validated against the
-    eager model (left padding, sliding windows, soft-capping: the mask reaches it as an additive bias)."""
+    """One GroupQueryAttention per layer and pass replaces the attention ops, two RotaryEmbedding nodes the RoPE
+    ops; the export validated against the eager model (left padding, sliding windows, soft-capping: the mask
+    reaches it as an additive bias; partial RoPE, RoPE per layer type, QK norms)."""
     path = gqa_graph(name)
     layers = xlora.xlora_utils.load_model(built(name))[0].config.num_hidden_layers
     for graph, passes in ((path, 2), (C.frozen_path(path), 1)):
         proto = onnx.load(graph, load_external_data=False)
         gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
         assert len(gqa) == layers * passes and {n.domain for n in gqa} == {C.ORT_DOMAIN}
-        assert not [n for n in proto.graph.node if n.op_type == "Softmax" and "attn" in n.name.lower()]
+        rope = [n for n in proto.graph.node if n.op_type == "RotaryEmbedding"]  # q and k, ONNX Runtime's
+        assert len(rope) == 2 * layers * passes and {n.domain for n in rope} == {C.ORT_DOMAIN}
+        assert not [n for n in proto.graph.node if n.op_type == "Neg"]  # no rotate_half left
         record = next(p.value for p in proto.metadata_props if p.key == C.METADATA_KEY)
         assert f'"attention": "{C.ATTENTION_GQA}"' in record
         assert [i.name for i in proto.graph.input] == C.input_names(layers, graph != path)  # the same contract
@@ -198,9 +201,10 @@ def test_attention_option_of_the_cli(tmp_path, capsys):
         export(built("tiny-llama"), str(tmp_path / "bad.onnx"), ExportOptions(attention="flash"))
     assert not os.listdir(tmp_path)
     # the summary: one line for the 4 GroupQueryAttention nodes (2 layers x 2 passes) TensorRT would not parse
+    # (and one for the 8 RotaryEmbedding nodes)
     assert cli.main([built("tiny-llama"), str(tmp_path / "g.onnx"), "--attention", "gqa", "--no-validate"]) == 0
     out = capsys.readouterr().out
-    assert "TensorRT readiness: 4 finding(s):\n  GroupQueryAttention 4 nodes (" in out
+    assert "TensorRT readiness: 12 finding(s):\n" in out
     assert [line for line in out.splitlines() if line.startswith("  GroupQueryAttention")] == [
         "  GroupQueryAttention 4 nodes (/model/GroupQueryAttention, ...): custom domain 'com.microsoft' (not an ONNX "
         "standard op)"]

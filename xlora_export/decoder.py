@@ -102,13 +102,14 @@ def _attention(attn: nn.Module, spec: DecoderSpec, x: torch.Tensor, cos: torch.T
     q, k, v = q.view(b, s, heads, hd), k.view(b, s, kvh, hd), v.view(b, s, kvh, hd)  # (b, s, heads, hd)
     if spec.qk_norm:  # RMSNorm over head_dim, per head
         q, k = attn.q_norm(q), attn.k_norm(k)
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (b, s, 1, rotary_dim)
-    q, k = _rope(q, cos, sin, spec), _rope(k, cos, sin, spec)
     if spec.attention_op == C.ATTENTION_GQA and past is not None and torch.onnx.is_in_onnx_export():
-        out, *present = GroupQueryAttention.apply(q.reshape(b, s, heads * hd), k.reshape(b, s, kvh * hd),
-                                                  v.reshape(b, s, kvh * hd), past[0], past[1], allowed,
+        q = RotaryEmbedding.apply(q.reshape(b, s, heads * hd), cos, sin, spec, heads)
+        k = RotaryEmbedding.apply(k.reshape(b, s, kvh * hd), cos, sin, spec, kvh)
+        out, *present = GroupQueryAttention.apply(q, k, v.reshape(b, s, kvh * hd), past[0], past[1], allowed,
                                                   attn.scaling, spec.attn_softcap, heads, kvh)
         return _proj(attn.o_proj, out, gates), tuple(present)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (b, s, 1, rotary_dim)
+    q, k = _rope(q, cos, sin, spec), _rope(k, cos, sin, spec)
     out, present = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), past, allowed, attn.scaling,
                            spec.attn_softcap, (b, s, heads, kvh, hd), attn.attention_dropout if attn.training else 0.0)
     return _proj(attn.o_proj, out, gates), present
@@ -140,6 +141,42 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: KV | None, 
     probs = F.dropout(probs, dropout, dropout > 0)
     out = torch.matmul(probs, v.unsqueeze(2))  # (b, kv_heads, groups, s, hd)
     return out.reshape(b, heads, s, hd).transpose(1, 2).reshape(b, s, heads * hd), (k, v)
+
+
+class RotaryEmbedding(torch.autograd.Function):
+    """`_rope` as ONNX Runtime's `com.microsoft.RotaryEmbedding` node (`--attention gqa` exports): 2 nodes per
+    layer instead of 14. Eagerly (and while tracing, for the shapes) it is `_rope` itself.
+
+    x is (b, s, heads * head_dim); cos, sin (b, s, rotary_dim) are the pass's own tables (HF's rotary module,
+    any RoPE type), so the node gets them as a cache of b * s rows, cos_cache[i] = cos[i // s, i % s, :half],
+    indexed by position_ids = arange(b * s): the positions (left padding included) are already in the tables.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: DecoderSpec,
+                heads: int) -> torch.Tensor:
+        b, s = x.shape[:2]
+        y = _rope(x.reshape(b, s, heads, spec.head_dim), cos.unsqueeze(2), sin.unsqueeze(2), spec)
+        return y.reshape(b, s, heads * spec.head_dim)
+
+    @staticmethod
+    def symbolic(g, x, cos, sin, spec: DecoderSpec, heads: int):
+        def const(value):
+            return g.op("Constant", value_t=torch.tensor(value, dtype=torch.int64))
+
+        # everything but the node reads only cos and sin, the same in every layer: one copy per pass after ONNX
+        # Runtime's common-subexpression elimination
+        half = spec.rotary_dim // 2
+        rows = [g.op("Reshape", g.op("Slice", t, const([0]), const([half]), const([2])), const([-1, half]))
+                for t in (cos, sin)]  # (b * s, half)
+        shape = g.op("Slice", g.op("Shape", cos), const([0]), const([2]), const([0]))  # (2,) = [b, s]
+        count = g.op("ReduceProd", shape, keepdims_i=0)  # b * s
+        positions = g.op("Reshape", g.op("Range", const(0), count, const(1)), shape)  # (b, s)
+        extra = {} if spec.rotary_dim == spec.head_dim else {"rotary_embedding_dim_i": spec.rotary_dim}
+        y = g.op(f"{C.ORT_DOMAIN}::RotaryEmbedding", x, positions, *rows, interleaved_i=0, num_heads_i=heads,
+                 **extra)
+        y.setType(x.type())
+        return y
 
 
 class GroupQueryAttention(torch.autograd.Function):
