@@ -387,7 +387,8 @@ def bench_model(name: str, args: argparse.Namespace, say: Callable[[str], None])
 
     from xlora_export.xlora_utils import load_model
 
-    info = prepare(name, say, args.attention)
+    flavours = {attention: prepare(name, say, attention) for attention in args.attention}
+    info = flavours[args.attention[0]]
     torch.set_num_threads(args.threads)
     model, _ = load_model(info["checkpoint"])
     model.eval()
@@ -400,15 +401,15 @@ def bench_model(name: str, args: argparse.Namespace, say: Callable[[str], None])
     # Random ids over the model's whole vocabulary, above the special tokens (pad, bos, eos).
     prompt = np.random.default_rng(args.seed).integers(3, vocab, args.prompt_len).tolist()
 
-    graphs = {kind: graph_engine(info["graph"], args.threads, kind, info["base_graph"])
-              for kind in ("two-pass", "frozen", "base")}
-    engines = {
-        "ort granular": runtime_engine(info["graph"], args.threads, None),
-        "ort frozen": runtime_engine(info["graph"], args.threads, 0),
-        **{f"graph {kind}": run for kind, run in graphs.items()},
-        REFERENCE: eager_engine(model, frozen=False),
-        "eager frozen": eager_engine(model, frozen=True),
-    }
+    engines = {}
+    for attention, graph in flavours.items():  # the first --attention unnamed, the others' rows suffixed
+        tag = "" if attention == args.attention[0] else f" {attention}"
+        engines[f"ort granular{tag}"] = runtime_engine(graph["graph"], args.threads, None)
+        engines[f"ort frozen{tag}"] = runtime_engine(graph["graph"], args.threads, 0)
+        for kind in ("two-pass", "frozen", "base"):
+            engines[f"graph {kind}{tag}"] = graph_engine(graph["graph"], args.threads, kind, graph["base_graph"])
+    engines[REFERENCE] = eager_engine(model, frozen=False)
+    engines["eager frozen"] = eager_engine(model, frozen=True)
     if not args.no_hf_base:
         engines["hf base"] = hf_base_engine(base)
     if args.peft_tokens:
@@ -438,15 +439,16 @@ def bench_model(name: str, args: argparse.Namespace, say: Callable[[str], None])
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     same = {  # the sanity check: greedy tokens of the runtime against the eager model (same scalings mode)
-        "ort granular": first["ort granular"][0] == first[REFERENCE][0],
-        "ort frozen": first["ort frozen"][0] == first["eager frozen"][0],
-        "graph two-pass": first["graph two-pass"][0] == first[REFERENCE][0],
-        "graph base": first["graph base"][0] == first["hf base"][0] if "hf base" in first else None,
         "peft xlora": (first["peft xlora"][0] == first[REFERENCE][0][:args.peft_tokens]
                        if "peft xlora" in first else None),
         REFERENCE: check_generate(model, prompt, args.new_tokens, False, first[REFERENCE][0]),
         "eager frozen": check_generate(model, prompt, args.new_tokens, True, first["eager frozen"][0]),
     }
+    for tag in tags(args.attention):
+        same[f"ort granular{tag}"] = first[f"ort granular{tag}"][0] == first[REFERENCE][0]
+        same[f"ort frozen{tag}"] = first[f"ort frozen{tag}"][0] == first["eager frozen"][0]
+        same[f"graph two-pass{tag}"] = first[f"graph two-pass{tag}"][0] == first[REFERENCE][0]
+        same[f"graph base{tag}"] = first[f"graph base{tag}"][0] == first["hf base"][0] if "hf base" in first else None
     rows = {}
     for engine, values in samples.items():
         row = {key: statistics.median(v[key] for v in values) for key in values[0] if values[0][key] is not None}
@@ -462,27 +464,31 @@ def bench_model(name: str, args: argparse.Namespace, say: Callable[[str], None])
             row[f"{prefix}prefill_speedup_vs_eager"] = ref[f"{prefix}prefill_ms"] / row[f"{prefix}prefill_ms"]
             if f"{prefix}decode_tok_s" in row:
                 row[f"{prefix}decode_speedup_vs_eager"] = row[f"{prefix}decode_tok_s"] / ref[f"{prefix}decode_tok_s"]
-    base_row = rows["graph base"]
-    ratios = {  # per token, against the plain base graph in the same loop (both: last-position logits)
-        "decode two-pass / base": base_row["decode_tok_s"] / rows["graph two-pass"]["decode_tok_s"],
-        "prefill two-pass / base": rows["graph two-pass"]["prefill_ms"] / base_row["prefill_ms"],
-        "decode frozen / base": base_row["decode_tok_s"] / rows["graph frozen"]["decode_tok_s"],
-    }
-    if "hf base" in rows:
-        ratios["ort granular decode tok/s / hf base"] = rows["ort granular"]["decode_tok_s"] / rows["hf base"][
-            "decode_tok_s"]
-    if "peft xlora" in rows:  # PEFT's tokens/s, each token recomputing the whole sequence twice
-        ratios["ort granular decode tok/s / peft xlora"] = rows["ort granular"]["decode_tok_s"] / rows["peft xlora"][
-            "decode_tok_s"]
+    ratios = {}
+    for tag in tags(args.attention):  # per token, against the plain base graph of the same attention, same loop
+        base_row = rows[f"graph base{tag}"]
+        ratios.update({
+            f"decode two-pass / base{tag}": base_row["decode_tok_s"] / rows[f"graph two-pass{tag}"]["decode_tok_s"],
+            f"prefill two-pass / base{tag}": rows[f"graph two-pass{tag}"]["prefill_ms"] / base_row["prefill_ms"],
+            f"decode frozen / base{tag}": base_row["decode_tok_s"] / rows[f"graph frozen{tag}"]["decode_tok_s"],
+        })
+        granular = rows[f"ort granular{tag}"]["decode_tok_s"]
+        if "hf base" in rows:
+            ratios[f"ort granular{tag} decode tok/s / hf base"] = granular / rows["hf base"]["decode_tok_s"]
+        if "peft xlora" in rows:  # PEFT's tokens/s, each token recomputing the whole sequence twice
+            ratios[f"ort granular{tag} decode tok/s / peft xlora"] = granular / rows["peft xlora"]["decode_tok_s"]
     say(f"{name}: decode speed at contexts {args.contexts}")
-    contexts = context_sweep({k: v for k, v in engines.items() if k.startswith("graph") or k == "ort granular"},
+    contexts = context_sweep({k: v for k, v in engines.items() if k.startswith(("graph", "ort granular"))},
                              args.contexts, vocab, args.seed, max(1, args.runs // 2))
     say(f"{name}: runtime peak memory (child process)")
-    memory = {mode: runtime_memory(info["graph"], prompt, args.new_tokens, args.threads, mode == "low_memory")
-              for mode in ("default", "low_memory")}
-    sizes = {os.path.basename(p): os.path.getsize(p) for p in
-             (info["graph"], info["graph"] + ".data", info["graph"][:-5] + ".frozen.onnx", info["base_graph"])
-             if os.path.isfile(p)}
+    memory, sizes = {}, {}
+    for graph, tag in zip(flavours.values(), tags(args.attention)):
+        for mode in ("default", "low_memory"):
+            memory[f"{mode}{tag}"] = runtime_memory(graph["graph"], prompt, args.new_tokens, args.threads,
+                                                    mode == "low_memory")
+        sizes.update({os.path.basename(p): os.path.getsize(p) for p in
+                      (graph["graph"], graph["graph"] + ".data", graph["graph"][:-5] + ".frozen.onnx",
+                       graph["base_graph"]) if os.path.isfile(p)})
     return {"ratios": ratios, "contexts": contexts, "memory": memory, "graph_bytes": sizes,
             "model": name, "base_params": n_base, "all_params": n_all, "vocab_size": vocab,
             "n_modules": len(model.module_names), "n_experts": len(model.adapter_names),
@@ -490,6 +496,11 @@ def bench_model(name: str, args: argparse.Namespace, say: Callable[[str], None])
             "export_reused": info["export_reused"], "export_parity_max_diff": info["parity"],
             "load_average_before": load_before, "load_average_after": load_after,
             "greedy_tokens": {e: first[e][0] for e in engines}, "engines": rows}
+
+
+def tags(attentions: list[str]) -> list[str]:
+    """The suffix of each attention's engine names: none for the first, " gqa" for the others."""
+    return ["" if i == 0 else f" {a}" for i, a in enumerate(attentions)]
 
 
 def context_sweep(engines: dict[str, Callable[[list[int], int], Run]], contexts: list[int], vocab: int, seed: int,
@@ -602,20 +613,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                         help="before each timed run, wait up to S seconds until other processes use < 0.25 CPUs "
                              "(for shared machines; Linux only; default 0: do not wait)")
-    parser.add_argument("--attention", choices=["onnx", "gqa"], default="onnx",
-                        help="how the graphs write attention (xlora-export --attention; default onnx)")
+    parser.add_argument("--attention", choices=["onnx", "gqa"], nargs="+", default=["onnx"],
+                        help="how the graphs write attention (xlora-export --attention; default onnx); two values "
+                             "time both in one run, the second's rows suffixed (\"ort granular gqa\")")
     parser.add_argument("--json", help="write the results (with machine info and every run) here")
     args = parser.parse_args(argv)
     if args.new_tokens < 2 or args.runs < 1 or args.prompt_len < 1:
         parser.error("need --new-tokens >= 2, --runs >= 1, --prompt-len >= 1")
+    if len(set(args.attention)) != len(args.attention):
+        parser.error("--attention: each value once")
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
     results = [bench_model(name, args, say) for name in args.models]
     info = machine(args.threads)
-    print(f"attention {args.attention}; batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
-          f"greedy; {args.threads} threads; "
+    print(f"attention {' and '.join(args.attention)}; batch 1, prompt {args.prompt_len} tokens, "
+          f"{args.new_tokens} new tokens, greedy; {args.threads} threads; "
           f"{info['cpu_count']} CPUs ({info['cpu']}); onnxruntime "
           f"{info['onnxruntime']}, torch {info['torch']}")
     print(f"medians of {args.runs} runs:")
@@ -641,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['model']}: decode tok/s by context (16 new tokens; growth = time per token at "
               f"{args.contexts[-1]} / at {args.contexts[0]})")
         for engine, values in r["contexts"].items():
-            print(f"  {engine:15s} " + "  ".join(f"{c}: {values[c]:7.1f}" for c in args.contexts)
+            print(f"  {engine:20s} " + "  ".join(f"{c}: {values[c]:7.1f}" for c in args.contexts)
                   + f"  growth {values['growth']:.2f}x")
         for mode, m in r["memory"].items():
             print(f"{r['model']}: runtime ({mode}) peak RSS {m['peak_rss'] / 1e6:.0f} MB "
