@@ -131,6 +131,22 @@ def test_the_buffers_are_written_in_place_and_grow_by_doubling():
     group.release()
 
 
+def test_the_generator_allocates_the_buffers_once(monkeypatch):
+    """The Generator knows the final length: one allocation of exactly the positions the graph sees (prompt width
+    + new tokens - 1), no doubling; its peak cache bytes are those buffers."""
+    session = XLoraSession(gqa_graph("tiny-llama"), threads=1)
+    sizes = []
+    resize = session.backend.resize
+    monkeypatch.setattr(session.backend, "resize", lambda t, n, c: sizes.append(c) or resize(t, n, c))
+    generator = Generator(session)
+    generator.generate(list(PROMPTS), max_new_tokens=STEPS, stop_token_ids=[])
+    info = session.info
+    positions = max(map(len, PROMPTS)) + STEPS - 1
+    assert set(sizes) == {positions} and len(sizes) == 4 * info.num_layers  # each buffer once, real + scaling
+    assert generator.peak_cache_bytes == 4 * info.num_layers * len(PROMPTS) * positions * info.kv_heads * \
+        info.head_dim * 4
+
+
 def test_the_server_merges_rows_of_an_in_place_graph():
     """Requests arriving at different times through the continuous-batching scheduler (left padding on either
     side of each merge, rows leaving at different steps): each gets the tokens of the plain graph alone."""

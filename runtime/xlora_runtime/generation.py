@@ -347,6 +347,7 @@ class Generator:
                            [None if k < 0 else int(k) for k in r.freeze_at])
         last_reason = "max_positions" if r.position_capped else "length"
         groups, peak = [CacheGroup(self.session, np.arange(b))], 0
+        groups[0].reserve(width + r.max_new_tokens - 1)  # every position the graph will see (the last token's is not)
         try:
             outs = [groups[0].run(ids, mask[:, :width], positions, r.top_k)]
             peak, total = groups[0].nbytes(), width

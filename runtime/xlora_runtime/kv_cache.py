@@ -17,8 +17,9 @@ garbage collected.
 
 A graph that writes in place (`Graph.in_place`: a "gqa" graph on ONNX Runtime's CPU provider) gets buffers
 of `capacity` >= `length` positions, the first `length` of them held, bound as past and present at once: the
-graph writes each step's new positions into them, so no step copies the cache. When a step would overflow,
-the buffers are reallocated at twice the capacity (`Backend.resize`): a copy every doubling, not every step.
+graph writes each step's new positions into them, so no step copies the cache. A caller that knows the final
+length reserves it once (`reserve`: the Generator does); otherwise, when a step would overflow, the buffers
+are reallocated at twice the capacity (`Backend.resize`): a copy every doubling, not every step.
 """
 
 from __future__ import annotations
@@ -150,6 +151,14 @@ class CacheGroup:
             backend = self.session.backend
             self.pasts = {name: backend.positions(v, start, stop) for name, v in self.pasts.items()}
             self.length = self.capacity = stop - start
+
+    def reserve(self, positions: int) -> None:
+        """Room for `positions` in the caches of a graph that writes in place, allocated once (a caller that knows
+        the final length saves the doublings and their copies, and holds no more than it needs); nothing for a
+        graph that does not."""
+        graph = self.session.frozen if self.frozen else self.session.main
+        if graph.in_place:
+            self._reserve(positions, exact=True)
 
     def _reserve(self, positions: int, exact: bool = False) -> None:
         """Room for `positions` in every cache buffer: reallocated (the held positions copied) when short, at
