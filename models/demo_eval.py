@@ -37,8 +37,8 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xlora-
 MAX_NEW_TOKENS = 12  # the longest answer is 6 tokens with its eos
 # Graph precisions measured through the runtime: (row name, extra xlora-export options). An option missing from
 # this checkout's `xlora-export` is reported as not available rather than run.
-GRAPH_VARIANTS = (("X-LoRA, graph fp32", ()), ("X-LoRA, graph int8", ("--quantize", "int8")),
-                  ("X-LoRA, graph int4", ("--quantize", "int4")))
+GRAPH_VARIANTS = (("X-LoRA, graph fp32", ()), ("X-LoRA, graph fp32, --attention gqa", ("--attention", "gqa")),
+                  ("X-LoRA, graph int8", ("--quantize", "int8")), ("X-LoRA, graph int4", ("--quantize", "int4")))
 
 
 @dataclass
