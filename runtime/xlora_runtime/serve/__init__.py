@@ -8,6 +8,8 @@ fastapi, uvicorn, jinja2, prometheus-client), and its Ray Serve deployment (`ray
     app.py         the FastAPI app (Server: session + scheduler + template + metrics)
     cli.py         `xlora-serve GRAPH.onnx`
     ray_app.py     the same app as a Ray Serve deployment (`serve run` / `serve deploy`)
+    triton.py      `xlora-triton OUT.onnx REPO_DIR`: a Triton Inference Server model repository (the `triton` extra:
+                   onnx, which writes the served copy of the graph)
 
 Importing this package imports nothing: the modules load their dependencies when used.
 """

@@ -32,13 +32,12 @@ import os
 import shutil
 from typing import Any
 
-from xlora_runtime import contract as C
-from xlora_runtime.cli import _run
-from xlora_runtime.engine import engine_companions, polygraphy_loaders, read_record, tensorrt_version
-from xlora_runtime.profiles import engine_profiles, limits_for
-
-from .cli import _positive_int
-from .errors import XLoraError
+from ..commands import positive_int, run
+from ..engine import engine_companions, polygraphy_loaders, read_record, tensorrt_version
+from ..errors import XLoraError
+from ..format import contract as C
+from ..format.graph_file import external_tensors
+from ..profiles import engine_profiles, limits_for
 
 __all__ = ["START", "build_parser", "check_state_pairs", "main", "model_config", "served_graph", "write_repository"]
 
@@ -104,9 +103,14 @@ def model_config(record: dict[str, Any], name: str, backend: str, max_sequences:
 
 def served_graph(onnx_path: str, out_path: str) -> None:
     """Write the served copy of the main graph (see the module docstring): `top_k` [1] and the `START` control
-    input; the weights stay in the original external data file, whose name the copy keeps referencing."""
+    input; the weights stay in the original external data file, whose name the copy keeps referencing.
+
+    Raises:
+        XLoraError: the onnx package, which writes the copy, is not installed (the `triton` extra).
+    """
     import numpy as np
-    import onnx
+
+    onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
 
     model = onnx.load(onnx_path, load_external_data=False)
@@ -145,13 +149,19 @@ def served_graph(onnx_path: str, out_path: str) -> None:
     onnx.save(model, out_path)
 
 
+def _onnx() -> Any:
+    """The onnx package (the runtime's `triton` extra), or a one-line error naming the extra."""
+    try:
+        import onnx
+    except ImportError:
+        raise XLoraError('xlora-triton writes the served graph with the onnx package: pip install '
+                         '"xlora-runtime[triton]"') from None
+    return onnx
+
+
 def _weight_files(onnx_path: str) -> list[str]:
     """The external data files a graph references (relative names), e.g. OUT.onnx.data."""
-    import onnx
-
-    model = onnx.load(onnx_path, load_external_data=False)
-    return sorted({entry.value for tensor in model.graph.initializer for entry in tensor.external_data
-                   if entry.key == "location"})
+    return sorted({tensor.location for tensor in external_tensors(onnx_path)})
 
 
 def write_repository(onnx_path: str, repo_dir: str, name: str = "xlora", backend: str = "onnxruntime",
@@ -163,7 +173,7 @@ def write_repository(onnx_path: str, repo_dir: str, name: str = "xlora", backend
         The files written.
     Raises:
         XLoraError: not an X-LoRA export, the frozen graph given, an existing model folder without `force`,
-            tensorrt without a GPU machine with TensorRT (nothing is written then).
+            no onnx package, tensorrt without a GPU machine with TensorRT (nothing is written then).
     """
     record = read_record(onnx_path)
     if record.get("graph") != "two_pass":
@@ -175,6 +185,7 @@ def write_repository(onnx_path: str, repo_dir: str, name: str = "xlora", backend
         raise XLoraError(f"{model_dir} already exists (use --force to overwrite)")
     if not os.path.isdir(repo_dir):
         raise XLoraError(f"{repo_dir}: not a folder (create the repository folder first)")
+    _onnx()  # not installed: one line, before anything is written
     if backend == "tensorrt":
         tensorrt_version()  # no TensorRT or no GPU: one line, before anything is written
     if os.path.exists(model_dir):
@@ -219,23 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--name", default="xlora", help="model name in the repository (default xlora)")
     model.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                        help="Triton backend; tensorrt builds model.plan here (needs TensorRT and the serving GPU)")
-    model.add_argument("--max-sequences", type=_positive_int, default=16, metavar="N",
+    model.add_argument("--max-sequences", type=positive_int, default=16, metavar="N",
                        help="sequences interleaved per instance (sequence batcher, oldest strategy; default 16)")
     model.add_argument("--cpu", action="store_true", help="instances on the CPU (onnxruntime only; default GPU)")
     trt = parser.add_argument_group("tensorrt backend (engine profiles, as xlora-engine)")
     for flag in ("max-batch", "max-sequence", "max-total"):
-        trt.add_argument(f"--{flag}", type=_positive_int, metavar="N")
+        trt.add_argument(f"--{flag}", type=positive_int, metavar="N")
     parser.add_argument("--force", action="store_true", help="replace an existing model folder")
     return parser
 
 
 def _command(args: argparse.Namespace) -> int:
     limits = {"max_batch": args.max_batch, "max_sequence": args.max_sequence, "max_total": args.max_total}
-    try:
-        written = write_repository(args.graph, args.repo, args.name, args.backend, args.max_sequences, not args.cpu,
-                                   limits, args.force)
-    except OSError as e:  # disk full, permissions: one line like every other error
-        raise XLoraError(str(e)) from None
+    written = write_repository(args.graph, args.repo, args.name, args.backend, args.max_sequences, not args.cpu,
+                               limits, args.force)
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -243,7 +251,7 @@ def _command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`xlora-triton`; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
-    return _run("xlora-triton", build_parser, _command, argv)
+    return run("xlora-triton", build_parser, _command, argv)
 
 
 if __name__ == "__main__":
