@@ -150,7 +150,7 @@ def export_base_graph(folder: str, path: str, attention: str = "onnx") -> None:
     from xlora_export.graph import _flat, _pairs
     from xlora_export.onnx_passes import WeightStore, attach_weights, fold_constants
     from xlora_export.xlora_utils import load_model
-    from xlora_runtime import contract as C
+    from xlora_runtime.format import contract as C
 
     model = load_model(folder)[0].eval()
     model.spec = dataclasses.replace(model.spec, attention_op=attention)

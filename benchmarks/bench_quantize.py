@@ -46,7 +46,7 @@ def quantize_graph_files(float_graph: str, variant: str, block_size: int, out_ro
     import dataclasses
 
     from xlora_export.quantize import QuantizeOptions, quantize_files
-    from xlora_runtime import contract as C
+    from xlora_runtime.format import contract as C
 
     stem = os.path.basename(float_graph)[: -len(".onnx")]
     folder = os.path.join(out_root, f"{stem}-{variant}")
@@ -86,7 +86,7 @@ def profile_decode(graph: str, prompt: list[int], steps: int, threads: int) -> d
     runs' time outside any op."""
     import onnxruntime as ort
 
-    from xlora_runtime import contract as C
+    from xlora_runtime.format import contract as C
     from xlora_runtime.session import XLoraSession
 
     info = XLoraSession(graph).info
@@ -165,7 +165,7 @@ def bench_speed(name: str, graphs: dict[str, str], args: argparse.Namespace, say
 
 
 def files_mb(graph: str) -> float:
-    from xlora_runtime import contract as C
+    from xlora_runtime.format import contract as C
 
     paths = [graph, graph + ".data", C.frozen_path(graph)]
     return sum(os.path.getsize(p) for p in paths if os.path.isfile(p)) / 1e6

@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 def main(graph: str, inputs_path: str, shapes_path: str) -> int:
     from polygraphy.json import save_json
 
-    from xlora_runtime import contract as C
     from xlora_runtime.engine import read_record
+    from xlora_runtime.format import contract as C
     from xlora_runtime.profiles import limits_for, wide_profile
 
     record = read_record(graph)

@@ -22,7 +22,7 @@ from xlora_export import cli, parity
 from xlora_export.errors import XLoraError
 from xlora_export.export import ExportOptions, export
 from xlora_runtime import Generator, XLoraSession
-from xlora_runtime import contract as C
+from xlora_runtime.format import contract as C
 from xlora_runtime.cli import generate_main, plot_main
 from xlora_runtime.plot import plot_scalings, row_scalings
 from xlora_runtime.scalings_log import load_scalings_arrays, save_scalings_arrays

@@ -137,8 +137,8 @@ def test_generate_chat_refusals(graph, tmp_path, capsys, monkeypatch):
     import shutil
     import sys
 
-    from xlora_runtime import contract as C
     from xlora_runtime.cli import generate_main
+    from xlora_runtime.format import contract as C
 
     def copy_without(folder: str, missing: str) -> str:
         """The export's files in `folder`, all but `missing` (a path function of the contract)."""

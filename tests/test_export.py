@@ -23,7 +23,7 @@ from xlora_export.onnx_passes import fp16_weights_per_use
 from xlora_export.trt_check import check_tensorrt
 from xlora_export.validate import compare_with_eager
 from xlora_runtime import Generator, XLoraSession
-from xlora_runtime import contract as C
+from xlora_runtime.format import contract as C
 from xlora_runtime.session import open_graph
 
 EXPORTS = tempfile.mkdtemp(prefix="xlora-test-exports-")

@@ -25,7 +25,7 @@ from xlora_export import cli
 from xlora_export.export import ExportOptions, export
 from xlora_export.parity import eager_greedy
 from xlora_runtime import Generator, XLoraError, XLoraSession
-from xlora_runtime import contract as C
+from xlora_runtime.format import contract as C
 from xlora_runtime.kv_cache import CacheGroup
 
 EXPORTS = tempfile.mkdtemp(prefix="xlora-test-gqa-")

@@ -21,7 +21,7 @@ import torch
 import xlora_export as xlora
 from helpers import built, exported, left_padded
 from xlora_export.graph import XLoraGraph
-from xlora_runtime import contract as C
+from xlora_runtime.format import contract as C
 
 pytest.importorskip("polygraphy", reason="polygraphy is in the test extra")
 pytest.importorskip("onnx_graphsurgeon", reason="polygraphy's lint needs onnx_graphsurgeon (in the test extra)")

@@ -22,7 +22,7 @@ from xlora_export import cli, parity
 from xlora_export.export import ExportOptions, export
 from xlora_export.quantize import QuantizeOptions
 from xlora_runtime import Generator, XLoraError, XLoraSession
-from xlora_runtime import contract as C
+from xlora_runtime.format import contract as C
 
 EXPORTS = tempfile.mkdtemp(prefix="xlora-test-quantized-")
 atexit.register(shutil.rmtree, EXPORTS, True)
@@ -87,7 +87,7 @@ def test_low_memory_refuses_an_int4_graph():
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
 def test_external_tensor_table_reads_what_onnx_reads(mode):
     """graph_file.external_tensors (the runtime's protobuf walk, no onnx package) against onnx's own parse."""
-    from xlora_runtime.graph_file import external_tensors
+    from xlora_runtime.format.graph_file import external_tensors
 
     path = exported(mode)[0]
     for graph in (path, C.frozen_path(path)):

@@ -30,7 +30,7 @@ from helpers import built, exported, left_padded
 from models.recipes import FAMILY_RECIPES
 from xlora_export.xlora_utils import load_scalings_log
 from xlora_runtime import Generator, XLoraError, XLoraSession
-from xlora_runtime import contract as C
+from xlora_runtime.format import contract as C
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNTIME_PACKAGE = os.path.join(ROOT, "runtime", "xlora_runtime")

@@ -26,7 +26,7 @@ import pytest
 from helpers import BUILD_ROOT, built, exported
 from xlora_export.export import ExportOptions, chat_template, export
 from xlora_runtime import Generator, XLoraError, XLoraSession
-from xlora_runtime import contract as C
+from xlora_runtime.format import contract as C
 from xlora_runtime.kv_cache import CacheGroup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -25,7 +25,7 @@ import pytest
 
 from helpers import built, exported
 from xlora_runtime import Generator, XLoraError, XLoraSession
-from xlora_runtime import contract as C
+from xlora_runtime.format import contract as C
 from xlora_runtime.backends import cuda as cuda_memory
 from xlora_runtime.backends import tensorrt as trt_backend
 from xlora_runtime.backends.cuda import row_runs

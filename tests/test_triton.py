@@ -16,7 +16,7 @@ import pytest
 from helpers import exported
 from xlora_export.triton import START, check_state_pairs, main, model_config, write_repository
 from xlora_runtime import XLoraError
-from xlora_runtime import contract as C
+from xlora_runtime.format import contract as C
 from xlora_runtime.engine import read_record
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from xlora_runtime import contract as C
+from xlora_runtime.format import contract as C
 
 if TYPE_CHECKING:
     from .export import ExportReport

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xlora_runtime import contract as C
+from xlora_runtime.format import contract as C
 
 from .architectures import DecoderSpec
 from .lora import ColumnGates, XLoraLinear, sibling_linears

@@ -25,7 +25,7 @@ import onnx
 import torch
 import transformers
 
-from xlora_runtime import contract as C
+from xlora_runtime.format import contract as C
 from xlora_runtime.session import open_graph
 
 from . import __version__

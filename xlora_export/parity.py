@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from xlora_runtime import contract as C
 from xlora_runtime.backends import PROVIDERS
 from xlora_runtime.cli import device_arg
+from xlora_runtime.format import contract as C
 
 from .cli import _integer, _positive_float, _positive_int
 from .errors import XLoraError

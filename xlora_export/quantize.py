@@ -41,7 +41,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from xlora_runtime import contract as C
+from xlora_runtime.format import contract as C
 from xlora_runtime.session import open_graph
 
 from .errors import XLoraError

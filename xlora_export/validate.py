@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from xlora_runtime import contract as C
+from xlora_runtime.format import contract as C
 from xlora_runtime.session import open_graph
 
 from .generation import left_pad

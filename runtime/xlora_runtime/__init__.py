@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from . import contract
 from .errors import XLoraError
 
 if TYPE_CHECKING:
@@ -23,8 +22,8 @@ if TYPE_CHECKING:
     from .scalings_log import load_scalings_arrays, save_scalings_arrays
     from .session import GraphInfo, XLoraSession
 
-__all__ = ["Generation", "Generator", "GraphInfo", "TokenEvent", "XLoraError", "XLoraSession", "contract",
-           "load_scalings_arrays", "save_scalings_arrays"]
+__all__ = ["Generation", "Generator", "GraphInfo", "TokenEvent", "XLoraError", "XLoraSession", "load_scalings_arrays",
+           "save_scalings_arrays"]
 __version__ = "0.1.0"
 
 _HOME = {"Generation": ".generation", "Generator": ".generation", "TokenEvent": ".generation",

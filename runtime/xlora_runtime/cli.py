@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import contract as C
 from .errors import XLoraError
+from .format import contract as C
 
 if TYPE_CHECKING:
     from .generation import TokenEvent

@@ -26,10 +26,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import contract as C
 from .cli import _run
 from .errors import XLoraError
-from .graph_file import read_metadata_props
+from .format import contract as C
+from .format.graph_file import read_metadata_props
 from .profiles import PHASES, ProfileLimits, Shapes, engine_profiles, limits_for
 
 __all__ = ["SIDECAR_FORMAT", "build_engines", "build_parser", "engine_companions", "main", "polygraphy_loaders",

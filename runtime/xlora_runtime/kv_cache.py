@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from . import contract as C
 from .backends.dtypes import HOST_DTYPES
 from .errors import XLoraError
+from .format import contract as C
 from .session import XLoraSession
 
 __all__ = ["CacheGroup", "StepOutput"]

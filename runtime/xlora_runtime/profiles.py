@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import contract as C
 from .errors import XLoraError
+from .format import contract as C
 
 __all__ = ["DEFAULT_MAX_SEQUENCE", "DEFAULT_MAX_TOTAL", "PHASES", "ProfileLimits", "Shapes", "check_profile",
            "engine_profiles", "input_dims", "limits_for", "ort_tensorrt_options", "profile_shapes", "select_profile",

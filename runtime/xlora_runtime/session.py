@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from . import contract as C
 from .backends import ENGINE_SUFFIX, PROVIDERS, Graph, default_provider, open_backend
 from .backends.onnxruntime import open_graph
 from .errors import XLoraError, brief
-from .graph_file import read_metadata_props
+from .format import contract as C
+from .format.graph_file import read_metadata_props
 
 __all__ = ["PROVIDERS", "GraphInfo", "XLoraSession", "open_graph"]
 

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .. import contract as C
 from ..errors import XLoraError
-from ..graph_file import external_tensors, read_metadata_props
+from ..format import contract as C
+from ..format.graph_file import external_tensors, read_metadata_props
 from ..profiles import limits_for, ort_tensorrt_options, wide_profile
 from . import Backend, Graph, window
 from .dtypes import HOST_DTYPES, from_float32, to_float32

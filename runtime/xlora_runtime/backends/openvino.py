@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import openvino as ov
 
-from .. import contract as C
 from ..errors import XLoraError
+from ..format import contract as C
 from . import Backend, Graph, window
 from .dtypes import from_float32, to_float32
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import contract as C
 from ..engine import read_sidecar
 from ..errors import XLoraError
+from ..format import contract as C
 from ..profiles import Shapes, select_profile
 from . import Backend, Graph, cuda, window
 from .cuda import DeviceTensor
