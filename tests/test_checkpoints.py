@@ -1,7 +1,8 @@
 """Checkpoints: this project's save/load round trip, original-xlora fixtures written by an independent
 writer, PEFT X-LoRA checkpoints written by PEFT itself, and the one-line errors of bad inputs.
 
-SPEC sections 2 (orderings), 4 (setters reflected in what is saved), 5 (formats read) and 8 (parity).
+Covered: the orderings of experts and modules, setters reflected in what is saved, the formats read, and parity
+with PEFT's XLoraModel.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from xlora_export import XLoraError
 from xlora_export.xlora_utils import load_base_model
 
 RECIPE = "tiny-llama"
-# The original xlora's xlora_config.json keys (xLoRAConfig fields minus `device`), notes A1.
+# The original xlora's xlora_config.json keys (xLoRAConfig fields minus `device`).
 ORIGINAL_KEYS = ["hidden_size", "base_model_id", "adapters", "enable_softmax", "enable_softmax_topk",
                  "layerwise_scalings", "xlora_depth", "xlora_size", "enable_relu_and_dropout", "use_bias",
                  "xlora_dropout_p", "use_trainable_adapters", "softmax_temperature", "top_k_lora",
@@ -47,7 +48,7 @@ def _expert_configs() -> dict[str, dict]:
 
 
 def _expected_module_order(base: nn.Module) -> list[str]:
-    """Every Linear targeted by at least one expert, in `named_modules()` order (SPEC section 2)."""
+    """Every Linear targeted by at least one expert, in `named_modules()` order (the module ordering)."""
     targets = set()
     for cfg in _expert_configs().values():
         targets.update(cfg["target_modules"])
@@ -101,7 +102,7 @@ def _one_line(excinfo) -> str:
 def test_save_load_round_trip(tmp_path, case):
     if case == "plain":
         model = make_xlora(RECIPE, seed=3, xlora_depth=2, layerwise_scalings=True)
-    elif case == "softmaxtopk-dense":  # SPEC 2: set_topk_lora(None) on a softmax-topk model saves a config that loads
+    elif case == "softmaxtopk-dense":  # set_topk_lora(None) on a softmax-topk model saves a config that loads
         model = make_xlora(RECIPE, seed=5, top_k_lora=1, enable_softmax_topk=True, enable_softmax=False)
         model.set_topk_lora(None)
     else:
@@ -189,7 +190,7 @@ def test_save_load_round_trip(tmp_path, case):
 
 # ----------------------------------------------------------------------------- 2. original-format fixtures
 def _classifier_keys(depth: int, relu: bool) -> list[str]:
-    """Original xlora state-dict prefixes of the Linears, in data-flow order (notes A1)."""
+    """Original xlora state-dict prefixes of the Linears, in data-flow order."""
     step = 3 if relu else 1
     return [f"inner.{step * i}" for i in range(depth - 1)] + ["last"]
 
@@ -328,36 +329,42 @@ def _peft_model(depth: int, dropout_p: float, layerwise: bool, seed: int):
 
 
 PEFT_CASES = [("depth2-p0", 2, 0.0, True), ("depth3-p0.2", 3, 0.2, True), ("depth1-shared", 1, 0.0, False)]
+# per case, a tensor of PEFT's classifier Sequential (Linear, ReLU[, Dropout] per hidden layer, then the last Linear)
+# that the incomplete checkpoint lacks: the last Linear's bias, a hidden Linear's weight, the only Linear's weight
+PEFT_REMOVED = {"depth2-p0": "layers.2.bias", "depth3-p0.2": "layers.3.weight", "depth1-shared": "layers.0.weight"}
 
 
 @pytest.mark.parametrize("case_id,depth,dropout_p,layerwise", PEFT_CASES, ids=[c[0] for c in PEFT_CASES])
-def test_peft_lossy_save_is_refused(tmp_path, case_id, depth, dropout_p, layerwise):
+def test_peft_incomplete_checkpoint_is_refused(tmp_path, case_id, depth, dropout_p, layerwise):
+    """A PEFT checkpoint whose classifier lacks a tensor (written by PEFT, then one tensor removed) is refused
+    with one line naming the file and the missing tensor, not half loaded."""
     peft_model = _peft_model(depth, dropout_p, layerwise, seed=21)
     ckpt = tmp_path / "peft"
     peft_model.save_pretrained(str(ckpt))
-    clf_keys = set(peft_model.base_model.internal_xlora_classifier.state_dict())
-    saved = {k[len(PEFT_PREFIX):] for k in load_file(str(ckpt / "adapter_model.safetensors"))}
-    assert saved < clf_keys  # PEFT dropped something (the premise of this test)
+    weights = ckpt / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    removed = PEFT_PREFIX + PEFT_REMOVED[case_id]
+    assert removed in state
+    save_file({k: v for k, v in state.items() if k != removed}, str(weights), metadata={"format": "pt"})
     with pytest.raises(XLoraError, match="incomplete") as excinfo:
         xlora_export.from_pretrained(str(ckpt), load_base(RECIPE))
     msg = _one_line(excinfo)
-    assert "adapter_model.safetensors" in msg and "classifier" in msg
+    assert msg.startswith(f"{weights}: the classifier is incomplete: missing tensor {removed} ")
 
 
 @pytest.mark.parametrize("case_id,depth,dropout_p,layerwise", PEFT_CASES, ids=[c[0] for c in PEFT_CASES])
-def test_peft_complete_checkpoint_loads(tmp_path, case_id, depth, dropout_p, layerwise):
+def test_peft_save_loads_exactly(tmp_path, case_id, depth, dropout_p, layerwise):
+    """The installed PEFT's own `save_pretrained`, as it is: the classifier loads tensor for tensor, and the
+    logits and scalings equal PEFT's XLoraModel's."""
     peft_model = _peft_model(depth, dropout_p, layerwise, seed=31)
     ckpt = tmp_path / "peft"
     peft_model.save_pretrained(str(ckpt))
-    # write back the tensors PEFT dropped: the whole classifier under its PEFT key prefix
-    clf = peft_model.base_model.internal_xlora_classifier
-    full = {PEFT_PREFIX + k: v.detach().contiguous() for k, v in clf.state_dict().items()}
-    save_file(full, str(ckpt / "adapter_model.safetensors"), metadata={"format": "pt"})
     assert (ckpt / "0").is_dir()  # PEFT's numbered folders are there and must not be used as experts
 
     base = load_base(RECIPE)
     loaded = xlora_export.from_pretrained(str(ckpt), base)
     assert loaded.adapter_names == ["0", "1", "2"]
+    clf = peft_model.base_model.internal_xlora_classifier
     peft_linears = [m for m in clf.layers if isinstance(m, nn.Linear)]
     got = _classifier_linears(loaded)
     assert len(got) == len(peft_linears) == depth
@@ -378,9 +385,6 @@ def test_peft_checkpoint_with_cwd_relative_expert_paths(tmp_path, monkeypatch):
     peft_model = _peft_model(2, 0.0, True, seed=51)
     ckpt = tmp_path / "peft"
     peft_model.save_pretrained(str(ckpt))
-    clf = peft_model.base_model.internal_xlora_classifier
-    save_file({PEFT_PREFIX + k: v.detach().contiguous() for k, v in clf.state_dict().items()},
-              str(ckpt / "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(ckpt / "adapter_config.json") as f:
         conf = json.load(f)
     conf["adapters"] = {"0": "alpha", "1": "beta", "2": "gamma"}
@@ -447,9 +451,6 @@ def test_peft_checkpoint_with_missing_expert_path(tmp_path):
     peft_model = _peft_model(2, 0.0, True, seed=41)
     ckpt = tmp_path / "peft"
     peft_model.save_pretrained(str(ckpt))
-    clf = peft_model.base_model.internal_xlora_classifier
-    save_file({PEFT_PREFIX + k: v.detach().contiguous() for k, v in clf.state_dict().items()},
-              str(ckpt / "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(ckpt / "adapter_config.json") as f:
         conf = json.load(f)
     conf["adapters"]["1"] = str(tmp_path / "moved-away")

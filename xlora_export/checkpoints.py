@@ -274,13 +274,17 @@ def _read_peft_config(path: str) -> xLoRAConfig:
 
 def _read_peft_classifier(directory: str, config: xLoRAConfig) -> tuple[str, Linears]:
     path = os.path.join(directory, PEFT_WEIGHTS_FILE)
-    found = _linears_from_state(read_tensors(path, "classifier"), PEFT_CLASSIFIER_PREFIX)
+    state = read_tensors(path, "classifier")
+    found = _linears_from_state(state, PEFT_CLASSIFIER_PREFIX)
     if len(found) != config.xlora_depth or any(set(t) != {"weight", "bias"} for t in found.values()):
+        # PEFT's Sequential: Linear, ReLU and (xlora_dropout_p > 0) Dropout per hidden layer, then the last Linear
+        step = 3 if config.xlora_dropout_p > 0 else 2
+        missing = [name for i in range(config.xlora_depth) for k in ("weight", "bias")
+                   if (name := f"{PEFT_CLASSIFIER_PREFIX}{i * step}.{k}") not in state]
         have = sorted(f"layers.{i}.{k}" for i, t in found.items() for k in t)
-        raise XLoraError(
-            f"{path}: the classifier is incomplete: expected {config.xlora_depth} Linear layer(s) with weight and "
-            f"bias under {PEFT_CLASSIFIER_PREFIX}, found {have or 'none'} (PEFT's save_pretrained drops classifier "
-            f"tensors; re-save the classifier with all its tensors)")
+        what = f"missing tensor {', '.join(missing)}" if missing else f"found {have or 'none'}"
+        raise XLoraError(f"{path}: the classifier is incomplete: {what} (expected {config.xlora_depth} Linear "
+                         f"layer(s), each with weight and bias, under {PEFT_CLASSIFIER_PREFIX})")
     return path, [(found[i]["weight"], found[i]["bias"]) for i in sorted(found)]
 
 
