@@ -25,7 +25,6 @@ import pytest
 
 from helpers import built, exported
 from xlora_runtime import Generator, XLoraError, XLoraSession
-from xlora_runtime.format import contract as C
 from xlora_runtime.backends import cuda as cuda_memory
 from xlora_runtime.backends import tensorrt as trt_backend
 from xlora_runtime.backends.cuda import row_runs
@@ -40,6 +39,7 @@ from xlora_runtime.engine import (
     sidecar,
     write_sidecar,
 )
+from xlora_runtime.format import contract as C
 from xlora_runtime.profiles import (
     PHASES,
     ProfileLimits,
@@ -632,7 +632,7 @@ sys.exit(main(sys.argv[2:]))
 
 
 @pytest.mark.parametrize("module, heavy, prog", [("xlora_runtime.engine", "polygraphy", "xlora-engine"),
-                                                 ("xlora_export.triton", "onnx", "xlora-triton")])
+                                                 ("xlora_runtime.serve.triton", "onnx", "xlora-triton")])
 def test_ctrl_c_is_one_line(tmp_path, module, heavy, prog):
     """Ctrl-C while the command imports its heavy dependency (polygraphy before TensorRT; onnx for the served
     graph): one line, exit 130."""

@@ -8,16 +8,17 @@ presents as state) equals the decode step."""
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from helpers import exported
-from xlora_export.triton import START, check_state_pairs, main, model_config, write_repository
 from xlora_runtime import XLoraError
-from xlora_runtime.format import contract as C
 from xlora_runtime.engine import read_record
+from xlora_runtime.format import contract as C
+from xlora_runtime.serve.triton import START, check_state_pairs, main, model_config, write_repository
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
                                        reason="tritonclient[grpc] (in the test extra) holds Triton's config schema")
@@ -153,3 +154,14 @@ def test_xlora_triton_command(tmp_path, capsys):
         assert capsys.readouterr().err.startswith("xlora-triton: error: xlora-engine needs TensorRT 10 or 11")
         assert not (tmp_path / "t").exists()
     assert main([path, str(tmp_path), "--max-sequences", "0"]) == 2
+
+
+def test_xlora_triton_without_onnx_is_one_line(tmp_path, capsys, monkeypatch):
+    """The runtime installs without onnx; xlora-triton, which writes the served graph with it (the `triton`
+    extra), says so in one line and writes nothing."""
+    path = exported("tiny-llama")
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
+    assert main([path, str(tmp_path), "--cpu"]) == 1
+    assert capsys.readouterr().err == ('xlora-triton: error: xlora-triton writes the served graph with the onnx '
+                                       'package: pip install "xlora-runtime[triton]"\n')
+    assert os.listdir(tmp_path) == []
