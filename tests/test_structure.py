@@ -26,7 +26,7 @@ def _sibling_imports(path: str) -> tuple[set[str], set[str]]:
 
 
 # Command entry points import the torch-heavy modules inside `main`, so that Ctrl-C while torch loads is one line.
-ENTRY_POINTS = {"cli.py", "parity.py"}
+ENTRY_POINTS = {"cli.py", "demo.py", "parity.py"}
 
 
 def test_package_imports_are_one_way():

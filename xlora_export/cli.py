@@ -11,14 +11,12 @@ Nothing is written unless every check passed.
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import signal
 import sys
-import threading
 import time
 from typing import TYPE_CHECKING
 
+from xlora_runtime.commands import Interrupted, integer, positive_float, positive_int, raise_if_interrupted, run
 from xlora_runtime.format import contract as C
 
 if TYPE_CHECKING:
@@ -33,7 +31,7 @@ OPSET_MIN, OPSET_MAX, OPSET_DEFAULT = C.OPSET_MIN, C.OPSET_MAX, C.OPSET_DEFAULT 
 
 
 def _opset(text: str) -> int:
-    value = _integer(text)
+    value = integer(text)
     if not OPSET_MIN <= value <= OPSET_MAX:
         raise argparse.ArgumentTypeError(
             f"expected {OPSET_MIN} to {OPSET_MAX} (the graph needs {OPSET_MIN}, torch's TorchScript exporter stops "
@@ -41,22 +39,8 @@ def _opset(text: str) -> int:
     return value
 
 
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _block_size(text: str) -> int:
-    value = _integer(text)
+    value = integer(text)
     if value < 16 or value & (value - 1):
         raise argparse.ArgumentTypeError(f"expected a power of two, at least 16 (MatMulNBits), got {value}")
     return value
@@ -69,16 +53,6 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in 0..1, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
 
@@ -105,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "plain ONNX ops, for every runtime (default); gqa: ONNX Runtime's GroupQueryAttention, whose "
                        "cache the runtime updates in place (faster decode, less growth with the context; ONNX "
                        "Runtime only: not TensorRT, OpenVINO or Triton's other backends)")
-    graph.add_argument("--max-batch", type=_positive_int, default=8, metavar="N", help="TensorRT profile hint "
+    graph.add_argument("--max-batch", type=positive_int, default=8, metavar="N", help="TensorRT profile hint "
                        "recorded in the metadata, at least 1 (default 8)")
     quant = parser.add_argument_group("quantization (the float graph is exported and validated first, then "
                                       "quantized and measured against it)")
@@ -121,13 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "positions, 0..1 (default 0: only a clearly broken graph fails, one whose logits are no "
                        "closer to the float graph's than unrelated logits)")
     check = parser.add_argument_group("validation")
-    check.add_argument("--atol", type=_positive_float, metavar="X", help="logits tolerance, > 0 (default: the "
+    check.add_argument("--atol", type=positive_float, metavar="X", help="logits tolerance, > 0 (default: the "
                        "larger of 1e-4 and 5e-5 x the largest |logit| in fp32, of 5e-2 and 5e-3 x it in fp16)")
-    check.add_argument("--atol-scalings", type=_positive_float, metavar="X", help="scalings tolerance, > 0 "
+    check.add_argument("--atol-scalings", type=positive_float, metavar="X", help="scalings tolerance, > 0 "
                        "(default: 1e-5 in fp32, 1e-2 in fp16, times (layers x hidden / 128) ** 0.6 when above 1)")
     check.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime check against the "
                        "eager model")
-    check.add_argument("--steps", type=_positive_int, default=8, metavar="N", help="decode steps of the "
+    check.add_argument("--steps", type=positive_int, default=8, metavar="N", help="decode steps of the "
                        "validation, at least 1 (default 8)")
     out = parser.add_argument_group("output")
     out.add_argument("--force", action="store_true", help="overwrite existing output files")
@@ -170,14 +144,14 @@ def format_report(report: ExportReport) -> str:
     return "\n".join(lines)
 
 
-def _check_quantize_options(args: argparse.Namespace) -> None:
+def _check_quantize_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The quantization options that mean nothing without --quantize (or with int8) are usage errors."""
     given = [name for name, value in (("--block-size", args.block_size), ("--quantize-lm-head", args.quantize_lm_head),
                                       ("--min-agreement", args.min_agreement)) if value not in (None, False)]
     if given and not args.quantize:
-        build_parser().error(f"{given[0]} needs --quantize (int8 or int4)")
+        parser.error(f"{given[0]} needs --quantize (int8 or int4)")
     if args.block_size is not None and args.quantize != "int4":
-        build_parser().error("--block-size applies to --quantize int4 only (int8 has one scale per column)")
+        parser.error("--block-size applies to --quantize int4 only (int8 has one scale per column)")
 
 
 def _squash(values: list) -> list:
@@ -192,74 +166,43 @@ def _squash(values: list) -> list:
     return out
 
 
-def _error(message: object) -> int:
-    """A user error: one line on stderr, exit code 1."""
-    print("xlora-export: error: " + " ".join(str(message).split("\n")), file=sys.stderr)
-    return 1
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted).
+    """Run the command; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
+    return run("xlora-export", build_parser, _export, argv, check=_check_quantize_options)
 
-    Ctrl-C raises KeyboardInterrupt as usual and is also remembered: Python swallows an exception raised while a
-    destructor runs (a released session, a temporary file), so the export's progress calls raise it again, and the
-    last one comes before anything is renamed into place."""
-    interrupted: list[bool] = []
-    if threading.current_thread() is not threading.main_thread():
-        return _main(argv, interrupted)
 
-    def on_sigint(signum: int, frame: object) -> None:
-        interrupted.append(True)
-        signal.default_int_handler(signum, frame)
-
-    previous = signal.signal(signal.SIGINT, on_sigint) or signal.SIG_DFL
+def _export(args: argparse.Namespace) -> int:
+    """The export of `main`, once the arguments are parsed. Ctrl-C says whether OUT.onnx was written: the
+    progress calls raise a Ctrl-C that a destructor swallowed again, and the last one comes before anything is
+    renamed into place."""
+    written = False  # the export renamed OUT.onnx into place
     try:
-        return _main(argv, interrupted)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        import transformers
 
+        from .export import ExportOptions, export
 
-def _main(argv: list[str] | None, interrupted: list[bool]) -> int:
-    target, written = "OUT.onnx", False  # written: the export renamed OUT.onnx into place
-    try:
-        try:
-            args = build_parser().parse_args(argv)
-            _check_quantize_options(args)
-        except SystemExit as e:  # --help (0) and usage errors (2): argparse has already printed
-            return e.code if isinstance(e.code, int) else 2
-        target = args.out
-        from .errors import XLoraError
+        transformers.utils.logging.disable_progress_bar()
+        start = time.perf_counter()  # progress times count from here, after the imports
 
-        try:
-            import transformers
+        def progress(message: str) -> None:
+            raise_if_interrupted()
+            if not args.quiet:
+                print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
 
-            from .export import ExportOptions, export
+        quantize = None
+        if args.quantize:
+            from .quantize import QuantizeOptions
 
-            transformers.utils.logging.disable_progress_bar()
-            start = time.perf_counter()  # progress times count from here, after the imports
-
-            def progress(message: str) -> None:
-                if interrupted:  # a Ctrl-C that a destructor swallowed
-                    raise KeyboardInterrupt
-                if not args.quiet:
-                    print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
-
-            quantize = None
-            if args.quantize:
-                from .quantize import QuantizeOptions
-
-                quantize = QuantizeOptions(args.quantize, lm_head=args.quantize_lm_head)
-                quantize.block_size = args.block_size or quantize.block_size
-                quantize.min_agreement = quantize.min_agreement if args.min_agreement is None else args.min_agreement
-            options = ExportOptions(dtype=args.dtype, opset=args.opset, frozen_scalings=args.frozen_scalings,
-                                    all_logits=args.all_logits, attention=args.attention,
-                                    atol=args.atol, atol_scalings=args.atol_scalings,
-                                    validate=not args.no_validate, force=args.force,
-                                    external_data=args.external_data, base_model=args.base_model,
-                                    validation_steps=args.steps, max_batch=args.max_batch, quantize=quantize)
-            report = export(args.model_dir, args.out, options, progress)
-        except (XLoraError, OSError) as e:  # OSError: a disk full or a permission denied while writing
-            return _error(e)
+            quantize = QuantizeOptions(args.quantize, lm_head=args.quantize_lm_head)
+            quantize.block_size = args.block_size or quantize.block_size
+            quantize.min_agreement = quantize.min_agreement if args.min_agreement is None else args.min_agreement
+        options = ExportOptions(dtype=args.dtype, opset=args.opset, frozen_scalings=args.frozen_scalings,
+                                all_logits=args.all_logits, attention=args.attention,
+                                atol=args.atol, atol_scalings=args.atol_scalings,
+                                validate=not args.no_validate, force=args.force,
+                                external_data=args.external_data, base_model=args.base_model,
+                                validation_steps=args.steps, max_batch=args.max_batch, quantize=quantize)
+        report = export(args.model_dir, args.out, options, progress)
         written = True
         if args.quiet:
             if report.validation_skipped:
@@ -269,9 +212,7 @@ def _main(argv: list[str] | None, interrupted: list[bool]) -> int:
         print(f"wrote {os.path.abspath(args.out)} ({C.METADATA_KEY} metadata v{C.FORMAT_VERSION})")
         return 0
     except KeyboardInterrupt:
-        outcome = f" after writing {target}" if written else f"; {target} was not written"
-        print(f"xlora-export: interrupted{outcome}", file=sys.stderr)
-        return 130
+        raise Interrupted(f" after writing {args.out}" if written else f"; {args.out} was not written") from None
 
 
 if __name__ == "__main__":

@@ -14,24 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from xlora_runtime.backends import PROVIDERS
-from xlora_runtime.cli import device_arg
+from xlora_runtime.commands import check_output_folder, device_arg, integer, positive_float, positive_int, run
 from xlora_runtime.format import contract as C
 
-from .cli import _integer, _positive_float, _positive_int
 from .errors import XLoraError
 
 if TYPE_CHECKING:
     import numpy as np
 
     from xlora_runtime import XLoraSession
-    from xlora_runtime.session import GraphInfo
+    from xlora_runtime.format.record import GraphInfo
 
     from .checkpoints import Checkpoint
     from .model import xLoRAModel
@@ -87,7 +84,6 @@ def _first_difference(in_graph: list[str], in_checkpoint: list[str]) -> tuple[st
 def check_graph_source(checkpoint: Checkpoint, info: GraphInfo, model: xLoRAModel | None = None) -> None:
     """Raise XLoraError naming the first difference between what the graph's metadata records and the checkpoint
     (and, once built, its model): expert order, config fields, module order, classifier weights, base shapes."""
-    record = info.record
 
     def differ(what: str, in_graph: object, in_checkpoint: object) -> XLoraError:
         return XLoraError(f"{info.path} was not exported from {checkpoint.directory}: {what} {in_graph!r} in the "
@@ -97,7 +93,7 @@ def check_graph_source(checkpoint: Checkpoint, info: GraphInfo, model: xLoRAMode
         where, a, b = _first_difference(info.expert_names, list(checkpoint.adapters))
         raise differ("expert ordering" + where, a, b)
     saved = checkpoint.config.to_dict()
-    for key, value in (record.get("config") or {}).items():
+    for key, value in info.config.items():
         if key in saved and saved[key] != value:
             raise differ(f"config field {key!r}:", value, saved[key])
     modules = (None if checkpoint.ordering is None else
@@ -107,16 +103,18 @@ def check_graph_source(checkpoint: Checkpoint, info: GraphInfo, model: xLoRAMode
     if modules is not None and info.module_names != modules:
         where, a, b = _first_difference(info.module_names, modules)
         raise differ("module ordering" + where, a, b)
-    digest = record.get("classifier_sha256")
+    digest = info.classifier_sha256
     if digest is not None and digest != checkpoint.classifier_digest():
         raise differ("classifier weights (sha256)", digest[:16], checkpoint.classifier_digest()[:16])
     if model is None:
         return
     cfg = model.config
-    for key, value in (("num_layers", cfg.num_hidden_layers), ("num_key_value_heads", cfg.num_key_value_heads),
-                       ("hidden_size", cfg.hidden_size), ("vocab_size", cfg.vocab_size)):
-        if record.get(key) != value:
-            raise differ(f"base model {key}", record.get(key), value)
+    for key, in_graph, value in (("num_layers", info.num_layers, cfg.num_hidden_layers),
+                                 ("num_key_value_heads", info.kv_heads, cfg.num_key_value_heads),
+                                 ("hidden_size", info.hidden_size, cfg.hidden_size),
+                                 ("vocab_size", info.vocab_size, cfg.vocab_size)):
+        if in_graph != value:
+            raise differ(f"base model {key}", in_graph, value)
 
 
 def run_parity(model: xLoRAModel, session: XLoraSession, prompts: list[list[int]], steps: int,
@@ -137,7 +135,7 @@ def run_parity(model: xLoRAModel, session: XLoraSession, prompts: list[list[int]
     runs = [(top_k, *eager_greedy(model, prompts, steps, top_k)) for top_k in top_ks]
     if atol_logits is None:
         magnitude = max(float(np.abs(logits).max()) for _, _, logits, _ in runs)
-        atol_logits = tolerance(session.info.record["dtype"], C.LOGITS, magnitude)
+        atol_logits = tolerance(session.info.dtype, C.LOGITS, magnitude)
     cases = []
     for top_k, tokens, logits, scalings in runs:
         results = generator.generate(prompts, max_new_tokens=steps, stop_token_ids=[], expert_top_k=top_k,
@@ -175,7 +173,7 @@ def _int_list(minimum: int) -> Callable[[str], list[int]]:
     """An argparse type: comma-separated integers, each at least `minimum`."""
 
     def parse(text: str) -> list[int]:
-        values = [_integer(part.strip()) for part in text.split(",") if part.strip()]
+        values = [integer(part.strip()) for part in text.split(",") if part.strip()]
         if not values:
             raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
         bad = [v for v in values if v < minimum]
@@ -196,14 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: random ids of lengths --lengths")
     parser.add_argument("--lengths", type=_int_list(1), default=[3, 11, 24], metavar="A,B,...",
                         help="lengths of the default random prompts, each at least 1 (default 3,11,24)")
-    parser.add_argument("--steps", type=_positive_int, default=16, metavar="N",
+    parser.add_argument("--steps", type=positive_int, default=16, metavar="N",
                         help="greedy steps per prompt, at least 1 (default 16)")
     parser.add_argument("--top-k", type=_int_list(0), default=None, metavar="K,...",
                         help="comma-separated top_k values, 0 = dense (default: 0, 1 and n)")
-    parser.add_argument("--atol-logits", type=_positive_float, metavar="X",
+    parser.add_argument("--atol-logits", type=positive_float, metavar="X",
                         help="logits tolerance, > 0 (default: xlora-export's, the larger of 1e-4 and 5e-5 x the "
                         "largest |logit| in fp32)")
-    parser.add_argument("--atol-scalings", type=_positive_float, metavar="X",
+    parser.add_argument("--atol-scalings", type=positive_float, metavar="X",
                         help="scalings tolerance, > 0 (default: xlora-export's, 1e-5 in fp32 times (layers x "
                         "hidden / 128) ** 0.6 when above 1)")
     parser.add_argument("--provider", choices=list(PROVIDERS), help="where the runtime runs the graph: ONNX "
@@ -218,22 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the parity suite; returns the exit code (0 every case passed, 1 a case failed or a user error,
     2 usage error, 130 interrupted)."""
-    try:
-        try:
-            args = build_parser().parse_args(argv)
-        except SystemExit as e:  # --help (0) and usage errors (2): argparse has already printed
-            return e.code if isinstance(e.code, int) else 2
-        try:
-            return _run(args)
-        except (XLoraError, OSError) as e:  # OSError: the JSON report cannot be written
-            print(f"xlora-parity: error: {e}", file=sys.stderr)
-            return 1
-    except KeyboardInterrupt:
-        print("xlora-parity: interrupted", file=sys.stderr)
-        return 130
+    return run("xlora-parity", build_parser, _parity, argv)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _parity(args: argparse.Namespace) -> int:
     """The parity suite of `main`, once the arguments are parsed."""
     import torch
     import transformers
@@ -245,17 +231,15 @@ def _run(args: argparse.Namespace) -> int:
     from .xlora_utils import load_model
 
     if args.json is not None:  # before minutes of work, not after
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder):
-            raise XLoraError(f"--json {args.json}: the folder {folder} does not exist")
+        check_output_folder("--json", args.json)
     transformers.utils.logging.disable_progress_bar()
     session = XLoraSession(args.graph, provider=args.provider, device=device_arg(args.device))
-    dtype = session.info.record["dtype"]
+    dtype = session.info.dtype
     if dtype not in TOLERANCES:
         raise XLoraError(f"{args.graph}: a {dtype} graph cannot be fed from numpy on this runtime")
-    quantized = session.info.record.get("quantization")
-    if quantized:
-        raise XLoraError(f"{args.graph}: an {quantized['mode']} graph; xlora-parity holds float graphs to the eager "
+    quantized = session.info.quantization
+    if quantized is not None:
+        raise XLoraError(f"{args.graph}: an {quantized.mode} graph; xlora-parity holds float graphs to the eager "
                          f"model's tolerances (the export measured this one against its float graph)")
     checkpoint = read_checkpoint(args.model_dir, base_model=args.base_model)
     check_graph_source(checkpoint, session.info)
