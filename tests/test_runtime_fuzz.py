@@ -4,12 +4,14 @@ Whatever a caller passes as prompts, token ids and options (max_new_tokens, samp
 freezing, stop ids and strings), `Generator.stream` either raises a one-line `XLoraError` at call time or
 yields a well-formed generation; nothing else escapes (no TypeError, no numpy or ONNX Runtime error), nothing
 hangs, and a good request afterwards gives exactly what a fresh session gives. `xlora-generate` is fuzzed the
-same way through its argv: exit code 0, 1 or 2, never a traceback.
+same way through its argv: exit code 0, 1 or 2, never a traceback, and no example leaves threads behind (thread
+counts such as 99999 are refused; the process's OS threads are counted after every example).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from functools import cache
 
@@ -21,6 +23,7 @@ from helpers import exported
 from xlora_runtime import Generator, XLoraError, XLoraSession
 from xlora_runtime.cli import generate_main
 from xlora_runtime.generation import pick_tokens
+from xlora_runtime.threads import thread_limit
 
 FINISH_REASONS = {"stop_token", "stop_string", "length", "max_positions"}
 GOOD_PROMPT = [5, 17, 99, 230, 41]
@@ -161,7 +164,9 @@ def test_encode_accepts_ids_and_text_or_says_why(prompts):
         assert encoded and all(ids and all(type(i) is int and 0 <= i < VOCAB for i in ids) for ids in encoded)
 
 
-arg_values = mostly(st.sampled_from(["-1", "0", "1", "2", "3", "4", "1e309", "nan", "inf", "0.5", "99999", "400"]),
+LIMIT = str(thread_limit())  # the most --threads accepted; one more is refused
+arg_values = mostly(st.sampled_from(["-1", "0", "1", "2", "3", "4", "1e309", "nan", "inf", "0.5", "99999", "400",
+                                     LIMIT, str(int(LIMIT) + 1)]),
                     st.one_of(st.sampled_from(["x", "5,17,99", "5,,x", "", "\n", "cuda", "tpu"]), st.text(max_size=5)))
 with_value = st.sampled_from(["--max-new-tokens", "--expert-top-k", "--freeze-scalings-after", "--temperature",
                               "--top-p", "--seed", "--stop-id", "--stop", "--threads", "--provider"])
@@ -170,10 +175,24 @@ argv_lists = st.lists(st.one_of(flags.map(lambda f: [f]), st.tuples(with_value, 
                       max_size=4).map(lambda groups: [a for g in groups for a in g])
 
 
+def os_threads() -> int:
+    """This process's threads as the OS counts them (ONNX Runtime's intra-op pools included)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+@cache
+def threads_at_rest() -> int:
+    """The process's threads after one xlora-generate run (what lives as long as the process has started)."""
+    generate_main([exported("tiny-llama"), "5,17", "--ids", "--max-new-tokens", "2", "--threads", LIMIT])
+    return os_threads()
+
+
 @settings(max_examples=40, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # capsys: read per example
 @given(argv=argv_lists)
 def test_xlora_generate_argv_never_shows_a_traceback(argv, capsys):
+    counted = os.path.isdir("/proc/self/task")  # Linux
+    rest = threads_at_rest() if counted else 0
     with time_limit(30):
         code = generate_main([exported("tiny-llama"), "5,17", "--ids", "--max-new-tokens", "2", *argv])
     out, err = capsys.readouterr()
@@ -182,6 +201,8 @@ def test_xlora_generate_argv_never_shows_a_traceback(argv, capsys):
     assert "Traceback" not in out + err
     if code == 1:
         assert len(err.splitlines()) == 1 and err.startswith("xlora-generate: error:"), err
+    if counted:  # the sessions this run opened are gone with it, whatever --threads was
+        assert os_threads() <= rest + 2, (argv, os_threads(), rest)
 
 
 @given(temperature=st.sampled_from([5e-324, 1e-300, 1e-30]), seed=st.integers(0, 2**32))

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import XLoraError
 from .format import contract as C
+from .threads import check_threads, thread_limit
 
 if TYPE_CHECKING:
     from .generation import TokenEvent
@@ -164,7 +165,8 @@ def add_session_options(parser: argparse.ArgumentParser, stem: str) -> argparse.
                     "default trt-engine for an .engine file, else cpu")
     rt.add_argument("--device", metavar="D", help="OpenVINO device (CPU, GPU, NPU, AUTO; default CPU), or the GPU "
                     "index of cuda, tensorrt and trt-engine (default 0)")
-    rt.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: ONNX Runtime's choice)")
+    rt.add_argument("--threads", type=int, metavar="N", help="intra-op threads, 1 to twice the CPUs this process may "
+                    f"run on (here {thread_limit()}; default: ONNX Runtime's choice)")
     rt.add_argument("--low-memory", action="store_true", help="ONNX Runtime without pre-packed weight copies: the "
                     "main and frozen graphs read the weights from one memory map of OUT.onnx.data (held once; "
                     "decode about 1.15x slower)")
@@ -175,12 +177,10 @@ def session_options(args: argparse.Namespace) -> dict[str, Any]:
     """`XLoraSession` keyword arguments from the options of `add_session_options`.
 
     Raises:
-        XLoraError: --threads below 1.
+        XLoraError: --threads below 1 or above `threads.thread_limit()`.
     """
-    if args.threads is not None and args.threads < 1:
-        raise XLoraError(f"--threads {args.threads}: expected >= 1")
-    return dict(provider=args.provider, threads=args.threads, device=device_arg(args.device),
-                low_memory=args.low_memory)
+    return dict(provider=args.provider, threads=check_threads(args.threads, "--threads"),
+                device=device_arg(args.device), low_memory=args.low_memory)
 
 
 def device_arg(text: str | None) -> str | int | None:

@@ -26,6 +26,7 @@ from .backends.onnxruntime import open_graph
 from .errors import XLoraError, brief
 from .format import contract as C
 from .format.graph_file import read_metadata_props
+from .threads import check_threads
 
 __all__ = ["PROVIDERS", "GraphInfo", "XLoraSession", "open_graph"]
 
@@ -169,8 +170,8 @@ class XLoraSession:
         provider: "cpu", "cuda", "tensorrt" (ONNX Runtime execution providers), "openvino", or "trt-engine"
             (a TensorRT engine); default "trt-engine" for an `.engine` file, else "cpu". See `backends/`.
         threads: CPU threads (ONNX Runtime's intra-op threads, OpenVINO's inference threads; None: their
-            default). ONNX Runtime's threads spin only while a step runs, so that the main and frozen sessions
-            do not compete.
+            default), 1 to twice the CPUs this process may run on (`threads.thread_limit()`). ONNX Runtime's
+            threads spin only while a step runs, so that the main and frozen sessions do not compete.
         device: OpenVINO's device ("CPU", "GPU", "NPU", "AUTO"; default "CPU"), or the CUDA device index of the
             GPU providers (default 0).
         low_memory: ONNX Runtime without pre-packed weight copies; on the CPU both graphs' sessions are handed the
@@ -179,11 +180,13 @@ class XLoraSession:
             15% slower, prefill about 25% (the kernels pack the weights as they go). Not for int4 graphs:
             ONNX Runtime's MatMulNBits without its packed weights decodes about 18x slower.
     Raises:
-        XLoraError: missing file, not a graph the backend can load, not an X-LoRA export, unavailable provider.
+        XLoraError: missing file, not a graph the backend can load, not an X-LoRA export, unavailable provider,
+            threads outside 1..`threads.thread_limit()`. A graph opened before the error is released at once.
     """
 
     def __init__(self, path: str, provider: str | None = None, threads: int | None = None,
                  device: str | int | None = None, low_memory: bool = False) -> None:
+        threads = check_threads(threads)
         if not os.path.isfile(path):
             raise XLoraError(f"{path}: no such file (expected an .onnx graph written by xlora-export)")
         provider = default_provider(path) if provider is None else provider
@@ -195,9 +198,14 @@ class XLoraSession:
         self.provider = self.backend.provider
         self.threads = threads
         self.main = self._open(path)
-        self.info = _read_info(self.main.metadata, path)
-        if self.info.record.get("graph") != "two_pass":
-            raise XLoraError(f"{path}: this is the frozen-scalings graph; open the main graph (OUT.onnx) instead")
+        try:
+            self.info = _read_info(self.main.metadata, path)
+            if self.info.record.get("graph") != "two_pass":
+                raise XLoraError(f"{path}: this is the frozen-scalings graph; open the main graph (OUT.onnx) "
+                                 f"instead")
+        except BaseException:
+            del self.main  # its threads and memory go now, not when the traceback that holds `self` does
+            raise
         self._frozen: Graph | None = None
         self._tokenizer: Any = None
         self._lock = threading.Lock()  # the lazy opens and the cache registry

@@ -28,6 +28,7 @@ from ..errors import XLoraError
 from ..format import contract as C
 from ..format.graph_file import external_tensors, read_metadata_props
 from ..profiles import limits_for, ort_tensorrt_options, wide_profile
+from ..threads import check_threads
 from . import Backend, Graph, window
 from .dtypes import HOST_DTYPES, from_float32, to_float32
 
@@ -96,11 +97,11 @@ def open_graph(path: str, provider: str = "cpu", threads: int | None = None, lea
             fp32 copies of every weight; its memory arena would keep a run's temporaries); slower, for one-off
             checks such as the exporter's validation.
     Raises:
-        XLoraError: the graph cannot be loaded.
+        XLoraError: the graph cannot be loaded; threads outside 1..`threads.thread_limit()`.
     """
     options = ort.SessionOptions()
     if threads is not None:
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = check_threads(threads)
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     options.add_session_config_entry("session.force_spinning_stop", "1")
     if not prepack:
