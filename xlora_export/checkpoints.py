@@ -9,6 +9,9 @@ Nothing here builds a model (`model.from_pretrained` does, from a `Checkpoint`).
 - PEFT X-LoRA: `adapter_config.json` with `"peft_type": "XLORA"`, the classifier under
   `base_model.internal_xlora_classifier.layers.{i}.*` in `adapter_model.safetensors`.
 
+The checkpoint, its base model and each expert may be a Hugging Face Hub id (`org/name`, `org/name@revision`)
+instead of a folder: `hub.resolve` turns it into the folder of the Hub's cache (a folder with that text wins).
+
 Every malformed file is an `XLoraError` of one line naming the file (and field) and what was expected.
 """
 
@@ -30,6 +33,7 @@ from .classifier import XLoraClassifier
 from .config import xLoRAConfig
 from .errors import XLoraError
 from .experts import Expert, read_tensors, save_expert, save_tensors
+from .hub import REVISION, parse_hub_id, resolve
 
 __all__ = ["Checkpoint", "check_adapter_name", "check_ordering", "find_tokenizer", "load_classifier",
            "read_checkpoint", "read_json", "write_checkpoint"]
@@ -62,13 +66,38 @@ class Checkpoint:
     classifier_file: str
     ordering: dict[str, dict[str, int]] | None  # {"modules": name -> l, "adapters": name -> i}, or None
     ordering_file: str
-    base_model: str | None  # local folder (or hub id) of the base model; None when the checkpoint names none
-    tokenizer: str | None  # folder holding tokenizer.json: the checkpoint's, else the base model's
+    # the base model as named: a folder, or a Hub id `org/name[@revision]`; None when the checkpoint names none
+    base_model: str | None
 
     @property
     def adapters(self) -> dict[str, str]:
-        """Expert name -> folder, in class-index order."""
+        """Expert name -> folder (or Hub id, resolved by `experts.load_expert`), in class-index order."""
         return self.config.adapters
+
+    def base_folder(self) -> str:
+        """The base model's local folder: `base_model` itself, or its Hub id's folder in the cache (downloaded
+        when not cached and not offline).
+
+        Raises:
+            XLoraError: no base model named; neither a folder nor a Hub id; a Hub id not cached while offline or
+                whose download failed.
+        """
+        if not self.base_model:
+            raise XLoraError(f"{self.directory}: the checkpoint names no base_model_id; pass base_model=PATH")
+        folder = resolve(self.base_model, f"base model (from {self.directory})", prefer_safetensors=True)
+        if not os.path.isdir(folder):
+            raise XLoraError(f"base model {self.base_model!r} (from {self.directory}) is not a local folder, nor a "
+                             f"Hub id (org/name or org/name@revision); pass base_model=PATH")
+        return folder
+
+    @property
+    def tokenizer(self) -> str | None:
+        """The folder holding tokenizer.json: the checkpoint's, else the base model's (a Hub id resolved as
+        `base_folder` does), else None."""
+        if self.base_model is None:
+            return find_tokenizer(self.directory)
+        base = resolve(self.base_model, f"base model (from {self.directory})", prefer_safetensors=True)
+        return find_tokenizer(self.directory, base)
 
     def fresh_config(self) -> xLoRAConfig:
         """A copy of the config for a model to own (its setters write into it)."""
@@ -137,11 +166,14 @@ def _detect_format(directory: str) -> str:
 
 
 def _resolve(directory: str, path: str) -> str:
-    """A path as stored: absolute, or relative to the checkpoint (else to the working directory)."""
+    """A path as stored: absolute, or relative to the checkpoint (else to the working directory); a Hub id that
+    names neither stays as it is (`hub.resolve` looks it up)."""
     if os.path.isabs(path):
         return path
     inside = os.path.join(directory, path)
-    return inside if os.path.exists(inside) or not os.path.exists(path) else path
+    if os.path.exists(inside):
+        return inside
+    return path if os.path.exists(path) or parse_hub_id(path) is not None else inside
 
 
 # ----------------------------------------------------------------------------- JSON field types
@@ -195,22 +227,23 @@ def read_checkpoint(directory: str | os.PathLike, adapters: dict[str, str] | Non
     experts' weights (read when a model is built) and the base model.
 
     Args:
-        directory: the checkpoint folder.
-        adapters: name -> expert folder, overriding the saved ones (None: the saved ones).
-        base_model: base model folder overriding the checkpoint's `base_model_id`.
+        directory: the checkpoint folder, or a Hub id `org/name[@revision]` (its folder in the Hub's cache).
+        adapters: name -> expert folder or Hub id, overriding the saved ones (None: the saved ones).
+        base_model: base model folder or Hub id overriding the checkpoint's `base_model_id`.
     Raises:
         XLoraError: not a checkpoint, malformed JSON or field, bad adapter name, missing/corrupt/mis-shaped
-            classifier tensors, malformed ordering record.
+            classifier tensors, malformed ordering record; a Hub id not cached while offline.
     """
-    directory = os.fspath(directory)
+    directory = resolve(os.fspath(directory), "checkpoint")
     fmt = _detect_format(directory)
+    revision = None
     if fmt == "xlora":
         config_file = os.path.join(directory, CONFIG_FILE)
         config = _config_from_record(read_json(config_file), config_file)
         classifier_file, linears = _read_xlora_classifier(directory)
     else:
         config_file = os.path.join(directory, PEFT_CONFIG_FILE)
-        config = _read_peft_config(config_file)
+        config, revision = _read_peft_config(config_file)
         classifier_file, linears = _read_peft_classifier(directory, config)
     saved = config.adapters
     names = list(saved)
@@ -231,10 +264,26 @@ def read_checkpoint(directory: str | os.PathLike, adapters: dict[str, str] | Non
     _check_classifier_shapes(linears, config, classifier_file, config_file)
     ordering_file = os.path.join(directory, ORDERING_FILE)
     ordering = _read_ordering(ordering_file) if os.path.isfile(ordering_file) else None
-    base = base_model or (_resolve(directory, config.base_model_id) if config.base_model_id else None)
+    base = os.fspath(base_model) if base_model else _named_base(directory, config.base_model_id, revision,
+                                                                 config_file)
     return Checkpoint(directory=directory, format=fmt, config=config, classifier=linears,
                       classifier_file=classifier_file, ordering=ordering, ordering_file=ordering_file,
-                      base_model=base, tokenizer=find_tokenizer(directory, base))
+                      base_model=base)
+
+
+def _named_base(directory: str, base_id: str | None, revision: str | None, config_file: str) -> str | None:
+    """The base model as the checkpoint names it: a folder (relative to the checkpoint, else to the working
+    directory), else the Hub id, with PEFT's `revision` as `@revision`."""
+    if not base_id:
+        return None
+    base = _resolve(directory, base_id)
+    parsed = None if os.path.isdir(base) else parse_hub_id(base)
+    if revision is None or parsed is None:
+        return base
+    if parsed[1] is not None and parsed[1] != revision:
+        raise XLoraError(f"{config_file}: base_model_name_or_path {base_id!r} names revision {parsed[1]!r}, but "
+                         f"field 'revision' is {revision!r}; expected one revision")
+    return f"{parsed[0]}@{revision}"
 
 
 def _linears_from_state(state: dict[str, torch.Tensor], prefix: str) -> dict[int, dict[str, torch.Tensor]]:
@@ -263,13 +312,18 @@ def _read_xlora_classifier(directory: str) -> tuple[str, Linears]:
     return path, linears + [(last["weight"], last.get("bias"))]
 
 
-def _read_peft_config(path: str) -> xLoRAConfig:
+def _read_peft_config(path: str) -> tuple[xLoRAConfig, str | None]:
+    """The config of a PEFT X-LoRA `adapter_config.json`, and its `revision` (of the base model) or None."""
     record = read_json(path)
     fields = {k: v for k, v in record.items() if k not in _PEFT_ONLY}
     fields["base_model_id"] = record.get("base_model_name_or_path")
     fields["use_bias"] = True  # PEFT's classifier always has biases and ReLU
     fields["enable_relu_and_dropout"] = True
-    return _config_from_record(fields, path)
+    revision = record.get("revision")
+    if not (revision is None or isinstance(revision, str) and REVISION.fullmatch(revision)):
+        raise XLoraError(f"{path}: field 'revision' is {json.dumps(revision)[:60]}; expected a branch, tag or "
+                         f"commit hash, or null")
+    return _config_from_record(fields, path), revision
 
 
 def _read_peft_classifier(directory: str, config: xLoRAConfig) -> tuple[str, Linears]:

@@ -1,8 +1,10 @@
 """`xlora-export MODEL_DIR OUT.onnx`: export an X-LoRA checkpoint to one validated ONNX graph.
 
 MODEL_DIR is any checkpoint the reference model reads (this project's format, original xlora,
-PEFT X-LoRA). The base model is the checkpoint's `base_model_id` when that is a local folder
-(relative to the checkpoint or the working directory), or --base-model.
+PEFT X-LoRA), a folder or a Hugging Face Hub id (org/name or org/name@revision). The base model is
+the checkpoint's `base_model_id`: a folder (relative to the checkpoint or the working directory) or
+a Hub id, read from the Hub's cache (HF_HUB_CACHE) and downloaded unless HF_HUB_OFFLINE=1; or
+--base-model, which overrides it.
 
 Exit codes: 0 written, 1 user error (one line on stderr), 2 usage error, 130 interrupted.
 Nothing is written unless every check passed.
@@ -59,11 +61,11 @@ def _fraction(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlora-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="X-LoRA checkpoint folder")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="X-LoRA checkpoint folder or Hub id")
     parser.add_argument("out", metavar="OUT.onnx", help="graph to write (companions are written beside it)")
     src = parser.add_argument_group("source")
-    src.add_argument("--base-model", metavar="PATH", help="base model folder (default: the checkpoint's "
-                     "base_model_id)")
+    src.add_argument("--base-model", metavar="PATH", help="base model folder, overriding the checkpoint's "
+                     "base_model_id (a folder or a Hub id)")
     graph = parser.add_argument_group("graph")
     graph.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision fixed in the graph "
                        "(default fp32)")

@@ -1,5 +1,6 @@
 """Reading and writing the LoRA experts: PEFT LoRA folders (`adapter_config.json` +
-`adapter_model.safetensors`), one per expert.
+`adapter_model.safetensors`), one per expert; an expert named by a Hugging Face Hub id is read from the Hub's
+cache (`hub.resolve`).
 
 An expert is held as {module name -> (A (r, in), B (out, r))} plus its scale alpha/r
 (alpha/sqrt(r) with rsLoRA). Module names are those of the base model's `named_modules()`
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import XLoraError
+from .hub import resolve
 
 __all__ = ["Expert", "follow_umask", "load_expert", "read_tensors", "save_expert", "save_tensors"]
 
@@ -92,11 +94,13 @@ def read_tensors(path: str, what: str) -> dict[str, torch.Tensor]:
 
 
 def load_expert(name: str, path: str, from_safetensors: bool = True) -> Expert:
-    """Read a PEFT LoRA folder.
+    """Read a PEFT LoRA folder, or the folder of a Hub id `org/name[@revision]` in the Hub's cache (`hub.resolve`).
 
     Raises:
-        XLoraError: missing folder or file, unsupported LoRA options, corrupt weights.
+        XLoraError: missing folder or file, unsupported LoRA options, corrupt weights; a Hub id not cached while
+            offline, or whose download failed.
     """
+    path = resolve(path, f"expert '{name}'", prefer_safetensors=from_safetensors)
     if not os.path.isdir(path):
         raise XLoraError(f"expert '{name}': folder {path} does not exist")
     cfg_path = os.path.join(path, CONFIG_NAME)

@@ -1,4 +1,5 @@
-"""The seed's Utility API: `load_model` and `load_scalings_log`; and the base model's loading."""
+"""The original X-LoRA's utility API: `load_model` and `load_scalings_log`; and the base model's loading
+(a local folder or a Hugging Face Hub id)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from .checkpoints import Checkpoint, read_checkpoint
 from .errors import XLoraError
+from .hub import resolve
 from .model import from_pretrained, xLoRAModel
 from .scalings_log import load_scalings_log
 
@@ -82,9 +84,11 @@ def _read_without_mmap() -> Iterator[None]:
 
 
 def load_base_model(folder: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The base causal LM of a local folder, every weight checked.
+    """The base causal LM of a local folder (or of a Hub id `org/name[@revision]`: its folder in the Hub's
+    cache), every weight checked.
 
     Raises:
+        XLoraError: a Hub id not cached while offline, or whose download failed.
         XLoraError: a corrupt or truncated weights file, a config transformers rejects, a weight whose shape
             differs from the config's, or a weight missing from the files (transformers would initialise it
             randomly and only warn).
@@ -92,6 +96,7 @@ def load_base_model(folder: str, dtype: torch.dtype = torch.float32) -> nn.Modul
     import transformers
     from transformers import AutoModelForCausalLM
 
+    folder = resolve(os.fspath(folder), "base model", prefer_safetensors=True)
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     for path in files:
         try:
@@ -133,15 +138,18 @@ def load_model(model_name: str | os.PathLike | Checkpoint, device: str | torch.d
     """Load the base model named by a checkpoint's `base_model_id` and (by default) the X-LoRA model on it.
 
     Args:
-        model_name: an X-LoRA checkpoint folder (any format `from_pretrained` reads), or its `Checkpoint`
-            record (which already holds any adapters or base model override).
+        model_name: an X-LoRA checkpoint folder (any format `from_pretrained` reads) or Hub id
+            (`org/name[@revision]`), or its `Checkpoint` record (which already holds any adapters or base model
+            override).
         device, dtype: where and in which precision to load.
-        adapters: name -> expert folder overriding the saved ones.
+        adapters: name -> expert folder or Hub id overriding the saved ones.
         use_flash_attention_2: accepted for compatibility; this project runs its own attention.
         load_xlora: False returns the bare base model.
-        base_model: base model folder overriding the checkpoint's `base_model_id`.
+        base_model: base model folder or Hub id overriding the checkpoint's `base_model_id`.
     Returns:
         (model, tokenizer); the tokenizer is None when neither folder has one.
+    Raises:
+        XLoraError: as `read_checkpoint`, `Checkpoint.base_folder`, `load_base_model` and `from_pretrained`.
     """
     if isinstance(model_name, Checkpoint):
         if adapters is not None or base_model is not None:
@@ -150,13 +158,7 @@ def load_model(model_name: str | os.PathLike | Checkpoint, device: str | torch.d
         checkpoint = model_name
     else:
         checkpoint = read_checkpoint(model_name, adapters, base_model)
-    base = checkpoint.base_model
-    if not base:
-        raise XLoraError(f"{checkpoint.directory}: the checkpoint names no base_model_id; pass base_model=PATH")
-    if not os.path.isdir(base):
-        raise XLoraError(f"base model {base!r} (from {checkpoint.directory}) is not a local folder; this toolchain "
-                         f"does not download weights: pass base_model=PATH")
-    model = load_base_model(base, dtype).to(device)
+    model = load_base_model(checkpoint.base_folder(), dtype).to(device)
     tokenizer = load_tokenizer(checkpoint.tokenizer)
     if not load_xlora:
         return model, tokenizer
