@@ -287,7 +287,7 @@ def _inject(model: nn.Module, experts: list[Expert]) -> list[str]:
 def add_xlora_to_model(model: nn.Module, xlora_config: xLoRAConfig, verbose: bool = False,
                        from_safetensors: bool = True) -> xLoRAModel:
     """Wrap `model` (a supported HF causal LM) with the experts of `xlora_config.adapters`
-    (name -> PEFT LoRA folder) and a freshly initialised classifier."""
+    (name -> PEFT LoRA folder or Hub id `org/name[@revision]`) and a freshly initialised classifier."""
     if not isinstance(xlora_config.adapters, dict):
         raise XLoraError("xLoRAConfig.adapters: expected a dict name -> expert folder (a list of names only "
                          "works with from_pretrained, which finds the folders in the checkpoint)")
@@ -302,11 +302,12 @@ def from_pretrained(load_directory: str | os.PathLike | Checkpoint, model: nn.Mo
     """Load an X-LoRA checkpoint onto `model` (the base HF model).
 
     Args:
-        load_directory: checkpoint folder (this project's, original xlora or PEFT X-LoRA), or its `Checkpoint`
-            record from `read_checkpoint` (which already holds any adapters override).
+        load_directory: checkpoint folder (this project's, original xlora or PEFT X-LoRA) or Hub id
+            (`org/name[@revision]`), or its `Checkpoint` record from `read_checkpoint` (which already holds any
+            adapters override).
         model: the base causal LM (its Linears are wrapped in place).
         device: where to put the model (default: leave it where it is).
-        adapters: name -> expert folder, overriding the saved ones (None: the saved ones).
+        adapters: name -> expert folder or Hub id, overriding the saved ones (None: the saved ones).
         verbose: print what was loaded.
         from_safetensors: read `.safetensors` experts (else `adapter_model.bin`).
     Returns:
