@@ -1,7 +1,9 @@
 """Driver of test_serve.py::test_ray_serve_on_a_two_node_cluster, run inside a private network namespace (only
 loopback up): a simulated 2-node Ray cluster (`ray.cluster_utils.Cluster`, one CPU per node), xlora-serve deployed
 with `serve run` from deploy/ray/serve_config.yaml (two replicas, one per node, the consistent-hash router), then
-HTTP traffic through Ray's proxy on 127.0.0.1. Prints one JSON object of observations; test_serve.py judges them.
+HTTP traffic through Ray's proxy on 127.0.0.1. Prints one JSON object of observations (which replica answered each
+turn, its tokens, how many prompt tokens came from cached state); test_serve.py judges them. Nothing here relies
+on which replica a turn lands on: the router's affinity is best effort.
 
     python tests/serve_ray_cluster.py GRAPH.onnx PORT
 
@@ -77,13 +79,13 @@ def traffic(graph: str, port: int, temp: str, cluster: Cluster, t0: float) -> No
                    check=True, capture_output=True, timeout=120)
     while serve.status().applications.get("xlora") is None or \
             serve.status().applications["xlora"].status != "RUNNING":
-        assert time.monotonic() - t0 < 150, "the application did not start"
+        assert time.monotonic() - t0 < 240, "the application did not start"
         time.sleep(0.5)
     started = time.monotonic() - t0
     # each node has one CPU and each replica takes one: both nodes host a replica once no CPU is left
     cpus = dict(total=ray.cluster_resources().get("CPU"), free=ray.available_resources().get("CPU", 0.0),
                 nodes=len([n for n in ray.nodes() if n["Alive"]]))
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)  # generous: the machine may be loaded
 
     def chat(messages: list[dict], session: str, **body) -> tuple[dict, str]:
         body = dict(dict(messages=messages, max_tokens=8, temperature=0, xlora=dict(return_token_ids=True)), **body)
@@ -96,9 +98,14 @@ def traffic(graph: str, port: int, temp: str, cluster: Cluster, t0: float) -> No
     conversations = {s: [{"role": "user", "content": f"question {i}: what does expert {i} learn?"}]
                      for i, s in enumerate(sessions)}
     turns: dict[str, list] = {s: [] for s in sessions}
+    errors: list[str] = []
 
     def turn(session: str) -> None:
-        response, instance = chat(conversations[session], session)
+        try:
+            response, instance = chat(conversations[session], session)
+        except Exception as e:  # reported, not lost with the thread
+            errors.append(f"{session}: {type(e).__name__}: {e}")
+            return
         turns[session].append(dict(instance=instance, tokens=response["choices"][0]["xlora"]["token_ids"],
                                    cached=response["usage"]["prompt_tokens_details"]["cached_tokens"],
                                    messages=list(conversations[session])))
@@ -110,20 +117,18 @@ def traffic(graph: str, port: int, temp: str, cluster: Cluster, t0: float) -> No
         for t in threads:
             t.start()
         for t in threads:
-            t.join(60)
-    # a session's next turn on a replica that holds nothing of it: another session id, one that lands elsewhere
-    warm_session = sessions[0]
-    warm_instance = turns[warm_session][1]["instance"]
-    cold = None
-    for i in range(40):
-        probe = f"probe-{i}"  # its caches (a prompt without the template's tokens) share no prefix with a chat
-        r = client.post("/v1/completions", headers={"x-session-id": probe}, json=dict(prompt=[300, 22], max_tokens=1))
-        if r.headers["x-xlora-instance"] != warm_instance:
-            messages = turns[warm_session][1]["messages"]
-            response, instance = chat(messages, probe)
-            cold = dict(instance=instance, tokens=response["choices"][0]["xlora"]["token_ids"],
-                        cached=response["usage"]["prompt_tokens_details"]["cached_tokens"], messages=messages)
-            break
+            t.join()
+    # session-0's second turn again under new session ids (nothing cached for them anywhere), until both replicas
+    # have answered it: the same tokens on each
+    probes = []
+    if len(turns[sessions[0]]) == 2:
+        messages = turns[sessions[0]][1]["messages"]
+        for i in range(40):
+            response, instance = chat(messages, f"probe-{i}")
+            probes.append(dict(instance=instance, tokens=response["choices"][0]["xlora"]["token_ids"],
+                               cached=response["usage"]["prompt_tokens_details"]["cached_tokens"]))
+            if len({p["instance"] for p in probes}) == 2:
+                break
     # streaming through the proxy
     with client.stream("POST", "/v1/chat/completions", json=dict(
             messages=turns[sessions[1]][0]["messages"], max_tokens=8, temperature=0, stream=True)) as r:
@@ -132,7 +137,7 @@ def traffic(graph: str, port: int, temp: str, cluster: Cluster, t0: float) -> No
                     text="".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]))
     whole, _ = chat(turns[sessions[1]][0]["messages"], "stream-reference")
     streamed["expected"] = whole["choices"][0]["message"]["content"]
-    print(json.dumps(dict(started_s=round(started, 1), cpus=cpus, turns=turns, cold=cold,
+    print(json.dumps(dict(started_s=round(started, 1), cpus=cpus, turns=turns, errors=errors, probes=probes,
                           stream=streamed, total_s=round(time.monotonic() - t0, 1))))
     client.close()
     serve.shutdown()

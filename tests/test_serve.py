@@ -694,8 +694,10 @@ def _private_network() -> list[str] | None:
 @pytest.mark.ray
 def test_ray_serve_on_a_two_node_cluster():
     """deploy/ray/serve_config.yaml on a simulated 2-node cluster (tests/serve_ray_cluster.py): one replica per node;
-    interleaved sessions keep their replica and its caches; a session's turn on the replica without its caches gets
-    the warm tokens (and the runtime's alone); streaming through Ray's proxy."""
+    every turn of interleaved sessions gets the tokens the runtime gives alone, wherever it lands (which replica
+    answers is the router's best effort, so it is not asserted: only that cached state is never used where it
+    is not held); the same turn answered by both replicas, without caches, gets the same tokens; streaming through
+    Ray's proxy."""
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install \"xlora-runtime[ray]\")")
     prefix = _private_network()
     if prefix is None:
@@ -704,7 +706,7 @@ def test_ray_serve_on_a_two_node_cluster():
                RAY_USAGE_STATS_ENABLED="0")
     command = f"ip link set lo up && exec {sys.executable} {os.path.join(ROOT, 'tests', 'serve_ray_cluster.py')} " \
               f"{chat_graph()} 8000"
-    out = subprocess.run([*prefix, "sh", "-c", command], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([*prefix, "sh", "-c", command], capture_output=True, text=True, env=env, timeout=540)
     assert out.returncode == 0, out.stderr[-4000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["cpus"] == {"total": 2.0, "free": 0.0, "nodes": 2}  # a replica on each node
@@ -715,13 +717,15 @@ def test_ray_serve_on_a_two_node_cluster():
         ids = session.tokenizer.encode(template.render(messages), add_special_tokens=False).ids
         return solo(ids, 8)
 
+    assert report["errors"] == []
     for name, (first, second) in report["turns"].items():
-        assert second["instance"] == first["instance"], f"{name} changed replica"  # fixed replicas: the hash holds
-        assert first["cached"] == 0 and second["cached"] > 0, name
         assert first["tokens"] == alone(first["messages"]) and second["tokens"] == alone(second["messages"]), name
-    warm, cold = report["turns"]["session-0"][1], report["cold"]
-    assert cold is not None, "every probe landed on the same replica"
-    assert cold["instance"] != warm["instance"] and cold["cached"] == 0
-    assert cold["tokens"] == warm["tokens"]
+        assert first["cached"] == 0, name  # a new session has nothing cached
+        if second["instance"] != first["instance"]:  # caches live on the replica of the first turn
+            assert second["cached"] == 0, name
+    warm, probes = report["turns"]["session-0"][1], report["probes"]
+    assert len({p["instance"] for p in probes}) == 2, "one replica answered all of 40 probes"
+    for probe in probes:
+        assert probe["cached"] == 0 and probe["tokens"] == warm["tokens"], probe
     stream = report["stream"]
     assert stream["status"] == 200 and stream["done"] and stream["text"] == stream["expected"]
