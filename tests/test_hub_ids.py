@@ -375,3 +375,25 @@ def test_an_absent_revision_names_it_in_the_command(cache, tmp_path):
         load_base_model("org/tiny-base@v3")
     message = _one_line(excinfo)
     _says_what_to_do(message, "org/tiny-base@v3", "org/tiny-base", cache, "hf download org/tiny-base --revision v3")
+
+
+def test_a_snapshot_cached_in_part_is_used_offline_and_completed_online(cache, tmp_path, monkeypatch):
+    """huggingface_hub refuses a snapshot its cached file list shows incomplete (IncompleteSnapshotError):
+    offline it is used as it is (the loaders name a missing file), online it is completed by a download."""
+    import huggingface_hub
+
+    partial = _publish(cache, "org/tiny-base", _base_folder())
+    calls = []
+
+    def download(repo, **kwargs):
+        calls.append(kwargs.get("local_files_only", False))
+        if kwargs.get("local_files_only"):
+            raise huggingface_hub.errors.IncompleteSnapshotError("1 file(s) are missing", snapshot_path=partial)
+        return "/completed"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert hub.resolve("org/tiny-base", "base model") == partial and calls == [True]
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert hub.resolve("org/tiny-base", "base model") == "/completed" and calls == [True, True, False]
