@@ -50,7 +50,7 @@ def time_backend(path: str, provider: str | None, prompt: list[int], new_tokens:
         prefill.append((stamps[0] - start) * 1e3)
         decode.append((len(stamps) - 1) * batch / (stamps[-1] - stamps[0]))
     return {"graph": path, "provider": session.provider, "open_s": opened, "prefill_ms": statistics.median(prefill),
-            "decode_tok_s": statistics.median(decode), "tokens": tokens, "dtype": session.info.record["dtype"]}
+            "decode_tok_s": statistics.median(decode), "tokens": tokens, "dtype": session.info.dtype}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
-    from xlora_runtime.engine import read_record, read_sidecar
+    from xlora_runtime.format.record import GraphInfo
+    from xlora_runtime.format.sidecar import read_sidecar
 
     first = args.runs_on[0].split("@")[0]
-    record = read_sidecar(first)[0] if first.endswith(".engine") else read_record(first)
-    prompt = np.random.default_rng(args.seed).integers(3, record["vocab_size"], args.prompt_len).tolist()
+    info = read_sidecar(first)[0] if first.endswith(".engine") else GraphInfo.read(first)
+    prompt = np.random.default_rng(args.seed).integers(3, info.vocab_size, args.prompt_len).tolist()
     rows = []
     for item in args.runs_on:
         path, _, provider = item.partition("@")

@@ -17,20 +17,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 def main(graph: str, inputs_path: str, shapes_path: str) -> int:
     from polygraphy.json import save_json
 
-    from xlora_runtime.engine import read_record
     from xlora_runtime.format import contract as C
+    from xlora_runtime.format.record import GraphInfo
     from xlora_runtime.profiles import limits_for, wide_profile
 
-    record = read_record(graph)
-    n, kv, hd = record["num_layers"], record["num_key_value_heads"], record["head_dim"]
-    ids = np.random.default_rng(0).integers(3, record["vocab_size"], (2, 9))
+    info = GraphInfo.read(graph)
+    n, kv, hd = info.num_layers, info.kv_heads, info.head_dim
+    ids = np.random.default_rng(0).integers(3, info.vocab_size, (2, 9))
     mask = np.ones((2, 9), np.int64)
     mask[1, :4] = 0  # left padding
     feed = {C.INPUT_IDS: ids, C.ATTENTION_MASK: mask, C.POSITION_IDS: np.clip(mask.cumsum(-1) - 1, 0, None),
             C.TOP_K: np.array(2, np.int64)}
     feed.update({name: np.zeros((2, kv, 0, hd), np.float32) for name in C.past_names(n) + C.past_names(n, True)})
     save_json([feed], inputs_path)
-    profile = wide_profile(record, limits_for(record, max_batch=4, max_sequence=64, max_total=128))
+    profile = wide_profile(info, limits_for(info, max_batch=4, max_sequence=64, max_total=128))
     with open(shapes_path, "w") as f:
         for k, flag in enumerate(("--trt-min-shapes", "--trt-opt-shapes", "--trt-max-shapes")):
             shapes = " ".join(f"{name}:[{','.join(map(str, shape[k]))}]" for name, shape in profile.items())

@@ -109,7 +109,7 @@ def still_works(gen: Generator) -> None:
 def unit_bytes(info) -> int:
     """Bytes one position of one row takes in ONE cache (key and value of every layer), computed from the
     metadata independently of the runtime's bookkeeping."""
-    itemsize = {"float32": 4, "float16": 2}[info.record["caches"]["real"]["dtype"]]
+    itemsize = {"float32": 4, "float16": 2}[info.cache_dtype]
     return 2 * info.num_layers * info.kv_heads * info.head_dim * itemsize
 
 

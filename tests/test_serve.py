@@ -8,6 +8,7 @@ prompts are checked against transformers' `apply_chat_template`. Traffic goes to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -332,7 +333,7 @@ def test_chat_template_renders_as_transformers_does():
 
 def test_the_export_carries_the_chat_template(tmp_path):
     info = generator().session.info
-    assert info.record["files"]["chat_template"] == os.path.basename(C.chat_template_path(chat_graph()))
+    assert info.files.chat_template == os.path.basename(C.chat_template_path(chat_graph()))
     with open(info.chat_template_path) as f:
         assert f.read() == TEMPLATE
     assert XLoraSession(exported("tiny-llama")).info.chat_template_path is None  # no template: no file
@@ -556,7 +557,8 @@ def test_scheduler_and_server_refusals(monkeypatch):
     with pytest.raises(XLoraError, match=r"^bad.jinja: not a valid Jinja chat template \(.+\)$"):
         ChatTemplate("{% for %}", {}, "bad.jinja")
     bare = XLoraSession(exported("tiny-llama"), threads=1)  # its tokenizer taken away
-    monkeypatch.setitem(bare.info.record, "files", dict(bare.info.record["files"], tokenizer=None))
+    monkeypatch.setattr(bare, "info", dataclasses.replace(bare.info, files=dataclasses.replace(bare.info.files,
+                                                                                              tokenizer=None)))
     with pytest.raises(XLoraError, match=r"^stop: stop strings need the tokenizer, and none travelled with this "):
         Scheduler(bare).submit([RequestSpec([5, 6], stop=("x",))])
     server = Server(ServerConfig(exported("tiny-llama"), threads=1))

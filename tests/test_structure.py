@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 
 import torch
 
@@ -65,3 +66,74 @@ def test_experts_report_their_rank_scale_and_weights():
         assert sorted(got.weights) == sorted(loaded.weights)
         for module, (a, b) in loaded.weights.items():
             assert torch.equal(got.weights[module][0], a) and torch.equal(got.weights[module][1], b)
+
+
+# ------------------------------------------------------------------------------------- the runtime's format layer
+RUNTIME = os.path.join(os.path.dirname(PACKAGE), "runtime", "xlora_runtime")
+# The runtime's command modules: the console scripts of its pyproject.toml, and the scaffolding they share.
+with open(os.path.join(RUNTIME, "..", "pyproject.toml"), encoding="utf-8") as _f:
+    COMMAND_MODULES = {*re.findall(r'= "(xlora_runtime[\w.]*):', _f.read()), "xlora_runtime.commands"}
+
+
+def _runtime_imports(path: str) -> set[str]:
+    """The xlora_runtime modules a file of the runtime imports (relative imports resolved; `from P import m` counts
+    both P and P.m)."""
+    package = "xlora_runtime." + os.path.relpath(os.path.dirname(path), RUNTIME).replace(os.sep, ".")
+    package = package.removesuffix(".")
+    out = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            out |= {base} | {f"{base}.{a.name}" for a in node.names}
+    return {name for name in out if name.split(".")[0] == "xlora_runtime"}
+
+
+def _sources(folder: str) -> list[str]:
+    return sorted(os.path.join(top, name) for top, _, names in os.walk(folder) for name in names
+                  if name.endswith(".py"))
+
+
+def test_backends_and_the_format_import_no_command_module():
+    """The backends and the format are imported by the commands, never the other way; the format imports the
+    standard library, itself and the error type only."""
+    assert {"xlora_runtime.engine", "xlora_runtime.cli", "xlora_runtime.serve.cli"} <= COMMAND_MODULES
+    for folder in ("backends", "format"):
+        for path in _sources(os.path.join(RUNTIME, folder)):
+            upward = _runtime_imports(path) & COMMAND_MODULES
+            assert not upward, f"{os.path.relpath(path, RUNTIME)} imports the command module(s) {sorted(upward)}"
+    for path in _sources(os.path.join(RUNTIME, "format")):
+        own = ("xlora_runtime.format", "xlora_runtime.errors")
+        outside = {m for m in _runtime_imports(path) if not m.startswith(own)}
+        assert not outside, f"{os.path.relpath(path, RUNTIME)} imports {sorted(outside)} from outside the format"
+
+
+_METADATA = re.compile(r"METADATA_KEY|metadata_props|custom_metadata_map|rt_info|\.metadata\b")
+
+
+def _parsing_functions(path: str) -> list[str]:
+    """Names of the functions of a file that call json.loads or json.load and handle the graph's metadata."""
+    text = open(path).read()
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and any(
+                isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                and call.func.attr in ("loads", "load") and getattr(call.func.value, "id", None) == "json"
+                for call in ast.walk(node)) and _METADATA.search(ast.get_source_segment(text, node)):
+            found.append(node.name)
+    return found
+
+
+def test_the_metadata_record_is_parsed_only_in_the_format():
+    """One parser: no function outside `xlora_runtime/format/` decodes the graph's metadata record as JSON (the
+    exporter, the quantizer, the session, the backends, the engine builder and the Triton writer go through
+    `GraphInfo`). The format's own parser is found by the same check."""
+    home = os.path.join(RUNTIME, "format")
+    assert "parse" in _parsing_functions(os.path.join(home, "record.py"))
+    for path in _sources(RUNTIME) + _sources(PACKAGE):
+        if not path.startswith(home + os.sep):
+            assert not _parsing_functions(path), f"{path} parses the metadata record: {_parsing_functions(path)}"

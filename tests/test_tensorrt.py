@@ -12,6 +12,7 @@ their parity; it skips only where `tensorrt` does not import or no GPU is visibl
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import shutil
@@ -29,17 +30,10 @@ from xlora_runtime.backends import cuda as cuda_memory
 from xlora_runtime.backends import tensorrt as trt_backend
 from xlora_runtime.backends.cuda import row_runs
 from xlora_runtime.backends.onnxruntime import provider_options
-from xlora_runtime.engine import (
-    build_engines,
-    engine_companions,
-    main,
-    polygraphy_loaders,
-    read_record,
-    read_sidecar,
-    sidecar,
-    write_sidecar,
-)
+from xlora_runtime.engine import build_engines, main, polygraphy_loaders
 from xlora_runtime.format import contract as C
+from xlora_runtime.format.record import Files, GraphInfo, ProfileHints
+from xlora_runtime.format.sidecar import engine_companions, read_sidecar, sidecar, write_sidecar
 from xlora_runtime.profiles import (
     PHASES,
     ProfileLimits,
@@ -54,9 +48,9 @@ from xlora_runtime.profiles import (
 PROMPTS = ([5, 17, 99, 230, 41, 8, 77], [300, 22, 9], [12, 250, 14, 140, 33])
 
 
-def _records() -> dict[str, dict]:
+def _records() -> dict[str, GraphInfo]:
     path = exported("tiny-llama")
-    return {"main": read_record(path), "frozen": read_record(C.frozen_path(path))}
+    return {"main": GraphInfo.read(path), "frozen": GraphInfo.read(C.frozen_path(path))}
 
 
 def _have_tensorrt_and_gpu() -> str | None:
@@ -76,16 +70,16 @@ def test_profiles_cover_prefill_and_decode(graph):
     profiles = engine_profiles(record, limits)
     dims = input_dims(record)
     dynamic = [name for name, d in dims.items() if any(isinstance(x, str) for x in d)]
-    assert dynamic == [name for name in C.input_names(record["num_layers"], graph == "frozen") if name != C.TOP_K]
+    assert dynamic == [name for name in C.input_names(record.num_layers, graph == "frozen") if name != C.TOP_K]
     caches = [name for name in dims if "past" in name]
-    assert len(caches) == record["num_layers"] * (2 if graph == "frozen" else 4)
+    assert len(caches) == record.num_layers * (2 if graph == "frozen" else 4)
     for phase, profile in zip(PHASES, profiles):
         assert list(profile) == dynamic
         check_profile(record, profile)  # min <= opt <= max, one cache shape, mask = past + new, fixed dims
         for name, (low, opt, high) in profile.items():
             assert all(a <= b <= c for a, b, c in zip(low, opt, high)), (phase, name)
             if name in caches:
-                assert low[1::2] == (record["num_key_value_heads"], record["head_dim"])
+                assert low[1::2] == (record.kv_heads, record.head_dim)
         ids, mask, past = profile[C.INPUT_IDS], profile[C.ATTENTION_MASK], profile[caches[0]]
         assert [s[0] for s in ids] == [1, 1, 4]
         for k in range(3):
@@ -136,7 +130,7 @@ def test_check_profile_catches_inconsistent_profiles():
 ])
 def test_limits_errors(limits, message):
     record = _records()["main"]
-    assert record["max_position_embeddings"] == 256
+    assert record.max_positions == 256
     with pytest.raises(XLoraError) as info:
         limits_for(record, **limits)
     assert str(info.value) == message
@@ -145,10 +139,10 @@ def test_limits_errors(limits, message):
 def test_default_limits_come_from_the_export():
     record = _records()["main"]
     limits = limits_for(record)
-    assert limits == ProfileLimits(max_batch=record["tensorrt_profile"]["max_batch"], max_sequence=256,
+    assert limits == ProfileLimits(max_batch=record.tensorrt_profile.max_batch, max_sequence=256,
                                    max_total=256, opt_batch=1, opt_sequence=128, opt_total=128)
-    long = {**record, "max_position_embeddings": 131072,
-            "tensorrt_profile": {"max_batch": 2, "max_sequence": 131072, "max_past": 131072}}
+    long = dataclasses.replace(record, max_positions=131072,
+                               tensorrt_profile=ProfileHints(max_batch=2, max_sequence=131072, max_past=131072))
     assert limits_for(long) == ProfileLimits(2, 1024, 4096, 1, 512, 2048)  # capped: memory grows with both
 
 
@@ -164,7 +158,7 @@ def _parse_shapes(text: str) -> dict[str, tuple[int, ...]]:
 
 def test_ort_provider_options():
     path = exported("tiny-llama")
-    record = read_record(path)
+    record = GraphInfo.read(path)
     providers = provider_options("tensorrt", path, device_id=1)
     assert [p for p, _ in providers] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     options = providers[0][1]
@@ -173,7 +167,7 @@ def test_ort_provider_options():
     assert options["trt_timing_cache_path"] == options["trt_engine_cache_path"]
     wide = wide_profile(record, limits_for(record))
     parsed = [_parse_shapes(options[f"trt_profile_{k}_shapes"]) for k in ("min", "opt", "max")]
-    assert list(parsed[0]) == [n for n in C.input_names(record["num_layers"]) if n != C.TOP_K]  # every dynamic input
+    assert list(parsed[0]) == [n for n in C.input_names(record.num_layers) if n != C.TOP_K]  # every dynamic input
     for k in range(3):
         assert parsed[k] == {name: shape[k] for name, shape in wide.items()}
     check_profile(record, {name: tuple(p[name] for p in parsed) for name in parsed[0]})
@@ -192,12 +186,13 @@ def test_sidecar_round_trip(tmp_path):
     limits = limits_for(record, max_batch=3, max_sequence=16, max_total=48)
     profiles = engine_profiles(record, limits)
     engine = str(tmp_path / "m.engine")
-    files = {"frozen": "m.frozen.engine", "tokenizer": "m.tokenizer.json"}
-    path = write_sidecar(engine, sidecar(record, limits, profiles, "/x/m.onnx", files, "10.13.0"))
+    files = Files(frozen="m.frozen.engine", tokenizer="m.tokenizer.json")
+    path = write_sidecar(engine, sidecar(dataclasses.replace(record, files=files), limits.as_dict(),
+                                         dict(zip(PHASES, profiles)), "/x/m.onnx", "10.13.0"))
     assert path == engine + ".json" == engine_companions(engine)["sidecar"]
     got_record, got_profiles = read_sidecar(engine)
     assert got_profiles == profiles
-    assert got_record == {**record, "files": files}
+    assert got_record == dataclasses.replace(record, path=engine, files=files)
     content = json.load(open(path))
     assert content["limits"] == limits.as_dict() and [p["name"] for p in content["profiles"]] == ["prefill", "decode"]
     assert content["tensorrt"] == "10.13.0" and content["source"] == "/x/m.onnx"
@@ -219,6 +214,14 @@ def test_sidecar_errors(tmp_path):
     side.write_text('{"format": "xlora-engine", "format_version": 7}')
     with pytest.raises(XLoraError, match=r"m\.engine\.json: sidecar format_version 7; this runtime reads 1$"):
         read_sidecar(engine)
+    side.write_text('{"format": "xlora-engine", "format_version": 1, "metadata": {"format_version": 1}}')
+    with pytest.raises(XLoraError, match=r"m\.engine\.json: the 'xlora_export' metadata record lacks \['graph', "):
+        read_sidecar(engine)
+    record = _records()["main"]
+    side.write_text(json.dumps({"format": "xlora-engine", "format_version": 1, "metadata": record.to_dict(),
+                                "profiles": [{"name": "prefill", "inputs": {C.INPUT_IDS: {"min": [1, 1]}}}]}))
+    with pytest.raises(XLoraError, match=r'm\.engine\.json: "profiles": expected a list of \{"name", "inputs": '):
+        read_sidecar(engine)
 
 
 # ------------------------------------------------------------------------------------------------ the builder
@@ -226,7 +229,7 @@ def test_polygraphy_loader_chain(tmp_path):
     """The chain the builder calls: a strongly typed network from the ONNX file (precision from the graph; no
     FP16/BF16 flags, which TensorRT 11 removed), both profiles in order, one timing cache read and written."""
     path = exported("tiny-llama")
-    record = read_record(path)
+    record = GraphInfo.read(path)
     profiles = engine_profiles(record, limits_for(record, max_batch=2, max_total=64))
     cache = str(tmp_path / "timing.cache")
     save = polygraphy_loaders(path, str(tmp_path / "m.engine"), profiles, cache)
@@ -430,16 +433,17 @@ def _stand_in_tensorrt(engines: dict[str, _Engine]) -> SimpleNamespace:
 def stand_in_engine(tmp_path, monkeypatch):
     """`m.engine` (+ frozen) with real sidecars, deserialized by the stand-in TensorRT, on host-memory CUDA."""
     source = exported("tiny-llama")
-    record = read_record(source)
+    record = GraphInfo.read(source)
     limits = limits_for(record, max_batch=3, max_sequence=16, max_total=48)
     engine = str(tmp_path / "m.engine")
     names = engine_companions(engine)
-    files = {"frozen": os.path.basename(names["frozen"]), "tokenizer": os.path.basename(names["tokenizer"])}
+    files = Files(frozen=os.path.basename(names["frozen"]), tokenizer=os.path.basename(names["tokenizer"]))
     engines = {}
     for onnx_path, target in ((source, engine), (C.frozen_path(source), names["frozen"])):
-        graph_record = read_record(onnx_path)
+        graph_record = GraphInfo.read(onnx_path)
         profiles = engine_profiles(graph_record, limits)
-        write_sidecar(target, sidecar(graph_record, limits, profiles, onnx_path, files, "stand-in"))
+        write_sidecar(target, sidecar(dataclasses.replace(graph_record, files=files), limits.as_dict(),
+                                      dict(zip(PHASES, profiles)), onnx_path, "stand-in"))
         with open(target, "w") as f:
             f.write(onnx_path)
         engines[onnx_path] = _Engine(onnx_path, profiles)
@@ -599,7 +603,9 @@ def test_a_failed_build_is_one_line(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("value, says", [
     ("{not json", "the 'xlora_export' metadata record is not valid JSON ("),
-    ('{"format_version": 99}', "the 'xlora_export' metadata record is not one this runtime reads (format_version 1)"),
+    ('{"format_version": 99}', "metadata format_version 99; this runtime reads 1"),
+    ("[1]", "the 'xlora_export' metadata record is not a JSON object"),
+    ('{"format_version": 1, "caches": {}}', "the 'xlora_export' metadata record lacks ['graph', "),
 ])
 def test_malformed_records_for_the_builder(tmp_path, value, says):
     from onnx import TensorProto, helper, save
@@ -612,7 +618,7 @@ def test_malformed_records_for_the_builder(tmp_path, value, says):
     path = str(tmp_path / "g.onnx")
     save(model, path)
     with pytest.raises(XLoraError) as info:
-        read_record(path)
+        GraphInfo.read(path)
     assert str(info.value).startswith(f"{path}: {says}")
 
 

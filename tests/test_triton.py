@@ -7,6 +7,7 @@ presents as state) equals the decode step."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -16,8 +17,8 @@ import pytest
 
 from helpers import exported
 from xlora_runtime import XLoraError
-from xlora_runtime.engine import read_record
 from xlora_runtime.format import contract as C
+from xlora_runtime.format.record import CacheSpec, GraphInfo
 from xlora_runtime.serve.triton import START, check_state_pairs, main, model_config, write_repository
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
@@ -31,7 +32,7 @@ def _parse(text: str):
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
 def test_config_parses_against_the_schema(backend):
-    record = read_record(exported("tiny-llama"))
+    record = GraphInfo.read(exported("tiny-llama"))
     config = _parse(model_config(record, "xlora", backend, max_sequences=8, gpu=True))
     assert config.name == "xlora" and config.max_batch_size == 0
     assert (config.platform, config.backend) == (("tensorrt_plan", "") if backend == "tensorrt" else
@@ -40,19 +41,18 @@ def test_config_parses_against_the_schema(backend):
     assert inputs == {C.INPUT_IDS: ("TYPE_INT64", [-1, -1]), C.ATTENTION_MASK: ("TYPE_INT64", [-1, -1]),
                       C.POSITION_IDS: ("TYPE_INT64", [-1, -1]), C.TOP_K: ("TYPE_INT64", [1])}
     outputs = {o.name: list(o.dims) for o in config.output}
-    assert outputs == {C.LOGITS: [-1, -1, record["vocab_size"]],
-                       C.SCALINGS: [-1, -1, record["n_modules"], record["n_experts"]]}
+    assert outputs == {C.LOGITS: [-1, -1, record.vocab_size], C.SCALINGS: [-1, -1, record.n_modules, record.n_experts]}
     batching = config.sequence_batching
     assert batching.oldest.max_candidate_sequences == 8
     [control] = batching.control_input
     assert control.name == START and control.control[0].kind == model_config_pb2.ModelSequenceBatching.Control.Kind.\
         Value("CONTROL_SEQUENCE_START") and list(control.control[0].int32_false_true) == [0, 1]
-    n = record["num_layers"]
+    n = record.num_layers
     assert [(s.input_name, s.output_name) for s in batching.state] == list(zip(
         C.past_names(n) + C.past_names(n, True), C.present_names(n) + C.present_names(n, True)))
     for state in batching.state:
         assert model_config_pb2.DataType.Name(state.data_type) == "TYPE_FP32"
-        assert list(state.dims) == [-1, record["num_key_value_heads"], -1, record["head_dim"]]
+        assert list(state.dims) == [-1, record.kv_heads, -1, record.head_dim]
     [group] = config.instance_group
     assert model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind) == "KIND_GPU"
     assert list(group.profile) == (["0", "1"] if backend == "tensorrt" else [])
@@ -61,8 +61,8 @@ def test_config_parses_against_the_schema(backend):
 def test_state_order_is_the_contracts_not_sorted():
     """With 12 layers the contract order (2 before 10) differs from sorted order: the config keeps the contract's,
     and the names still pair correctly under Triton's sorted-index mapping."""
-    record = {**read_record(exported("tiny-llama")), "num_layers": 12, "caches": {"real": {
-        "inputs": C.past_names(12), "shape": ["batch", 4, "past_sequence", 64], "dtype": "float16"}}}
+    real = CacheSpec(inputs=C.past_names(12), shape=[C.BATCH, 4, C.PAST_SEQUENCE, 64], dtype="float16")
+    record = dataclasses.replace(GraphInfo.read(exported("tiny-llama")), num_layers=12, caches={"real": real})
     config = _parse(model_config(record, "big", "onnxruntime", gpu=False))
     names = [s.input_name for s in config.sequence_batching.state]
     assert names == C.past_names(12) + C.past_names(12, True) and names != sorted(names)

@@ -26,6 +26,7 @@ import torch
 import transformers
 
 from xlora_runtime.format import contract as C
+from xlora_runtime.format.record import GraphInfo
 from xlora_runtime.session import open_graph
 
 from . import __version__
@@ -79,7 +80,7 @@ class ExportReport:
     parity: dict[str, ParityResult] = field(default_factory=dict)
     validation_skipped: str | None = None
     tensorrt_findings: list[Finding] = field(default_factory=list)
-    metadata: dict = field(default_factory=dict)
+    metadata: GraphInfo | None = None  # the two-pass graph's metadata record
     quantization: QuantizeReport | None = None
 
 
@@ -135,52 +136,28 @@ def _example_inputs(model: xLoRAModel, frozen: bool) -> tuple[torch.Tensor, ...]
     return (ids, mask, pos, *past, *extra, torch.tensor(0, dtype=torch.int64))
 
 
-def _metadata(model: xLoRAModel, options: ExportOptions, out_path: str, frozen: bool, tokenizer_file: str | None,
-              checkpoint: Checkpoint, chat_template_file: str | None = None) -> dict:
+def _record(model: xLoRAModel, options: ExportOptions, out_path: str, frozen: bool, tokenizer_file: str | None,
+            checkpoint: Checkpoint, chat_template_file: str | None) -> GraphInfo:
+    """The metadata record of the two-pass graph OUT.onnx, or of the frozen graph (`frozen`)."""
     cfg, spec = model.config, model.spec
     gen = getattr(model.model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None
     eos = cfg.eos_token_id if eos is None else eos
-    kv_shape = [C.BATCH, spec.kv_heads, C.PAST_SEQUENCE, spec.head_dim]
-    kv_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[options.dtype]
-    caches = {"real": {"inputs": C.past_names(cfg.num_hidden_layers), "shape": kv_shape, "dtype": kv_dtype}}
-    if not frozen:
-        caches["scaling"] = {"inputs": C.past_names(cfg.num_hidden_layers, True), "shape": kv_shape,
-                             "dtype": kv_dtype}
-    return {
-        "format_version": C.FORMAT_VERSION,
-        "graph": "frozen" if frozen else "two_pass",
-        "producer": f"xlora-export {__version__}",
-        "versions": {"xlora_export": __version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "onnx": onnx.__version__},
-        "source": os.path.abspath(checkpoint.directory),
-        "classifier_sha256": checkpoint.classifier_digest(),  # identifies the checkpoint (xlora-parity checks it)
-        "architecture": cfg.model_type,
-        "dtype": options.dtype,
-        "opset": options.opset,
-        "num_layers": cfg.num_hidden_layers,
-        "num_key_value_heads": spec.kv_heads,
-        "head_dim": spec.head_dim,
-        "hidden_size": cfg.hidden_size,
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "n_modules": len(model.module_names),
-        "n_experts": len(model.adapter_names),
-        "modules": {name: i for i, name in enumerate(model.module_names)},
-        "adapters": {name: i for i, name in enumerate(model.adapter_names)},
-        "config": model.xlora_config.to_dict(),
-        "default_top_k": model.xlora_config.top_k_lora or 0,
-        "caches": caches,
-        "logits": "all" if options.all_logits else "last",
-        "attention": options.attention,
-        "eos_token_id": [eos] if isinstance(eos, int) else list(eos or []),
-        "pad_token_id": cfg.pad_token_id,
-        "bos_token_id": cfg.bos_token_id,
-        "tensorrt_profile": {"max_batch": options.max_batch, "max_sequence": cfg.max_position_embeddings,
-                             "max_past": cfg.max_position_embeddings},
-        "files": {"frozen": os.path.basename(C.frozen_path(out_path)) if options.frozen_scalings else None,
-                  "tokenizer": tokenizer_file, "chat_template": chat_template_file},
-    }
+    return GraphInfo.build(
+        C.frozen_path(out_path) if frozen else out_path, frozen=frozen, producer=f"xlora-export {__version__}",
+        versions={"xlora_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                  "onnx": onnx.__version__},
+        source=os.path.abspath(checkpoint.directory),
+        classifier_sha256=checkpoint.classifier_digest(),  # identifies the checkpoint (xlora-parity checks it)
+        architecture=cfg.model_type, dtype=options.dtype, opset=options.opset, num_layers=cfg.num_hidden_layers,
+        kv_heads=spec.kv_heads, head_dim=spec.head_dim, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
+        max_positions=cfg.max_position_embeddings, module_names=model.module_names, expert_names=model.adapter_names,
+        config=model.xlora_config.to_dict(), default_top_k=model.xlora_config.top_k_lora or 0,
+        all_logits=options.all_logits, attention=options.attention,
+        eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []), pad_token_id=cfg.pad_token_id,
+        bos_token_id=cfg.bos_token_id, max_batch=options.max_batch,
+        frozen_file=os.path.basename(C.frozen_path(out_path)) if options.frozen_scalings else None,
+        tokenizer_file=tokenizer_file, chat_template_file=chat_template_file)
 
 
 def chat_template(tokenizer_folder: str) -> str | None:
@@ -237,7 +214,7 @@ def _weights_kept_from_shape_inference() -> Iterator[None]:
         exporter_utils._get_named_param_dict = original
 
 
-def _trace(model: xLoRAModel, path: str, options: ExportOptions, frozen: bool, metadata: dict,
+def _trace(model: xLoRAModel, path: str, options: ExportOptions, frozen: bool, metadata: GraphInfo,
            store: WeightStore) -> onnx.ModelProto:
     """Trace one graph to `path`, its weights attached from `store` (see `onnx_passes`), with metadata; checked."""
     n = model.config.num_hidden_layers
@@ -266,7 +243,7 @@ def _trace(model: xLoRAModel, path: str, options: ExportOptions, frozen: bool, m
     attach_weights(proto, weights, store, rename={name: name.removeprefix("model.") for name in weights})
     proto.producer_name, proto.producer_version = "xlora-export", __version__
     entry = proto.metadata_props.add()
-    entry.key, entry.value = C.METADATA_KEY, json.dumps(metadata)
+    entry.key, entry.value = C.METADATA_KEY, metadata.to_json()
     onnx.save_model(proto, path)
     try:
         onnx.checker.check_model(path, full_check=True)
@@ -387,19 +364,18 @@ def export(model_dir: str, out_path: str, options: ExportOptions | None = None,
                        f"{'external data' if external else 'weights inside'})")
         # one weights file for both graphs (same offsets), or the weights inside the single graph
         store = WeightStore(os.path.join(tmp, name + ".data") if external else None)
+        report.metadata = _record(model, options, out_path, False, tokenizer_file, checkpoint, template_file)
         try:
-            main = _trace(model, staged["main"], options, False,
-                          _metadata(model, options, out_path, False, tokenizer_file, checkpoint, template_file), store)
+            main = _trace(model, staged["main"], options, False, report.metadata, store)
             if options.frozen_scalings:
                 _say(progress, "tracing the frozen-scalings graph (sharing the weights file)")
                 staged["frozen"] = os.path.join(tmp, os.path.basename(C.frozen_path(out_path)))
                 _trace(model, staged["frozen"], options, True,
-                       _metadata(model, options, out_path, True, tokenizer_file, checkpoint, template_file), store)
+                       _record(model, options, out_path, True, tokenizer_file, checkpoint, template_file), store)
         finally:
             store.close()
         report.inputs, report.outputs = _io(main)
         report.op_counts = dict(op_counts(main).most_common())
-        report.metadata = _metadata(model, options, out_path, False, tokenizer_file, checkpoint, template_file)
         _say(progress, "checking TensorRT readiness")
         report.tensorrt_findings = check_tensorrt(main)
         if not options.validate:

@@ -26,14 +26,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -42,6 +41,7 @@ import torch
 from onnx import numpy_helper
 
 from xlora_runtime.format import contract as C
+from xlora_runtime.format.record import GraphInfo, Quantization
 from xlora_runtime.session import open_graph
 
 from .errors import XLoraError
@@ -204,15 +204,18 @@ def quantize_graph(path: str, options: QuantizeOptions, work: str) -> tuple[onnx
         return onnx.load(result), len(chosen)
 
 
-def _record(proto: onnx.ModelProto, options: QuantizeOptions) -> None:
-    """Add the quantization to the graph's metadata record (the runtime ignores it; xlora-parity reads it)."""
+def _record(proto: onnx.ModelProto, options: QuantizeOptions, path: str) -> None:
+    """Add the quantization to the metadata record of the graph quantized from `path` (xlora-parity and low_memory
+    read it)."""
+    int4 = options.mode == "int4"
+    quantization = Quantization(mode=options.mode, lm_head=options.lm_head,
+                                block_size=options.block_size if int4 else None,
+                                accuracy_level=INT4_ACCURACY_LEVEL if int4 else None,
+                                per_channel=None if int4 else INT8_PER_CHANNEL)
     for entry in proto.metadata_props:
         if entry.key == C.METADATA_KEY:
-            record = json.loads(entry.value)
-            record["quantization"] = {"mode": options.mode, "lm_head": options.lm_head,
-                                      **({"block_size": options.block_size, "accuracy_level": INT4_ACCURACY_LEVEL}
-                                         if options.mode == "int4" else {"per_channel": INT8_PER_CHANNEL})}
-            entry.value = json.dumps(record)
+            info = GraphInfo.parse(entry.value, path)
+            entry.value = replace(info, quantization=quantization).to_json()
 
 
 def _write(proto: onnx.ModelProto, path: str, store: WeightStore | None, weights: set[str],
@@ -266,7 +269,7 @@ def quantize_files(floats: dict[str, str], outputs: dict[str, str], options: Qua
                 proto, report.quantized[kind] = quantize_graph(floats[kind], options, work)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-            _record(proto, options)
+            _record(proto, options, floats[kind])
             _write(proto, path, store, weights, digests)
             del proto
     finally:
@@ -339,14 +342,14 @@ def _prompts(tokenizer_path: str | None, vocab_size: int) -> tuple[list[list[int
     return ids, f"{len(ids)} random-id prompts"
 
 
-def _decode(path: str, info: dict, prompts: list[list[int]], frozen: bool, forced: list[np.ndarray] | None,
+def _decode(path: str, info: GraphInfo, prompts: list[list[int]], frozen: bool, forced: list[np.ndarray] | None,
             fixed: np.ndarray | None) -> _Run:
     """Prefill the left-padded prompts, then `AGREEMENT_STEPS` decode steps, each feeding `forced[step]` (or the
     graph's own greedy tokens), the graph's presents as the next pasts. A float graph (no `forced` tokens) runs
     lean (its weights held once); a quantized one as the runtime runs it (its fused kernels are what it ships)."""
     lean = forced is None
     session = open_graph(path, lean=lean)
-    n, b = info["num_layers"], len(prompts)
+    n, b = info.num_layers, len(prompts)
     width = max(map(len, prompts))
     ids = np.zeros((b, width), np.int64)
     mask = np.zeros((b, width), np.int64)
@@ -354,9 +357,9 @@ def _decode(path: str, info: dict, prompts: list[list[int]], frozen: bool, force
         ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
     pasts = C.past_names(n) + ([] if frozen else C.past_names(n, scaling=True))
     presents = C.present_names(n) + ([] if frozen else C.present_names(n, scaling=True))
-    shape = (b, info["num_key_value_heads"], 0, info["head_dim"])
+    shape = (b, info.kv_heads, 0, info.head_dim)
     feed = {name: np.zeros(shape, np.float32) for name in pasts}
-    feed[C.TOP_K] = np.array(info["default_top_k"], np.int64)
+    feed[C.TOP_K] = np.array(info.default_top_k, np.int64)
     if frozen:
         feed[C.SCALINGS] = fixed
     run, real = _Run([], [], [], []), mask.astype(bool)
@@ -401,9 +404,8 @@ def measure_agreement(floats: dict[str, str], quantized: dict[str, str],
     Returns:
         kind -> Agreement, and a description of what was compared.
     """
-    info = json.loads({p.key: p.value for p in onnx.load(floats["main"], load_external_data=False)
-                       .metadata_props}[C.METADATA_KEY])
-    prompts, described = _prompts(tokenizer_path, info["vocab_size"])
+    info = GraphInfo.read(floats["main"])
+    prompts, described = _prompts(tokenizer_path, info.vocab_size)
     reference = _decode(floats["main"], info, prompts, False, None, None)
     result = {"main": _compare(reference, _decode(quantized["main"], info, prompts, False, reference.fed, None))}
     if "frozen" in floats:

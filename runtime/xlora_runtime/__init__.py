@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 from .errors import XLoraError
 
 if TYPE_CHECKING:
+    from .format.record import GraphInfo
     from .generation import Generation, Generator, TokenEvent
     from .scalings_log import load_scalings_arrays, save_scalings_arrays
-    from .session import GraphInfo, XLoraSession
+    from .session import XLoraSession
 
 __all__ = ["Generation", "Generator", "GraphInfo", "TokenEvent", "XLoraError", "XLoraSession", "load_scalings_arrays",
            "save_scalings_arrays"]
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 
 _HOME = {"Generation": ".generation", "Generator": ".generation", "TokenEvent": ".generation",
          "load_scalings_arrays": ".scalings_log", "save_scalings_arrays": ".scalings_log",
-         "GraphInfo": ".session", "XLoraSession": ".session"}
+         "GraphInfo": ".format.record", "XLoraSession": ".session"}
 
 
 def __getattr__(name: str) -> object:

@@ -100,7 +100,7 @@ class ChatTemplate:
             source = f.read()
         tokens = {}
         tokenizer = session.tokenizer
-        ids = {"bos_token": session.info.record.get("bos_token_id"),
+        ids = {"bos_token": session.info.bos_token_id,
                "eos_token": (session.info.eos_token_ids or [None])[0]}
         for name, token_id in ids.items():
             token = tokenizer.id_to_token(token_id) if tokenizer is not None and token_id is not None else None

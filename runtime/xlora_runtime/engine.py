@@ -9,7 +9,7 @@ this command is part of the torch-free deployment package (`pip install "xlora-r
                                                      builder flags, 10.x builds strongly typed as well
       -> CreateConfig(profiles, load_timing_cache)   the timing cache makes rebuilds (and fp16 after fp32) fast
       -> EngineFromNetwork(save_timing_cache) -> SaveEngine
-    OUT.engine, OUT.engine.json                      the sidecar: the graph's metadata record + the profiles
+    OUT.engine, OUT.engine.json                      the sidecar (`format.sidecar`): the graph's record + profiles
     OUT.frozen.engine(.json), OUT.tokenizer.json     when the export has them
 
 `XLoraSession("OUT.engine")` (provider "trt-engine") runs the result with the same calls as the ONNX graph.
@@ -19,7 +19,7 @@ Errors are one line: no TensorRT, no GPU, not an X-LoRA export, limits that do n
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import shutil
 import time
@@ -29,95 +29,13 @@ from typing import Any
 from .cli import _run
 from .errors import XLoraError
 from .format import contract as C
-from .format.graph_file import read_metadata_props
-from .profiles import PHASES, ProfileLimits, Shapes, engine_profiles, limits_for
+from .format.record import Files, GraphInfo
+from .format.sidecar import Shapes, engine_companions, sidecar, write_sidecar
+from .profiles import PHASES, engine_profiles, limits_for
 
-__all__ = ["SIDECAR_FORMAT", "build_engines", "build_parser", "engine_companions", "main", "polygraphy_loaders",
-           "read_sidecar", "sidecar", "write_sidecar"]
+__all__ = ["build_engines", "build_parser", "main", "polygraphy_loaders", "tensorrt_version"]
 
-SIDECAR_FORMAT = "xlora-engine"
-SIDECAR_VERSION = 1
 _NEEDS_TENSORRT = 'needs TensorRT 10 or 11 and polygraphy: pip install "xlora-runtime[tensorrt]"'
-
-
-# ------------------------------------------------------------------------------------------------------ files
-def _stem(engine_path: str) -> str:
-    return engine_path[:-len(".engine")] if engine_path.endswith(".engine") else engine_path
-
-
-def engine_companions(engine_path: str) -> dict[str, str]:
-    """The files beside `OUT.engine`: the frozen engine, the tokenizer, the sidecar, the timing cache."""
-    stem = _stem(engine_path)
-    return {"frozen": stem + ".frozen.engine", "tokenizer": stem + ".tokenizer.json",
-            "sidecar": engine_path + ".json",
-            "timing_cache": os.path.join(os.path.dirname(os.path.abspath(engine_path)), "xlora-timing.cache")}
-
-
-def read_record(onnx_path: str) -> dict[str, Any]:
-    """The `xlora_export` metadata record of an ONNX file (read without loading the graph).
-
-    Raises:
-        XLoraError: no such file, not an ONNX file, not an X-LoRA export, a malformed record.
-    """
-    if not os.path.isfile(onnx_path):
-        raise XLoraError(f"{onnx_path}: no such file (expected an .onnx graph written by xlora-export)")
-    props = read_metadata_props(onnx_path)
-    if props is None:
-        raise XLoraError(f"{onnx_path}: not an ONNX file")
-    if C.METADATA_KEY not in props:
-        raise XLoraError(f"{onnx_path}: not an X-LoRA export (no '{C.METADATA_KEY}' metadata record)")
-    try:
-        record = json.loads(props[C.METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise XLoraError(f"{onnx_path}: the '{C.METADATA_KEY}' metadata record is not valid JSON ({e})") from None
-    if not isinstance(record, dict) or record.get("format_version") != C.FORMAT_VERSION or "caches" not in record:
-        raise XLoraError(f"{onnx_path}: the '{C.METADATA_KEY}' metadata record is not one this runtime reads "
-                         f"(format_version {C.FORMAT_VERSION})")
-    return record
-
-
-def sidecar(record: dict[str, Any], limits: ProfileLimits, profiles: list[Shapes], source: str,
-            files: dict[str, str | None], tensorrt_version: str) -> dict[str, Any]:
-    """The sidecar of one engine: its graph's metadata record (with `files` naming the engine's companions),
-    the limits and the profiles in the engine's order."""
-    return {"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, "source": source,
-            "tensorrt": tensorrt_version, "limits": limits.as_dict(), "metadata": {**record, "files": files},
-            "profiles": [{"name": name, "inputs": {input_name: dict(zip(("min", "opt", "max"), map(list, shape)))
-                                                   for input_name, shape in profile.items()}}
-                         for name, profile in zip(PHASES, profiles)]}
-
-
-def write_sidecar(engine_path: str, content: dict[str, Any]) -> str:
-    """Write `OUT.engine.json`; returns its path."""
-    path = engine_companions(engine_path)["sidecar"]
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=1)
-    return path
-
-
-def read_sidecar(engine_path: str) -> tuple[dict[str, Any], list[Shapes]]:
-    """(the graph's metadata record, the profiles) from `OUT.engine.json`.
-
-    Raises:
-        XLoraError: no sidecar, not JSON, not an xlora-engine sidecar, another version.
-    """
-    path = engine_companions(engine_path)["sidecar"]
-    if not os.path.isfile(path):
-        raise XLoraError(f"{engine_path}: not an X-LoRA engine (no sidecar {os.path.basename(path)} beside it; "
-                         f"build it with xlora-engine)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            content = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise XLoraError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(content, dict) or content.get("format") != SIDECAR_FORMAT:
-        raise XLoraError(f"{path}: not an xlora-engine sidecar (no \"format\": \"{SIDECAR_FORMAT}\")")
-    if content.get("format_version") != SIDECAR_VERSION:
-        raise XLoraError(f"{path}: sidecar format_version {content.get('format_version')!r}; this runtime reads "
-                         f"{SIDECAR_VERSION}")
-    profiles = [{name: tuple(tuple(shape[k]) for k in ("min", "opt", "max")) for name, shape in p["inputs"].items()}
-                for p in content["profiles"]]
-    return content["metadata"], profiles
 
 
 # ---------------------------------------------------------------------------------------------------- building
@@ -167,17 +85,17 @@ def build_engines(onnx_path: str, engine_path: str, limits: dict[str, int | None
     Returns:
         The files written.
     Raises:
-        XLoraError: see `read_record`, `limits_for`, `tensorrt_version`; an existing OUT.engine without `force`.
+        XLoraError: see `GraphInfo.read`, `limits_for`, `tensorrt_version`; an existing OUT.engine without `force`.
     """
     say = progress or (lambda message: None)
-    record = read_record(onnx_path)
-    if record.get("attention", C.ATTENTION_ONNX) != C.ATTENTION_ONNX:
-        raise XLoraError(f"{onnx_path}: exported with --attention {record['attention']} (ONNX Runtime's "
+    info = GraphInfo.read(onnx_path)
+    if info.attention != C.ATTENTION_ONNX:
+        raise XLoraError(f"{onnx_path}: exported with --attention {info.attention} (ONNX Runtime's "
                          f"GroupQueryAttention), which TensorRT's parser does not read; export with --attention onnx "
                          f"for TensorRT")
-    if record.get("graph") != "two_pass":
+    if info.graph != C.GRAPH_TWO_PASS:
         raise XLoraError(f"{onnx_path}: this is the frozen-scalings graph; give the main graph (OUT.onnx)")
-    spec = limits_for(record, **limits)
+    spec = limits_for(info, **limits)
     companions = engine_companions(engine_path)
     if os.path.exists(engine_path) and not force:
         raise XLoraError(f"{engine_path} already exists (use --force to overwrite)")
@@ -186,18 +104,18 @@ def build_engines(onnx_path: str, engine_path: str, limits: dict[str, int | None
         raise XLoraError(f"{engine_path}: the folder {folder} does not exist")
     version = tensorrt_version()
     cache = timing_cache or companions["timing_cache"]
-    graphs = [(onnx_path, engine_path, record)]
+    graphs = [(onnx_path, engine_path, info)]
     frozen_onnx = C.frozen_path(onnx_path)
-    if (record.get("files") or {}).get("frozen") and os.path.isfile(frozen_onnx):
-        graphs.append((frozen_onnx, companions["frozen"], read_record(frozen_onnx)))
+    if info.files.frozen and os.path.isfile(frozen_onnx):
+        graphs.append((frozen_onnx, companions["frozen"], GraphInfo.read(frozen_onnx)))
     tokenizer = C.tokenizer_path(onnx_path)
-    files = {"frozen": os.path.basename(companions["frozen"]) if len(graphs) > 1 else None,
-             "tokenizer": os.path.basename(companions["tokenizer"]) if os.path.isfile(tokenizer) else None}
+    files = Files(frozen=os.path.basename(companions["frozen"]) if len(graphs) > 1 else None,
+                  tokenizer=os.path.basename(companions["tokenizer"]) if os.path.isfile(tokenizer) else None)
     written = []
-    for source, target, graph_record in graphs:
-        profiles = engine_profiles(graph_record, spec)
+    for source, target, graph_info in graphs:
+        profiles = engine_profiles(graph_info, spec)
         start = time.perf_counter()
-        say(f"building {os.path.basename(target)} from {os.path.basename(source)} ({graph_record['dtype']}, "
+        say(f"building {os.path.basename(target)} from {os.path.basename(source)} ({graph_info.dtype}, "
             f"TensorRT {version}, profiles: {', '.join(PHASES)})")
         try:
             polygraphy_loaders(source, target, profiles, cache)()
@@ -205,8 +123,9 @@ def build_engines(onnx_path: str, engine_path: str, limits: dict[str, int | None
             raise XLoraError(f"{source}: TensorRT could not build an engine ({str(e).strip().splitlines()[-1]})"
                              ) from None
         say(f"built {os.path.basename(target)} in {time.perf_counter() - start:.1f} s")
-        written += [target, write_sidecar(target, sidecar(graph_record, spec, profiles, os.path.abspath(source),
-                                                          files, version))]
+        content = sidecar(dataclasses.replace(graph_info, files=files), spec.as_dict(), dict(zip(PHASES, profiles)),
+                          os.path.abspath(source), version)
+        written += [target, write_sidecar(target, content)]
     if files["tokenizer"]:
         shutil.copyfile(tokenizer, companions["tokenizer"])
         written.append(companions["tokenizer"])

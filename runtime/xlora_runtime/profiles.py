@@ -23,12 +23,13 @@ ones, which no call makes, and activation memory sized for it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from .errors import XLoraError
 from .format import contract as C
+from .format.record import GraphInfo
+from .format.sidecar import Shapes
 
-__all__ = ["DEFAULT_MAX_SEQUENCE", "DEFAULT_MAX_TOTAL", "PHASES", "ProfileLimits", "Shapes", "check_profile",
+__all__ = ["DEFAULT_MAX_SEQUENCE", "DEFAULT_MAX_TOTAL", "PHASES", "ProfileLimits", "check_profile",
            "engine_profiles", "input_dims", "limits_for", "ort_tensorrt_options", "profile_shapes", "select_profile",
            "wide_profile"]
 
@@ -36,7 +37,6 @@ PHASES = ("prefill", "decode")
 # Defaults where the user gives no limit (never above the model's positions): memory for activations grows with
 # prompt x positions, so a 128k-position model does not get a profile (and a workspace) for 128k by default.
 DEFAULT_MAX_TOTAL, DEFAULT_MAX_SEQUENCE = 4096, 1024
-Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # input -> (min, opt, max) shapes
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class ProfileLimits:
         return asdict(self)
 
 
-def limits_for(record: dict[str, Any], max_batch: int | None = None, max_sequence: int | None = None,
+def limits_for(record: GraphInfo, max_batch: int | None = None, max_sequence: int | None = None,
                max_total: int | None = None, opt_batch: int | None = None, opt_sequence: int | None = None,
                opt_total: int | None = None) -> ProfileLimits:
     """The limits; by default the record's `tensorrt_profile` hints (`xlora-export --max-batch`, the model's
@@ -65,12 +65,10 @@ def limits_for(record: dict[str, Any], max_batch: int | None = None, max_sequenc
         XLoraError: a limit < 1, a prompt longer than the total, a total beyond the model's positions, an opt point
             outside 1..max (2..max for the decode context).
     """
-    hints = record.get("tensorrt_profile") or {}
-    positions = int(record["max_position_embeddings"])
-    b = max_batch if max_batch is not None else int(hints.get("max_batch", 8))
-    t = max_total if max_total is not None else min(int(hints.get("max_past", positions)), positions,
-                                                    DEFAULT_MAX_TOTAL)
-    s = max_sequence if max_sequence is not None else min(int(hints.get("max_sequence", t)), t, DEFAULT_MAX_SEQUENCE)
+    hints, positions = record.tensorrt_profile, record.max_positions
+    b = max_batch if max_batch is not None else hints.max_batch
+    t = max_total if max_total is not None else min(hints.max_past, positions, DEFAULT_MAX_TOTAL)
+    s = max_sequence if max_sequence is not None else min(hints.max_sequence, t, DEFAULT_MAX_SEQUENCE)
     for flag, value in (("--max-batch", b), ("--max-sequence", s)):
         if value < 1:
             raise XLoraError(f"{flag} {value}: expected an int >= 1")
@@ -90,19 +88,19 @@ def limits_for(record: dict[str, Any], max_batch: int | None = None, max_sequenc
     return ProfileLimits(b, s, t, ob, os_, ot)
 
 
-def input_dims(record: dict[str, Any]) -> dict[str, tuple[str | int, ...]]:
+def input_dims(record: GraphInfo) -> dict[str, tuple[str | int, ...]]:
     """Every input of the graph the record describes (main or frozen), in graph order, with its contract dims:
     symbolic names (`batch`, `sequence`, `past_sequence`, `total_sequence`) or fixed sizes."""
-    frozen = record.get("graph") == "frozen"
+    frozen = record.graph == C.GRAPH_FROZEN
     dims: dict[str, tuple[str | int, ...]] = {C.INPUT_IDS: (C.BATCH, C.SEQUENCE),
                                               C.ATTENTION_MASK: (C.BATCH, C.TOTAL_SEQUENCE),
                                               C.POSITION_IDS: (C.BATCH, C.SEQUENCE)}
-    for cache in record["caches"].values():
-        dims.update({name: tuple(cache["shape"]) for name in cache["inputs"]})
+    for cache in record.caches.values():
+        dims.update({name: tuple(cache.shape) for name in cache.inputs})
     if frozen:
-        dims[C.SCALINGS] = (C.BATCH, int(record["n_modules"]), int(record["n_experts"]))
+        dims[C.SCALINGS] = (C.BATCH, record.n_modules, record.n_experts)
     dims[C.TOP_K] = ()
-    return {name: dims[name] for name in C.input_names(int(record["num_layers"]), frozen)}
+    return {name: dims[name] for name in C.input_names(record.num_layers, frozen)}
 
 
 def _phase_dims(limits: ProfileLimits, phase: str) -> dict[str, tuple[int, int, int]]:
@@ -125,7 +123,7 @@ def profile_shapes(dims: dict[str, tuple[str | int, ...]], symbols: dict[str, tu
     return shapes
 
 
-def engine_profiles(record: dict[str, Any], limits: ProfileLimits,
+def engine_profiles(record: GraphInfo, limits: ProfileLimits,
                     extra: dict[str, tuple[str | int, ...]] | None = None) -> list[Shapes]:
     """The engine's profiles, [prefill, decode] (index = `PHASES` index).
 
@@ -136,7 +134,7 @@ def engine_profiles(record: dict[str, Any], limits: ProfileLimits,
     return [profile_shapes(dims, _phase_dims(limits, phase)) for phase in PHASES]
 
 
-def wide_profile(record: dict[str, Any], limits: ProfileLimits) -> Shapes:
+def wide_profile(record: GraphInfo, limits: ProfileLimits) -> Shapes:
     """One profile holding prefill and decode calls, tuned at decode's opt point and consistent at its corners
     (see the module's table): for ONNX Runtime's TensorRT execution provider, which runs every call through one
     profile."""
@@ -146,7 +144,7 @@ def wide_profile(record: dict[str, Any], limits: ProfileLimits) -> Shapes:
     return profile_shapes(input_dims(record), symbols)
 
 
-def check_profile(record: dict[str, Any], shapes: Shapes) -> None:
+def check_profile(record: GraphInfo, shapes: Shapes) -> None:
     """Assert a profile's consistency at min, opt and max: min <= opt <= max per dimension, every cache input
     one shape, the mask's width = past + new tokens, fixed dimensions as the record says.
 

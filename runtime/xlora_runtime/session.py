@@ -1,9 +1,8 @@
-"""Loading an exported X-LoRA graph: `GraphInfo` (its metadata record) and `XLoraSession`
-(`OUT.onnx` and, on first use, `OUT.frozen.onnx`, opened by a backend: ONNX Runtime, OpenVINO, or the
-TensorRT engines `xlora-engine` built from them; see `backends/`).
+"""Loading an exported X-LoRA graph: `XLoraSession` (`OUT.onnx` and, on first use, `OUT.frozen.onnx`, opened by a
+backend: ONNX Runtime, OpenVINO, or the TensorRT engines `xlora-engine` built from them; see `backends/`).
 
-Everything needed to drive the graph comes from the metadata record and the files beside the
-graph (SPEC section 6); nothing here imports torch.
+Everything needed to drive the graph comes from its metadata record (`info`, a `format.record.GraphInfo`) and
+the files beside the graph; nothing here imports torch.
 
 Threads: one `XLoraSession` may serve several threads generating at once. Each backend's step is
 thread-safe (ONNX Runtime's `run` is, every step binds its own inputs and outputs), and the lazy opens
@@ -12,11 +11,9 @@ thread-safe (ONNX Runtime's `run` is, every step binds its own inputs and output
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,138 +22,22 @@ from .backends import ENGINE_SUFFIX, PROVIDERS, Graph, default_provider, open_ba
 from .backends.onnxruntime import open_graph
 from .errors import XLoraError, brief
 from .format import contract as C
-from .format.graph_file import read_metadata_props
+from .format.record import GraphInfo, peek_file
 from .threads import check_threads
 
-__all__ = ["PROVIDERS", "GraphInfo", "XLoraSession", "open_graph"]
-
-_REQUIRED = {"num_layers", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "n_modules",
-             "n_experts", "modules", "adapters", "default_top_k", "caches", "graph"}
-
-
-@dataclass(frozen=True)
-class GraphInfo:
-    """What the metadata record says about a graph (see `xlora_export.export._metadata`)."""
-
-    path: str
-    record: dict[str, Any]
-
-    @property
-    def num_layers(self) -> int:
-        return self.record["num_layers"]
-
-    @property
-    def kv_heads(self) -> int:
-        return self.record["num_key_value_heads"]
-
-    @property
-    def head_dim(self) -> int:
-        return self.record["head_dim"]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.record["vocab_size"]
-
-    @property
-    def max_positions(self) -> int:
-        return self.record["max_position_embeddings"]
-
-    @property
-    def attention(self) -> str:
-        """How the graph writes attention (`contract.ATTENTIONS`); graphs exported before the field: plain ONNX."""
-        return self.record.get("attention", C.ATTENTION_ONNX)
-
-    @property
-    def n_modules(self) -> int:
-        return self.record["n_modules"]
-
-    @property
-    def n_experts(self) -> int:
-        return self.record["n_experts"]
-
-    @property
-    def expert_names(self) -> list[str]:
-        return sorted(self.record["adapters"], key=self.record["adapters"].get)
-
-    @property
-    def module_names(self) -> list[str]:
-        return sorted(self.record["modules"], key=self.record["modules"].get)
-
-    @property
-    def default_top_k(self) -> int:
-        return self.record["default_top_k"]
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        return list(self.record.get("eos_token_id") or [])
-
-    @property
-    def pad_token_id(self) -> int:
-        pad = self.record.get("pad_token_id")
-        return pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
-
-    @property
-    def cache_dtype(self) -> str:
-        """The caches' dtype as the record names it: "float32", "float16" or "bfloat16"."""
-        return self.record["caches"]["real"]["dtype"]
-
-    def _companion(self, key: str) -> str | None:
-        name = (self.record.get("files") or {}).get(key)
-        path = os.path.join(os.path.dirname(os.path.abspath(self.path)), name) if name else None
-        return path if path and os.path.isfile(path) else None
-
-    @property
-    def frozen_path(self) -> str | None:
-        """`OUT.frozen.onnx` when it was exported and is present."""
-        return self._companion("frozen")
-
-    @property
-    def tokenizer_path(self) -> str | None:
-        """`OUT.tokenizer.json` when it travelled with the export."""
-        return self._companion("tokenizer")
-
-    @property
-    def chat_template_path(self) -> str | None:
-        """`OUT.chat_template.jinja` when the checkpoint's tokenizer had a chat template."""
-        return self._companion("chat_template")
-
-
-def _read_info(text: str | None, path: str) -> GraphInfo:
-    """The record as the backend read it from the opened graph (None: the graph has none)."""
-    if text is None:
-        raise XLoraError(f"{path}: not an X-LoRA export (no '{C.METADATA_KEY}' metadata record)")
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise XLoraError(f"{path}: the '{C.METADATA_KEY}' metadata record is not valid JSON ({e})") from None
-    if not isinstance(record, dict):
-        raise XLoraError(f"{path}: the '{C.METADATA_KEY}' metadata record is not a JSON object")
-    if record.get("format_version") != C.FORMAT_VERSION:
-        raise XLoraError(f"{path}: metadata format_version {record.get('format_version')!r}; this runtime reads "
-                         f"{C.FORMAT_VERSION}")
-    missing = sorted(_REQUIRED - set(record))
-    if missing:
-        raise XLoraError(f"{path}: the '{C.METADATA_KEY}' metadata record lacks {missing}")
-    return GraphInfo(path, record)
+__all__ = ["PROVIDERS", "XLoraSession", "open_graph"]
 
 
 def _check_before_opening(path: str, provider: str, low_memory: bool) -> None:
     """What the file's metadata record rules out before a backend opens it: a "gqa" graph on a provider that is
     not ONNX Runtime's; low_memory for an int4 graph. (A malformed record is reported once the graph is open.)"""
-    props = read_metadata_props(path) or {}
-    try:
-        record = json.loads(props.get(C.METADATA_KEY, "{}"))
-    except json.JSONDecodeError:
-        return
-    if not isinstance(record, dict):
-        return
-    attention = record.get("attention", C.ATTENTION_ONNX)
+    fields = peek_file(path)
+    attention, quantization = fields["attention"], fields["quantization"]
     if attention != C.ATTENTION_ONNX and PROVIDERS.get(provider, ("",))[0] != "onnxruntime":
         raise XLoraError(f"{path}: exported with --attention {attention} (ONNX Runtime's GroupQueryAttention); "
                          f"provider {provider!r} cannot run it: use cpu, cuda or tensorrt (ONNX Runtime), or export "
                          f"with --attention onnx")
-    quantization = record.get("quantization")
-    if low_memory and isinstance(quantization, dict) and quantization.get("mode") == "int4":
+    if low_memory and quantization is not None and quantization.mode == "int4":
         raise XLoraError(f"{path}: low_memory does not apply to int4 graphs: ONNX Runtime's MatMulNBits needs its "
                          f"pre-packed weights (without them a decode step is about 18x slower); open it without "
                          f"low_memory (its weights are already about a quarter of the float graph's)")
@@ -199,8 +80,8 @@ class XLoraSession:
         self.threads = threads
         self.main = self._open(path)
         try:
-            self.info = _read_info(self.main.metadata, path)
-            if self.info.record.get("graph") != "two_pass":
+            self.info = GraphInfo.parse(self.main.metadata, path)
+            if self.info.graph != C.GRAPH_TWO_PASS:
                 raise XLoraError(f"{path}: this is the frozen-scalings graph; open the main graph (OUT.onnx) "
                                  f"instead")
         except BaseException:

@@ -17,7 +17,6 @@ are kept beside the graph (`OUT.onnx.trt/`). Other ranges: build an engine with 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 from typing import Any
 
@@ -26,7 +25,8 @@ import onnxruntime as ort
 
 from ..errors import XLoraError
 from ..format import contract as C
-from ..format.graph_file import external_tensors, read_metadata_props
+from ..format.graph_file import external_tensors
+from ..format.record import GraphInfo, peek
 from ..profiles import limits_for, ort_tensorrt_options, wide_profile
 from ..threads import check_threads
 from . import Backend, Graph, window
@@ -56,24 +56,22 @@ def provider_options(provider: str, graph_path: str | None, device_id: int = 0) 
     if provider == "cuda":
         return [cuda, ("CPUExecutionProvider", {})]
     options: dict[str, Any] = {"device_id": device_id}
-    record = _record(graph_path) if graph_path else None
-    if record is not None:
-        options.update(ort_tensorrt_options(wide_profile(record, limits_for(record))))
+    info = _info(graph_path) if graph_path else None
+    if info is not None:
+        options.update(ort_tensorrt_options(wide_profile(info, limits_for(info))))
         cache = os.path.abspath(graph_path) + ".trt"
         options.update(trt_engine_cache_enable=True, trt_engine_cache_path=cache, trt_timing_cache_enable=True,
                        trt_timing_cache_path=cache)
     return [("TensorrtExecutionProvider", options), cuda, ("CPUExecutionProvider", {})]
 
 
-def _record(path: str) -> dict[str, Any] | None:
-    """The graph's metadata record read from the file (None when absent or malformed: the session reports it)."""
-    props = read_metadata_props(path) if os.path.isfile(path) else None
-    text = (props or {}).get(C.METADATA_KEY)
+def _info(path: str) -> GraphInfo | None:
+    """The graph's metadata record read from the file (None when it does not read: the session reports why once
+    the graph is open)."""
     try:
-        record = json.loads(text) if text else None
-    except json.JSONDecodeError:
-        return None  # the session reports the malformed record once the graph is open
-    return record if isinstance(record, dict) and "caches" in record else None
+        return GraphInfo.read(path)
+    except XLoraError:
+        return None
 
 
 def open_graph(path: str, provider: str = "cpu", threads: int | None = None, lean: bool = False,
@@ -133,14 +131,10 @@ class OrtGraph(Graph):
         self.input_types = {i.name: _TYPE_NAMES.get(i.type) for i in session.get_inputs()}
         self.output_names = [o.name for o in session.get_outputs()]
         self.output_types = {o.name: _TYPE_NAMES.get(o.type) for o in session.get_outputs()}
-        try:
-            record = json.loads(self.metadata or "{}")
-        except json.JSONDecodeError:
-            record = None  # the session reports a malformed record
         # GroupQueryAttention writes the new positions into a past buffer bound as its present too (on the CPU:
-        # the CacheGroup's buffers are host OrtValues; other devices keep the contract's concat)
-        self.in_place = (isinstance(record, dict) and record.get("attention") == C.ATTENTION_GQA
-                         and backend.device == "cpu")
+        # the CacheGroup's buffers are host OrtValues; other devices keep the contract's concat). The session reports
+        # a malformed record; a graph without one (a benchmark's plain base graph) may still say its attention.
+        self.in_place = peek(self.metadata)["attention"] == C.ATTENTION_GQA and backend.device == "cpu"
         pasts = [n for n in self.input_types if n.startswith(("past_key_values.", "scaling_past_key_values."))]
         self.present_of = {C.present_name(past): past for past in pasts}  # present output -> its past input
 

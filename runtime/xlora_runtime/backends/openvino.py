@@ -15,7 +15,6 @@ host memory, and freezing or finishing a row is rare.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ import openvino as ov
 
 from ..errors import XLoraError
 from ..format import contract as C
+from ..format.record import peek
 from . import Backend, Graph, window
 from .dtypes import from_float32, to_float32
 
@@ -50,10 +50,8 @@ class OpenVinoGraph(Graph):
         self.compiled = compiled
         self.output_names = [o.get_any_name() for o in model.outputs]
         self.types = {p.get_any_name(): p.get_element_type() for p in [*model.inputs, *model.outputs]}
-        try:  # a last-position graph's logits are (g, 1, vocab); OpenVINO reads that axis as a bounded interval
-            self.last_logits = json.loads(self.metadata or "{}").get("logits") == "last"
-        except (json.JSONDecodeError, AttributeError):
-            self.last_logits = False  # the session reports a malformed record
+        # a last-position graph's logits are (g, 1, vocab); OpenVINO reads that axis as a bounded interval
+        self.last_logits = peek(self.metadata)["logits"] == C.LOGITS_LAST  # the session reports a malformed record
 
     @property
     def metadata(self) -> str | None:

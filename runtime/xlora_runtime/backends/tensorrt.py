@@ -14,16 +14,16 @@ TensorRT); `make_backend` imports TensorRT.
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any
 
 import numpy as np
 
-from ..engine import read_sidecar
 from ..errors import XLoraError
 from ..format import contract as C
-from ..profiles import Shapes, select_profile
+from ..format.record import GraphInfo
+from ..format.sidecar import Shapes, read_sidecar
+from ..profiles import select_profile
 from . import Backend, Graph, cuda, window
 from .cuda import DeviceTensor
 from .dtypes import from_float32, to_float32
@@ -35,17 +35,16 @@ class EngineIO:
     """What an engine's sidecar says about its inputs and outputs, and the shapes of one step.
 
     Args:
-        record: the graph's metadata record (from the sidecar).
+        info: the graph's metadata record (from the sidecar).
         profiles: the engine's profiles, in the engine's order.
     """
 
-    def __init__(self, record: dict[str, Any], profiles: list[Shapes]) -> None:
-        self.record = record
+    def __init__(self, info: GraphInfo, profiles: list[Shapes]) -> None:
+        self.info = info
         self.profiles = profiles
-        n = int(record["num_layers"])
-        self.frozen = record.get("graph") == "frozen"
-        self.input_names = C.input_names(n, self.frozen)
-        self.output_names = C.output_names(n, self.frozen)
+        self.frozen = info.graph == C.GRAPH_FROZEN
+        self.input_names = C.input_names(info.num_layers, self.frozen)
+        self.output_names = C.output_names(info.num_layers, self.frozen)
 
     def plan(self, shapes: dict[str, tuple[int, ...]]) -> tuple[int, dict[str, tuple[int, ...]]]:
         """(profile index, every output's shape) of a step with these input shapes.
@@ -55,11 +54,11 @@ class EngineIO:
         """
         assert all(name in shapes for name in self.input_names), "a step gives every input"
         g, s = shapes[C.INPUT_IDS]
-        past = shapes[C.past_names(int(self.record["num_layers"]))[0]]
-        positions = 1 if self.record.get("logits") == "last" else s  # last-position logits, or every position's
-        outputs = {C.LOGITS: (g, positions, int(self.record["vocab_size"]))}
+        past = shapes[C.past_names(self.info.num_layers)[0]]
+        positions = 1 if self.info.logits == C.LOGITS_LAST else s  # last-position logits, or every position's
+        outputs = {C.LOGITS: (g, positions, self.info.vocab_size)}
         if not self.frozen:
-            outputs[C.SCALINGS] = (g, s, int(self.record["n_modules"]), int(self.record["n_experts"]))
+            outputs[C.SCALINGS] = (g, s, self.info.n_modules, self.info.n_experts)
         for name in self.output_names[len(outputs):]:
             outputs[name] = (g, past[1], past[2] + s, past[3])
         return select_profile(self.profiles, shapes), outputs
@@ -84,12 +83,12 @@ class _Context:
 class TrtGraph(Graph):
     """One deserialized engine (`OUT.engine` or `OUT.frozen.engine`) and its sidecar."""
 
-    def __init__(self, backend: TrtBackend, path: str, record: dict[str, Any], profiles: list[Shapes],
+    def __init__(self, backend: TrtBackend, path: str, info: GraphInfo, profiles: list[Shapes],
                  engine: Any) -> None:
         self.backend = backend
         self.path = path
-        self.record = record
-        self.io = EngineIO(record, profiles)
+        self.info = info
+        self.io = EngineIO(info, profiles)
         self.engine = engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         expected = self.io.input_names + self.io.output_names
@@ -106,7 +105,7 @@ class TrtGraph(Graph):
 
     @property
     def metadata(self) -> str | None:
-        return json.dumps(self.record)
+        return self.info.to_json()
 
     def _context(self, index: int) -> _Context:
         with self._lock:
@@ -190,14 +189,14 @@ class TrtBackend(Backend):
             cuda.set_device(self.device)
 
     def open(self, path: str) -> TrtGraph:
-        record, profiles = read_sidecar(path)
+        info, profiles = read_sidecar(path)
         self.on_device()
         with open(path, "rb") as f:
             engine = self.runtime.deserialize_cuda_engine(f.read())
         if engine is None:
             raise XLoraError(f"{path}: TensorRT cannot load this engine (built by another TensorRT version or for "
                              f"another GPU model?); rebuild it here with xlora-engine")
-        return TrtGraph(self, path, record, profiles, engine)
+        return TrtGraph(self, path, info, profiles, engine)
 
     def empty(self, shape: tuple[int, ...], dtype: str) -> DeviceTensor:
         self.on_device()

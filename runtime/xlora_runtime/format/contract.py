@@ -16,6 +16,10 @@ Main graph `OUT.onnx` (both passes):
 Frozen graph `OUT.frozen.onnx` (real pass only): the same inputs minus the scaling caches, plus
 `scalings` (batch, L, n) before `top_k`; outputs logits and present.*.
 
+Kinds (`graph` in the metadata record): "two_pass" (OUT.onnx), "frozen" (OUT.frozen.onnx). Logits (`logits`):
+"last" (the default) or "all" (--all-logits). Float tensors (logits, scalings, caches) have the element type of the
+export's --dtype: fp32 float32, fp16 float16, bf16 bfloat16 (`GRAPH_DTYPES`).
+
 Attention (`attention` in the metadata record): "onnx", plain ONNX ops; or "gqa" (`xlora-export --attention
 gqa`), ONNX Runtime's com.microsoft GroupQueryAttention per layer and pass. The names and shapes are the same;
 a "gqa" graph may also be run with each present bound to its past's buffer, longer than the past
@@ -25,10 +29,11 @@ a "gqa" graph may also be run with each present bound to its past's buffer, long
 from __future__ import annotations
 
 __all__ = [
-    "ATTENTIONS", "ATTENTION_GQA", "ATTENTION_MASK", "ATTENTION_ONNX", "BATCH", "FORMAT_VERSION", "INPUT_IDS",
-    "LOGITS", "METADATA_KEY", "OPSET_DEFAULT", "OPSET_MAX", "OPSET_MIN", "ORT_DOMAIN", "PAST_SEQUENCE",
-    "POSITION_IDS", "SCALINGS", "SEQUENCE", "TOP_K", "TOTAL_SEQUENCE", "chat_template_path", "dynamic_axes",
-    "frozen_path", "input_names", "output_names", "past_names", "present_name", "present_names", "tokenizer_path",
+    "ATTENTIONS", "ATTENTION_GQA", "ATTENTION_MASK", "ATTENTION_ONNX", "BATCH", "FORMAT_VERSION", "GRAPH_DTYPES",
+    "GRAPH_FROZEN", "GRAPH_TWO_PASS", "INPUT_IDS", "LOGITS", "LOGITS_ALL", "LOGITS_LAST", "METADATA_KEY",
+    "OPSET_DEFAULT", "OPSET_MAX", "OPSET_MIN", "ORT_DOMAIN", "PAST_SEQUENCE", "POSITION_IDS", "SCALINGS", "SEQUENCE",
+    "TOP_K", "TOTAL_SEQUENCE", "chat_template_path", "dynamic_axes", "frozen_path", "input_names", "output_names",
+    "past_names", "present_name", "present_names", "tokenizer_path",
 ]
 
 FORMAT_VERSION = 1
@@ -41,6 +46,9 @@ OPSET_MIN, OPSET_MAX, OPSET_DEFAULT = 14, 20, 17
 ATTENTION_ONNX, ATTENTION_GQA = "onnx", "gqa"
 ATTENTIONS = (ATTENTION_ONNX, ATTENTION_GQA)
 ORT_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators
+GRAPH_TWO_PASS, GRAPH_FROZEN = "two_pass", "frozen"  # the record's "graph": OUT.onnx, OUT.frozen.onnx
+LOGITS_LAST, LOGITS_ALL = "last", "all"  # the record's "logits": the last position's, or every position's
+GRAPH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype -> element type of float tensors
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"

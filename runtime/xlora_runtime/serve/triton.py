@@ -33,10 +33,12 @@ import shutil
 from typing import Any
 
 from ..commands import positive_int, run
-from ..engine import engine_companions, polygraphy_loaders, read_record, tensorrt_version
+from ..engine import polygraphy_loaders, tensorrt_version
 from ..errors import XLoraError
 from ..format import contract as C
 from ..format.graph_file import external_tensors
+from ..format.record import GraphInfo
+from ..format.sidecar import engine_companions
 from ..profiles import engine_profiles, limits_for
 
 __all__ = ["START", "build_parser", "check_state_pairs", "main", "model_config", "served_graph", "write_repository"]
@@ -65,20 +67,19 @@ def _dims(shape: list[Any]) -> str:
     return "[ " + ", ".join(str(d) if isinstance(d, int) else "-1" for d in shape) + " ]"
 
 
-def model_config(record: dict[str, Any], name: str, backend: str, max_sequences: int = 16,
+def model_config(info: GraphInfo, name: str, backend: str, max_sequences: int = 16,
                  gpu: bool = True, idle_seconds: int = 60) -> str:
     """config.pbtxt of the served main graph (text format of Triton's ModelConfig).
 
     Args:
         backend: "onnxruntime" or "tensorrt" (which then needs gpu and uses both engine profiles).
     """
-    n, dtype = int(record["num_layers"]), record["caches"]["real"]["dtype"]
-    kv = record["caches"]["real"]["shape"]
-    state_type = _TRITON_TYPES[dtype]
+    n, kv = info.num_layers, info.caches["real"].shape
+    state_type = _TRITON_TYPES[info.cache_dtype]
     inputs = [(C.INPUT_IDS, "TYPE_INT64", [-1, -1]), (C.ATTENTION_MASK, "TYPE_INT64", [-1, -1]),
               (C.POSITION_IDS, "TYPE_INT64", [-1, -1]), (C.TOP_K, "TYPE_INT64", [1])]
-    outputs = [(C.LOGITS, state_type, [-1, -1, int(record["vocab_size"])]),
-               (C.SCALINGS, state_type, [-1, -1, int(record["n_modules"]), int(record["n_experts"])])]
+    outputs = [(C.LOGITS, state_type, [-1, -1, info.vocab_size]),
+               (C.SCALINGS, state_type, [-1, -1, info.n_modules, info.n_experts])]
     pairs = list(zip(C.past_names(n) + C.past_names(n, True), C.present_names(n) + C.present_names(n, True)))
     check_state_pairs(pairs)
     lines = [f'name: "{name}"',
@@ -175,8 +176,8 @@ def write_repository(onnx_path: str, repo_dir: str, name: str = "xlora", backend
         XLoraError: not an X-LoRA export, the frozen graph given, an existing model folder without `force`,
             no onnx package, tensorrt without a GPU machine with TensorRT (nothing is written then).
     """
-    record = read_record(onnx_path)
-    if record.get("graph") != "two_pass":
+    info = GraphInfo.read(onnx_path)
+    if info.graph != C.GRAPH_TWO_PASS:
         raise XLoraError(f"{onnx_path}: this is the frozen-scalings graph; give the main graph (OUT.onnx)")
     if backend == "tensorrt" and not gpu:
         raise XLoraError("--backend tensorrt runs on a GPU: drop --cpu")
@@ -201,14 +202,14 @@ def write_repository(onnx_path: str, repo_dir: str, name: str = "xlora", backend
         written.append(os.path.join(version_dir, data))
     if backend == "tensorrt":
         plan = os.path.join(version_dir, "model.plan")
-        profiles = engine_profiles(record, limits_for(record, **(engine_limits or {})))
+        profiles = engine_profiles(info, limits_for(info, **(engine_limits or {})))
         polygraphy_loaders(served, plan, profiles, engine_companions(plan)["timing_cache"])()
         for path in written:
             os.remove(path)
         written = [plan]
     config = os.path.join(model_dir, "config.pbtxt")
     with open(config, "w", encoding="utf-8") as f:
-        f.write(model_config(record, name, backend, max_sequences, gpu))
+        f.write(model_config(info, name, backend, max_sequences, gpu))
     written.append(config)
     tokenizer = C.tokenizer_path(onnx_path)
     if os.path.isfile(tokenizer):
