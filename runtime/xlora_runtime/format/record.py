@@ -29,7 +29,6 @@ from .graph_file import read_metadata_props
 
 __all__ = ["CacheSpec", "Files", "GraphInfo", "ProfileHints", "Quantization", "peek", "peek_file"]
 
-_RECORD = f"the '{C.METADATA_KEY}' metadata record"
 
 
 class _InvalidError(Exception):
@@ -287,19 +286,20 @@ class GraphInfo(_Json):
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                raise XLoraError(f"{path}: {_RECORD} is not valid JSON ({e})") from None
+                raise XLoraError(f"{path}: the '{C.METADATA_KEY}' metadata record is not valid JSON ({e})") from None
         if not isinstance(obj, dict):
-            raise XLoraError(f"{path}: {_RECORD} is not a JSON object")
+            raise XLoraError(f"{path}: the '{C.METADATA_KEY}' metadata record is not a JSON object")
         if obj.get("format_version") != C.FORMAT_VERSION:
             raise XLoraError(f"{path}: metadata format_version {brief(obj.get('format_version'))}; this runtime "
                              f"reads {C.FORMAT_VERSION}")
         try:
             return _load(cls, obj, path=path)
         except _LackingError as e:
-            raise XLoraError(f"{path}: {_RECORD} lacks {e.args[0]}") from None
+            raise XLoraError(f"{path}: the '{C.METADATA_KEY}' metadata record lacks {e.args[0]}") from None
         except _InvalidError as e:
             key, value, expected = e.args
-            raise XLoraError(f"{path}: {_RECORD}: {key} is {brief(value)}; expected {expected}") from None
+            raise XLoraError(f"{path}: the '{C.METADATA_KEY}' metadata record: {key} is {brief(value)}; expected "
+                             f"{expected}") from None
 
     @classmethod
     def read(cls, onnx_path: str) -> GraphInfo:
