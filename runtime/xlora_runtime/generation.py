@@ -1,14 +1,18 @@
 """Generation over an exported X-LoRA graph: prompts in, tokens, text and per-token scalings out.
 
-    encode + left-pad prompts -> prefill (main graph, both caches) -> per step:
+    validate the call -> one row per prompt -> the batch core (`batch.py`):
+        prefill (prompts left padded, main graph, both caches) -> per step:
         pick tokens (greedy or sampling) -> stop checks -> drop finished rows (caches freed)
         -> rows reaching `freeze_scalings_after` move to the frozen graph (scaling cache dropped)
         -> each group runs its new tokens
 
-`Generator.stream` yields one `TokenEvent` per new token; `Generator.generate` collects them.
+`Generator.stream` yields one `TokenEvent` per new token; `Generator.generate` collects them. The server's
+scheduler drives the same core, so both give the same tokens, texts and finish reasons.
 
 Finish reasons: "stop_token", "stop_string", "length" (max_new_tokens reached) and "max_positions" (the
-model's max_position_embeddings ended the sequence before max_new_tokens).
+model's max_position_embeddings ended the sequence before max_new_tokens). Stop text is never released: a
+stop id's text is not, and text that may begin a stop string is held back until it cannot (OpenAI's rule),
+so the streamed and the final text end before the first stop string.
 
 Threads: a `Generator` (and its `XLoraSession`) may be shared by threads generating at once. Each call's
 state is its own; the scalings log receives a call's entries in one block when the call completes.
@@ -26,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from .batch import Batch, Row, StopStrings, pick_tokens
 from .errors import XLoraError, brief
-from .kv_cache import CacheGroup
 from .scalings_log import save_scalings_arrays
 from .session import XLoraSession
 
@@ -43,7 +47,7 @@ class TokenEvent:
     sequence: int  # index of the prompt
     step: int  # 0 for the first new token
     token: int
-    text: str  # the text this token completes ('' when it ends inside a character)
+    text: str  # the text released with this token ('' inside a character or while it may begin a stop string)
     scalings: np.ndarray  # (L, n): the scalings of the position that chose this token (frozen ones once frozen)
     logits: np.ndarray | None  # (vocab,) when asked for
     finish_reason: str | None  # None, or on the last token "stop_token" / "stop_string" / "length" / "max_positions"
@@ -59,33 +63,6 @@ class Generation:
     scalings: np.ndarray | None = None  # (new tokens, L, n)
     logits: np.ndarray | None = None  # (new tokens, vocab) with return_logits
     finish_reason: str | None = None
-
-
-def pick_tokens(logits: np.ndarray, do_sample: bool, temperature: float, top_p: float,
-                rng: np.random.Generator) -> np.ndarray:
-    """Next token of each row: argmax, or a sample after temperature and top-p (nucleus) filtering.
-
-    Args:
-        logits: (g, vocab) float32.
-    Returns:
-        (g,) int64.
-    """
-    if not do_sample:
-        return logits.argmax(-1)
-    z = logits.astype(np.float64)
-    with np.errstate(over="ignore"):  # <= 0 before dividing: a tiny temperature gives -inf (probability 0), no NaN
-        z = (z - z.max(-1, keepdims=True)) / temperature
-    probs = np.exp(z)
-    probs /= probs.sum(-1, keepdims=True)
-    if top_p < 1.0:
-        order = np.argsort(-probs, axis=-1)
-        sorted_probs = np.take_along_axis(probs, order, -1)
-        drop_sorted = np.cumsum(sorted_probs, -1) - sorted_probs >= top_p  # keep the smallest set reaching top_p
-        drop = np.zeros_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, -1)
-        probs = np.where(drop, 0.0, probs)
-        probs /= probs.sum(-1, keepdims=True)
-    return np.array([rng.choice(probs.shape[-1], p=p) for p in probs], dtype=np.int64)
 
 
 def _is_int(value: Any) -> bool:
@@ -112,10 +89,10 @@ class _Request:
     temperature: float
     top_p: float
     seed: int | None
-    stops: np.ndarray  # (k,) int64 stop ids
+    stops: frozenset[int]  # stop ids
     stop_strings: list[str]
     top_k: int
-    freeze_at: np.ndarray  # (b,) int64, -1 = never
+    freeze_at: list[int | None]  # per prompt, None = never
     return_logits: bool
 
 
@@ -226,17 +203,17 @@ class Generator:
             reason = (str(e).splitlines() or [""])[0][:120]
             raise XLoraError(f"prompt {i}: the tokenizer cannot encode it ({type(e).__name__}: {reason})") from None
 
-    def _stop_ids(self, stop_token_ids: int | Sequence[int] | None) -> np.ndarray:
+    def _stop_ids(self, stop_token_ids: int | Sequence[int] | None) -> frozenset[int]:
         info = self.session.info
         if stop_token_ids is None:
-            return np.array(info.eos_token_ids, dtype=np.int64)
+            return frozenset(int(i) for i in info.eos_token_ids)
         ids = [stop_token_ids] if _is_int(stop_token_ids) else stop_token_ids
         if not _is_list(ids):
             raise XLoraError(f"stop_token_ids={brief(stop_token_ids)}: expected None, a token id or a list of them")
         bad = [i for i in ids if not _is_int(i) or not 0 <= i < info.vocab_size]
         if bad:
             raise XLoraError(f"stop_token_ids: {brief(bad[0])} is not a token id in 0..{info.vocab_size - 1}")
-        return np.array([int(i) for i in ids], dtype=np.int64)
+        return frozenset(int(i) for i in ids)
 
     def _stop_strings(self, stop_strings: str | Sequence[str] | None) -> list[str]:
         strings = [stop_strings] if isinstance(stop_strings, str) else [] if stop_strings is None else stop_strings
@@ -249,7 +226,7 @@ class Generator:
             raise XLoraError("stop_strings need the tokenizer, and none travelled with this export")
         return list(strings)
 
-    def _freeze_steps(self, freeze_scalings_after: int | Sequence[int | None] | None, b: int) -> np.ndarray:
+    def _freeze_steps(self, freeze_scalings_after: int | Sequence[int | None] | None, b: int) -> list[int | None]:
         if freeze_scalings_after is None or _is_int(freeze_scalings_after):
             values = [freeze_scalings_after] * b
         elif _is_list(freeze_scalings_after):
@@ -264,8 +241,7 @@ class Generator:
                 raise XLoraError(f"freeze_scalings_after={brief(v)}: expected None or an int >= 0")
         if any(v is not None for v in values):
             self.session.frozen  # noqa: B018 - opens OUT.frozen.onnx, or raises the clear error now
-        never = np.iinfo(np.int64).max  # a step no generation reaches (a larger int would overflow the array)
-        return np.array([-1 if v is None else min(int(v), never) for v in values], dtype=np.int64)
+        return [None if v is None else int(v) for v in values]
 
     def _request(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int, do_sample: bool, temperature: float,
                  top_p: float, seed: int | None, stop_token_ids: int | Sequence[int] | None,
@@ -309,7 +285,8 @@ class Generator:
                 with finish reason "max_positions".
             do_sample, temperature, top_p, seed: sampling (greedy by default); `seed` makes it reproducible.
             stop_token_ids: default the export's eos ids; [] never stops on a token.
-            stop_strings: stop once the generated text contains one of them (needs the tokenizer).
+            stop_strings: stop once the generated text contains one of them (needs the tokenizer); the text
+                ends before it, and no part of it is ever yielded.
             expert_top_k: experts kept per token and module, 0 = dense (default: the model's top_k_lora).
             freeze_scalings_after: None, or k (or one value per prompt): after k decode steps the
                 sequence's scalings are frozen at its latest token and it continues on OUT.frozen.onnx.
@@ -326,81 +303,41 @@ class Generator:
         """The generation loop of `stream`, on a validated request. Its caches are released however it ends."""
         info = self.session.info
         b = len(r.encoded)
-        lengths = np.array([len(p) for p in r.encoded])
-        width = int(lengths.max())
-        rng = np.random.default_rng(r.seed)
-        mask = np.zeros((b, width + r.max_new_tokens), np.int64)  # preallocated; column t = position t
-        ids = np.full((b, width), info.pad_token_id, np.int64)
-        for i, prompt in enumerate(r.encoded):
-            mask[i, width - len(prompt):width] = 1
-            ids[i, width - len(prompt):] = prompt
-        positions = np.clip(mask[:, :width].cumsum(-1) - 1, 0, None)
-        next_position = lengths.copy()  # position of each sequence's next token
-        finished = np.zeros(b, bool)
-        last_token = np.zeros(b, np.int64)
-        latest_scalings = np.zeros((b, info.n_modules, info.n_experts), np.float32)
-        decoders, tails = self._text_state(b)  # tails: the last generated characters, for stop strings
-        max_stop = max((len(s) for s in r.stop_strings), default=0)
+        rng = np.random.default_rng(r.seed)  # one stream of draws for the call, taken in row order each step
+        rows = [Row(id=i, prompt_ids=prompt, budget=r.max_new_tokens, capped=r.position_capped, top_k=r.top_k,
+                    temperature=r.temperature if r.do_sample else 0.0, top_p=r.top_p, rng=rng, stop_ids=r.stops,
+                    stop=StopStrings(r.stop_strings), freeze_after=r.freeze_at[i])
+                for i, prompt in enumerate(r.encoded)]
         log = None
         if self.log_scalings:
             log = _CallLog([], [dict(prompt_ids=p, tokens=[], pieces=[], finish_reason=None) for p in r.encoded],
-                           [None if k < 0 else int(k) for k in r.freeze_at])
-        last_reason = "max_positions" if r.position_capped else "length"
-        groups, peak = [CacheGroup(self.session, np.arange(b))], 0
-        groups[0].reserve(width + r.max_new_tokens - 1)  # every position the graph will see (the last token's is not)
+                           list(r.freeze_at))
+        batch = Batch(self.session)
         try:
-            outs = [groups[0].run(ids, mask[:, :width], positions, r.top_k)]
-            peak, total = groups[0].nbytes(), width
-            if log is not None:
-                log.entries.append(outs[0].scalings)
-            for step in range(r.max_new_tokens):
-                events = []
-                for group, out in zip(groups, outs):
-                    tokens = pick_tokens(out.last_logits, r.do_sample, r.temperature, r.top_p, rng)
-                    row_scalings = group.fixed_scalings if group.frozen else out.scalings[:, -1]
-                    for j, row in enumerate(group.rows):
-                        token = int(tokens[j])
-                        last_token[row], latest_scalings[row] = token, row_scalings[j]
-                        piece = self._decode(decoders, row, token)
-                        if max_stop:  # bounded: no per-step work that grows with the sequence
-                            tails[row] = (tails[row] + piece)[-(max_stop + len(piece)):]
-                        reason = None
-                        if token in r.stops:
-                            reason = "stop_token"
-                        elif max_stop and any(s in tails[row] for s in r.stop_strings):
-                            reason = "stop_string"
-                        elif step == r.max_new_tokens - 1:
-                            reason = last_reason
-                        finished[row] = reason is not None
-                        events.append(TokenEvent(int(row), step, token, piece, row_scalings[j].copy(),
-                                                 out.last_logits[j].copy() if r.return_logits else None, reason))
-                events.sort(key=lambda e: e.sequence)
+            # every position the graph will see (the last token's is not), allocated once by in-place graphs
+            tokens = batch.prefill(rows, reserve=max(len(p) for p in r.encoded) + r.max_new_tokens - 1)
+            if log is not None:  # the prefill's entry: every prompt position (b, width, L, n)
+                log.entries.append(np.stack([t.run_scalings for t in sorted(tokens, key=lambda t: t.row.id)]))
+            while True:
+                events = [TokenEvent(t.row.id, t.step, t.token, t.text, t.scalings.copy(),
+                                     t.logits.copy() if r.return_logits else None, t.finish_reason)
+                          for t in sorted(tokens, key=lambda t: t.row.id)]
                 if log is not None:
                     log.add(events)
-                if finished.all():  # complete: logged before the last events, which a consumer may not outlive
-                    self._end_call(log, peak)
+                if not batch.rows:  # complete: logged before the last events, which a consumer may not outlive
+                    self._end_call(log, batch.peak_bytes)
                     yield from events
                     return
                 yield from events
-                groups = self._advance(groups, finished, r.freeze_at, step, latest_scalings)
-                total += 1
-                mask[:, total - 1] = 1
-                entry = None if log is None else np.full((b, 1, info.n_modules, info.n_experts), np.nan, np.float32)
-                outs = []
-                for group in groups:
-                    rows = group.rows
-                    outs.append(group.run(last_token[rows, None], mask[rows, :total], next_position[rows, None],
-                                          r.top_k))
-                    if entry is not None:  # a frozen group logs its fixed scalings, as the eager model does
-                        entry[rows] = group.fixed_scalings[:, None] if group.frozen else outs[-1].scalings
-                if log is not None:
+                tokens = batch.decode()
+                if log is not None:  # a finished row is NaN; a frozen one logs its fixed scalings, as the eager model
+                    entry = np.full((b, 1, info.n_modules, info.n_experts), np.nan, np.float32)
+                    for t in tokens:
+                        entry[t.row.id, 0] = t.scalings
                     log.entries.append(entry)
-                next_position += 1
-                peak = max(peak, sum(g.nbytes() for g in groups))
         finally:
-            for group in groups:
-                group.release()
-            self.peak_cache_bytes = peak
+            batch.release()
+            self.peak_cache_bytes = batch.peak_bytes
 
     def _end_call(self, log: _CallLog | None, peak: int) -> None:
         """A call completed: its peak cache memory, and its part of the log appended in one block."""
@@ -409,40 +346,6 @@ class Generator:
             with self._log_lock:
                 self._log.extend(log.entries)
                 self._log_calls.append(log)
-
-    def _advance(self, groups: list[CacheGroup], finished: np.ndarray, freeze_at: np.ndarray, step: int,
-                 latest_scalings: np.ndarray) -> list[CacheGroup]:
-        """The groups of the next step: finished rows dropped, rows due to freeze moved to the frozen group.
-        A group that gave its rows away is released."""
-        granular, frozen = [], []
-        for group in groups:
-            alive = ~finished[group.rows]
-            freeze = alive & (freeze_at[group.rows] == step) & (not group.frozen)  # `step` decode steps ran
-            stay = alive & ~freeze
-            same_kind = frozen if group.frozen else granular
-            if freeze.any():
-                frozen.append(group.take(freeze, frozen=True, fixed_scalings=latest_scalings[group.rows[freeze]]))
-            if stay.all():
-                same_kind.append(group)
-                continue
-            if stay.any():
-                same_kind.append(group.take(stay))
-            group.release()
-        if len(frozen) > 1:
-            frozen = [frozen[0].merge(frozen[1])]
-        return granular + frozen
-
-    def _text_state(self, b: int) -> tuple[list, list[str]]:
-        if self.session.tokenizer is None:
-            return [None] * b, [""] * b
-        from tokenizers.decoders import DecodeStream
-
-        return [DecodeStream(skip_special_tokens=True) for _ in range(b)], [""] * b
-
-    def _decode(self, decoders: list, row: int, token: int) -> str:
-        if decoders[row] is None:
-            return ""
-        return decoders[row].step(self.session.tokenizer, token) or ""
 
     def generate(self, prompts: Prompt | Sequence[Prompt], on_token: Callable[[TokenEvent], None] | None = None,
                  **options: Any) -> list[Generation]:

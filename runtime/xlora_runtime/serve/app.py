@@ -34,7 +34,7 @@ from ..chat import ChatTemplate, check_messages
 from ..errors import XLoraError
 from ..session import XLoraSession
 from .metrics import Metrics
-from .protocol import ParsedRequest, choice_extras, parse_chat, parse_completion
+from .protocol import ParsedRequest, choice_extras, openai_finish_reason, parse_chat, parse_completion
 from .scheduler import QueueFullError, RequestHandle, Scheduler, TokenOut
 
 __all__ = ["Server", "ServerConfig", "create_app"]
@@ -284,7 +284,7 @@ def create_app(server: Server) -> FastAPI:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
                 choice["text"] = text
-            choice.update(logprobs=None, finish_reason=outs[-1].finish_reason)
+            choice.update(logprobs=None, finish_reason=openai_finish_reason(outs[-1].finish_reason))
             extras = choice_extras(outs, parsed, server.info.expert_names, server.top_k(parsed.specs[i].top_k))
             if extras:
                 choice["xlora"] = extras
@@ -311,7 +311,7 @@ def create_app(server: Server) -> FastAPI:
                         choice["delta"] = {"content": out.text}
                     else:
                         choice["text"] = out.text
-                    choice.update(logprobs=None, finish_reason=out.finish_reason)
+                    choice.update(logprobs=None, finish_reason=openai_finish_reason(out.finish_reason))
                     if extras:
                         choice["xlora"] = extras
                     yield _sse(head | {"choices": [choice]})

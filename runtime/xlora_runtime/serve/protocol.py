@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import XLoraError, brief
 from .scheduler import RequestSpec, TokenOut
 
-__all__ = ["ParsedRequest", "choice_extras", "parse_chat", "parse_completion"]
+__all__ = ["ParsedRequest", "choice_extras", "openai_finish_reason", "parse_chat", "parse_completion"]
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n",
            "logprobs", "frequency_penalty", "presence_penalty", "logit_bias", "user", "ignore_eos", "xlora"}
@@ -36,6 +36,8 @@ _NEUTRAL = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logpro
             "logit_bias": (None, {}), "suffix": (None,)}
 XLORA_FIELDS = ("expert_top_k", "freeze_scalings_after", "return_scalings", "return_token_ids")
 MAX_STOPS = 4
+# the runtime's finish reasons (a stop id or a stop string; max_tokens or the model's positions) as OpenAI's
+_FINISH_REASONS = {"stop_token": "stop", "stop_string": "stop", "length": "length", "max_positions": "length"}
 
 
 @dataclass
@@ -182,6 +184,11 @@ def parse_chat(body: Any, render: Any, encode: Any) -> ParsedRequest:
     spec, answer = _options(body, None)  # OpenAI's default: until the model's positions end
     ids = encode(render(body["messages"]))
     return ParsedRequest("chat", [RequestSpec(ids, **spec)], **answer)
+
+
+def openai_finish_reason(reason: str | None) -> str | None:
+    """The OpenAI API's finish reason ("stop", "length") for the runtime's, None for a token that ends nothing."""
+    return None if reason is None else _FINISH_REASONS[reason]
 
 
 def choice_extras(outs: list[TokenOut], request: ParsedRequest, experts: list[str], top_k: int) -> dict[str, Any]:

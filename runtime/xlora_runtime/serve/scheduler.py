@@ -2,7 +2,7 @@
 decode steps.
 
     submit -> waiting queue (bounded: `QueueFullError` beyond it)
-    each engine iteration:
+    each engine iteration, on the batch core (`batch.py`, the Generator's too):
         admit waiting requests while the batch has room -> prefill them (left-padded, one group per top_k;
             a session's stored caches are extended instead when the prompt continues its history)
         -> the first token of each -> survivors merge into the running group of their kind (granular or
@@ -12,10 +12,10 @@ decode steps.
            rows reaching `freeze_after` move to the frozen group; leading columns that are padding for every
            row are dropped (`CacheGroup.slice_positions`)
 
-Every row of a group holds its real positions right-aligned (padding on the left only), so its attention mask
-is `[0] * (length - real) + [1] * real` and the graph's positions (`cumsum(mask) - 1`) are the row's own: a
-request gives the tokens it would get alone. One engine thread runs the graph; callers (the HTTP app's event
-loop) submit from other threads and receive `TokenOut`s on an asyncio queue of their own loop.
+Every row of a group holds its real positions right-aligned (padding on the left only), so a request gives the
+tokens it would get alone. One engine thread runs the graph; callers (the HTTP app's event loop) submit from
+other threads and receive `TokenOut`s on an asyncio queue of their own loop. Finish reasons are the runtime's
+("stop_token", "stop_string", "length", "max_positions"); `protocol.py` maps them to OpenAI's.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
+from ..batch import Batch, Row, StopStrings, Token
 from ..errors import XLoraError
-from ..generation import pick_tokens
-from ..kv_cache import CacheGroup, StepOutput
+from ..kv_cache import CacheGroup
 from ..session import XLoraSession
 
 __all__ = ["QueueFullError", "RequestHandle", "RequestSpec", "Scheduler", "TokenOut"]
@@ -56,7 +56,7 @@ class RequestSpec:
         max_tokens: new tokens at most (None: until the model's positions end).
         temperature: 0 = greedy; > 0 samples after temperature and `top_p`.
         seed: sampling seed (None: fresh entropy).
-        stop: strings that end the sequence; the text stops before them (OpenAI semantics).
+        stop: strings that end the sequence; the text stops before them, and no part of them is released.
         ignore_eos: do not stop at the export's eos token ids.
         top_k: experts kept per token (0 = dense, None = the model's default).
         freeze_after: after this many decode steps the scalings freeze (frozen graph), None = never.
@@ -83,9 +83,9 @@ class TokenOut:
     """One new token of one request."""
 
     token: int
-    text: str  # text released with this token ('' while it may begin a stop string)
+    text: str  # text released with this token ('' inside a character or while it may begin a stop string)
     scalings: np.ndarray | None  # (L, n) of the position that chose the token, with RequestSpec.scalings
-    finish_reason: str | None  # None, or on the last token "stop" (eos or a stop string) / "length"
+    finish_reason: str | None  # None, or on the last token the runtime's reason (`batch.FINISH_REASONS`)
 
 
 class Hooks(Protocol):
@@ -147,27 +147,17 @@ def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[RequestHandle, T
             handle.cancelled = True
 
 
-@dataclass
-class _Seq:
-    """Engine-side state of one request."""
+@dataclass(eq=False, kw_only=True)
+class _Seq(Row):
+    """Engine-side state of one request: its row in the batch, and the caller's side."""
 
-    id: int
     spec: RequestSpec
     handle: RequestHandle
-    budget: int  # new tokens at most (max_tokens capped by the model's positions)
-    top_k: int
-    stop_ids: frozenset[int]
-    rng: np.random.Generator
-    decoder: Any  # tokenizers DecodeStream, or None without a tokenizer
     submitted: float
-    tokens: list[int] = field(default_factory=list)
-    real: int = 0  # positions this row holds in its group's caches (prompt + fed tokens)
-    pending: str = ""  # decoded text held back while it may begin a stop string
     last_time: float = 0.0
 
-    @property
-    def finished(self) -> bool:
-        return self.handle.finish_reason is not None
+    def is_cancelled(self) -> bool:
+        return self.handle.cancelled
 
 
 class _SessionStore:
@@ -231,8 +221,8 @@ class Scheduler:
         self.hooks = hooks
         self.sessions = _SessionStore(session_cache_bytes)
         self._waiting: collections.deque[_Seq] = collections.deque()
-        self._running: dict[int, _Seq] = {}
-        self._groups: dict[tuple[bool, int], CacheGroup] = {}
+        self._running: dict[int, _Seq] = {}  # admitted, until they leave the batch
+        self._batch = Batch(session, trim=True, retire=self._retire)
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -277,9 +267,6 @@ class Scheduler:
         """
         for spec in specs:
             self.check(spec)
-        tokenizer = self.session.tokenizer
-        if tokenizer is not None:
-            from tokenizers.decoders import DecodeStream
         now = time.perf_counter()
         with self._cond:
             if self._stopping:
@@ -290,13 +277,15 @@ class Scheduler:
             for spec in specs:
                 handle = RequestHandle(loop, self._wake)
                 handle.prompt_tokens = len(spec.prompt_ids)
-                limit = self.info.max_positions - len(spec.prompt_ids) + 1
-                budget = limit if spec.max_tokens is None else min(spec.max_tokens, limit)
-                stops = frozenset() if spec.ignore_eos else frozenset(self.info.eos_token_ids)
-                seq = _Seq(next(self._ids), spec, handle, budget,
-                           self.info.default_top_k if spec.top_k is None else spec.top_k, stops,
-                           np.random.default_rng(spec.seed),
-                           DecodeStream(skip_special_tokens=True) if tokenizer is not None else None, now)
+                limit = self.info.max_positions - len(spec.prompt_ids) + 1  # the last token is never fed back
+                seq = _Seq(id=next(self._ids), prompt_ids=spec.prompt_ids,
+                           budget=limit if spec.max_tokens is None else min(spec.max_tokens, limit),
+                           capped=spec.max_tokens is None or spec.max_tokens > limit,
+                           top_k=self.info.default_top_k if spec.top_k is None else spec.top_k,
+                           temperature=spec.temperature, top_p=spec.top_p, rng=np.random.default_rng(spec.seed),
+                           stop_ids=frozenset() if spec.ignore_eos else frozenset(self.info.eos_token_ids),
+                           stop=StopStrings(spec.stop), freeze_after=spec.freeze_after,
+                           keep_cache=spec.session_id is not None, spec=spec, handle=handle, submitted=now)
                 self._waiting.append(seq)
                 handles.append(handle)
             self._cond.notify()
@@ -346,7 +335,7 @@ class Scheduler:
                     if admitted:
                         self._prefill(admitted)
                         self._flush()  # first tokens out before the next decode step
-                    if self._groups:
+                    if self._batch.groups:
                         self._decode()
                         self._flush()
                 except Exception as e:  # a graph failure: every request in flight fails, nothing leaks
@@ -366,9 +355,7 @@ class Scheduler:
 
     def _fail_running(self, error: Exception) -> None:
         self._flush()
-        for group in self._groups.values():
-            group.release()
-        self._groups.clear()
+        self._batch.release()
         for seq in self._running.values():
             seq.handle._push(error)
         self._running.clear()
@@ -378,33 +365,20 @@ class Scheduler:
             self.hooks.on_cancel()
 
     def _prefill(self, seqs: list[_Seq]) -> None:
-        """Run the new requests' prompts, emit their first tokens, merge the survivors into the batch."""
-        fresh: dict[int, list[_Seq]] = collections.defaultdict(list)
+        """Run the new requests' prompts (or the rest of them, on their session's stored caches), emit their first
+        tokens; the survivors join the batch."""
+        fresh = []
         for seq in seqs:
             group = self._resume(seq)
             if group is None:
-                fresh[seq.top_k].append(seq)
-                continue
-            suffix = np.array([seq.spec.prompt_ids[seq.real:]], np.int64)
-            total = seq.real + suffix.shape[1]
-            positions = np.arange(seq.real, total, dtype=np.int64)[None]
-            out = group.run(suffix, np.ones((1, total), np.int64), positions, seq.top_k)
-            seq.real = total
-            self._advance(group, out)
-        for top_k, batch in fresh.items():
-            lengths = np.array([len(s.spec.prompt_ids) for s in batch])
-            width = int(lengths.max())
-            ids = np.full((len(batch), width), self.info.pad_token_id, np.int64)
-            for i, s in enumerate(batch):
-                ids[i, width - lengths[i]:] = s.spec.prompt_ids
-                s.real = int(lengths[i])
-            mask = self._mask(width, lengths)
-            positions = np.clip(mask.cumsum(-1) - 1, 0, None)
-            group = CacheGroup(self.session, np.array([s.id for s in batch]))
-            self._advance(group, group.run(ids, mask, positions, top_k))
-            for s in batch:
-                if self.hooks is not None:
-                    self.hooks.on_prompt(len(s.spec.prompt_ids), 0)
+                fresh.append(seq)
+            else:
+                self._emit(self._batch.extend(seq, group))
+        if fresh:
+            self._emit(self._batch.prefill(fresh))
+        if self.hooks is not None:
+            for seq in fresh:
+                self.hooks.on_prompt(len(seq.prompt_ids), 0)
 
     def _resume(self, seq: _Seq) -> CacheGroup | None:
         """The session's stored caches cut to the longest prefix they share with this prompt (at least one
@@ -415,7 +389,7 @@ class Scheduler:
         if entry is None:
             return None
         ids, top_k, group = entry
-        prompt = seq.spec.prompt_ids
+        prompt = seq.prompt_ids
         common = 0
         for a, b in zip(ids, prompt[:-1]):
             if a != b:
@@ -425,111 +399,40 @@ class Scheduler:
             group.release()
             return None
         group.slice_positions(0, common)
-        group.rows = np.array([seq.id], np.int64)
         seq.real = seq.handle.cached_tokens = common
         if self.hooks is not None:
             self.hooks.on_prompt(len(prompt), common)
         return group
 
-    @staticmethod
-    def _mask(length: int, real: np.ndarray) -> np.ndarray:
-        """(rows, length) int64: each row's `real` positions right-aligned."""
-        return (np.arange(length)[None] >= length - np.asarray(real)[:, None]).astype(np.int64)
-
     def _decode(self) -> None:
-        """One decode step of every running group, then each group's rows advance."""
-        groups, self._groups = self._groups, {}
-        outputs = []
-        for (_, top_k), group in groups.items():
-            seqs = [self._running[r] for r in group.rows]
-            real = np.array([s.real for s in seqs])
-            tokens = np.array([[s.tokens[-1]] for s in seqs], np.int64)
-            out = group.run(tokens, self._mask(group.length + 1, real + 1), real[:, None], top_k)
-            for s in seqs:
-                s.real += 1
-            outputs.append((group, out))
+        """One decode step of the batch; its tokens go to their callers."""
+        rows = len(self._running)
+        tokens = self._batch.decode()
         if self.hooks is not None:
-            self.hooks.on_step(len(self._running))
-        for group, out in outputs:
-            self._advance(group, out)
-        for group in self._groups.values():  # leading columns that are padding for every row go
-            lead = group.length - max(self._running[r].real for r in group.rows)
-            if lead > 0:
-                group.slice_positions(lead)
+            self.hooks.on_step(rows)
+        self._emit(tokens)
 
-    def _advance(self, group: CacheGroup, out: StepOutput) -> None:
-        """Pick and emit each row's token; finished or cancelled rows leave (to their session's store or freed),
-        rows due to freeze move to the frozen group, the rest join the running group of their kind."""
-        seqs = [self._running[r] for r in group.rows]
-        top_k = seqs[0].top_k  # one per group
-        tokens = out.last_logits.argmax(-1)
-        row_scalings = group.fixed_scalings if group.frozen else out.scalings[:, -1]
-        leave = np.zeros(len(seqs), bool)
-        freeze = np.zeros(len(seqs), bool)
+    def _retire(self, row: Row, kept: CacheGroup | None) -> None:
+        """A row left the batch: a cancelled one is counted, a finished one's caches kept for its session."""
+        seq = self._running.pop(row.id)
+        if row.finish_reason == "cancelled":
+            self._on_cancel()
+        elif kept is not None:
+            self.sessions.put(seq.spec.session_id, (seq.prompt_ids + seq.tokens)[:seq.real], seq.top_k, kept)
+
+    def _emit(self, tokens: list[Token]) -> None:
+        """Hand each token (the text it releases, its finish reason) to its caller; report the timings."""
         now = time.perf_counter()
-        for j, s in enumerate(seqs):
-            if s.spec.temperature > 0:
-                tokens[j] = pick_tokens(out.last_logits[j:j + 1], True, s.spec.temperature, s.spec.top_p, s.rng)[0]
-            if not s.handle.cancelled:
-                self._emit(s, int(tokens[j]), row_scalings[j], now)
-            leave[j] = s.finished or s.handle.cancelled
-            freeze[j] = not leave[j] and not group.frozen and s.spec.freeze_after == len(s.tokens) - 1
-        for j in np.flatnonzero(leave):
-            s = self._running.pop(int(group.rows[j]))
-            if s.handle.cancelled and not s.finished:
-                self._on_cancel()
-            elif s.spec.session_id is not None and not group.frozen:
-                kept = group.take(np.arange(len(seqs)) == j)
-                kept.slice_positions(kept.length - s.real)
-                self.sessions.put(s.spec.session_id, (s.spec.prompt_ids + s.tokens)[:s.real], s.top_k, kept)
-        if freeze.any():
-            self._join(True, group.take(freeze, frozen=True, fixed_scalings=row_scalings[freeze].copy()), top_k)
-        stay = ~leave & ~freeze
-        if stay.all():
-            self._join(group.frozen, group, top_k)
-            return
-        if stay.any():
-            self._join(group.frozen, group.take(stay), top_k)
-        group.release()
-
-    def _join(self, frozen: bool, group: CacheGroup, top_k: int) -> None:
-        """Merge a group into the running group of its kind, the shorter one left-padded."""
-        key = (frozen, top_k)
-        running = self._groups.get(key)
-        if running is None:
-            self._groups[key] = group
-            return
-        running.pad_left(group.length - running.length)
-        group.pad_left(running.length - group.length)
-        self._groups[key] = running.merge(group)
-
-    def _emit(self, s: _Seq, token: int, scalings: np.ndarray, now: float) -> None:
-        """Record a token, decide whether the request finishes, and hand the released text to the caller."""
-        s.tokens.append(token)
-        if self.hooks is not None:
-            if len(s.tokens) == 1:
-                self.hooks.on_first_token(now - s.submitted)
-            else:
-                self.hooks.on_token(now - s.last_time)
-        s.last_time = now
-        reason, text = None, ""
-        if token in s.stop_ids:
-            reason, text = "stop", s.pending
-        else:
-            piece = (s.decoder.step(self.session.tokenizer, token) or "") if s.decoder is not None else ""
-            s.pending += piece
-            hits = [i for i in (s.pending.find(stop) for stop in s.spec.stop) if i >= 0]
-            if hits:
-                reason, text = "stop", s.pending[:min(hits)]
-            elif len(s.tokens) >= s.budget:
-                reason, text = "length", s.pending
-            else:
-                hold = max((len(stop) for stop in s.spec.stop), default=1) - 1  # may begin a stop string
-                text = s.pending[:max(0, len(s.pending) - hold)]
-                s.pending = s.pending[len(text):]
-        s.handle.completion_tokens = len(s.tokens)
-        s.handle.finish_reason = reason
-        if s.handle._loop is not None:
-            self._outbox[s.handle._loop].append((s.handle, TokenOut(token, text, scalings.copy() if s.spec.scalings
-                                                                    else None, reason)))
-
+        for t in tokens:
+            seq = t.row
+            if self.hooks is not None:
+                if t.step == 0:
+                    self.hooks.on_first_token(now - seq.submitted)
+                else:
+                    self.hooks.on_token(now - seq.last_time)
+            seq.last_time = now
+            seq.handle.completion_tokens = len(seq.tokens)
+            seq.handle.finish_reason = t.finish_reason
+            if seq.handle._loop is not None:
+                out = TokenOut(t.token, t.text, t.scalings.copy() if seq.spec.scalings else None, t.finish_reason)
+                self._outbox[seq.handle._loop].append((seq.handle, out))

@@ -1,0 +1,218 @@
+"""The batch core (`xlora_runtime/batch.py`) under both engines: the `Generator` and the server's `Scheduler` give
+the same greedy tokens, texts and finish reasons for the same prompts, and no part of a stop string is ever
+released, by either, even when it spans several tokens.
+
+Oracles: the plain greedy run of each prompt (no stops) says where every stop must cut; the text a stop string
+cuts is the free text up to the stop string's first occurrence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from functools import cache
+
+import numpy as np
+import pytest
+
+from helpers import BUILD_ROOT, built, exported
+from xlora_export.export import ExportOptions, export
+from xlora_runtime import Generator, XLoraSession
+from xlora_runtime.batch import FINISH_REASONS, StopStrings
+from xlora_runtime.serve.protocol import openai_finish_reason
+from xlora_runtime.serve.scheduler import RequestSpec, Scheduler
+
+PROMPT = [5, 17, 99, 230, 41, 8, 77]
+
+
+@cache
+def plain() -> Generator:
+    return Generator(XLoraSession(exported("tiny-llama"), threads=1))
+
+
+def free_run(prompt: list[int], steps: int, **options) -> tuple[list[int], list[str]]:
+    """The greedy tokens of a prompt with no stop at all, and the text each one releases."""
+    events = list(plain().stream([prompt], max_new_tokens=steps, stop_token_ids=[], **options))
+    return [e.token for e in events], [e.text for e in events]
+
+
+def spanning_stop(pieces: list[str]) -> tuple[str, int]:
+    """A stop string that begins in one token's text and ends in the next one's (first occurring there), and the
+    index of the token that completes it."""
+    text = "".join(pieces)
+    ends = np.cumsum([len(p) for p in pieces])
+    for j in range(1, len(pieces)):
+        if not pieces[j - 1] or not pieces[j]:
+            continue
+        start, end = int(ends[j - 1]) - 1, int(ends[j - 1]) + 1  # last character of j - 1, first of j
+        stop = text[start:end]
+        if text.find(stop) == start and "\ufffd" not in stop:
+            return stop, j
+    pytest.fail(f"no stop string spanning two tokens in {text!r}")
+
+
+def scheduler_outputs(scheduler: Scheduler, specs: list[RequestSpec]) -> list[list]:
+    """Every request's `TokenOut`s, the requests submitted at once."""
+    loop = asyncio.new_event_loop()
+    try:
+        handles = scheduler.submit(specs, loop)
+
+        async def collect() -> list[list]:
+            async def one(handle) -> list:
+                return [out async for out in handle]
+
+            return await asyncio.gather(*(one(h) for h in handles))
+
+        return loop.run_until_complete(collect())
+    finally:
+        loop.close()
+
+
+# ----------------------------------------------------------------------------------------------- stop strings
+def test_stop_strings_release_text_only_when_no_stop_can_begin_in_it():
+    stops = StopStrings(["bcd", "xyz"])
+    assert stops.push("ab") == ("a", False)  # "b" may begin "bcd"
+    assert stops.push("c") == ("", False)  # "bc" still may
+    assert stops.push("x") == ("bc", False)  # "bcx" cannot begin "bcd"; "x" may begin "xyz"
+    assert stops.push("y") == ("", False)
+    assert stops.push("zq") == ("", True)  # "xyz" spanned three tokens: none of it was released
+    stops = StopStrings(["bcd"])
+    assert stops.push("abc") == ("a", False)
+    assert stops.flush() == "bc" and stops.flush() == ""  # the row ended otherwise: the held text goes out
+    assert StopStrings().push("anything") == ("anything", False)
+
+
+def test_stop_strings_never_release_stop_text_and_hold_less_than_the_longest():
+    """Random texts in random pieces: the released text is always a prefix of the text cut where the first piece
+    that completes a stop string ends it (at the first stop string in the text so far), and what is held stays
+    shorter than the longest stop string."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        text = "".join(rng.choice(list("abc"), int(rng.integers(0, 30))))
+        stops = ["".join(rng.choice(list("abc"), int(rng.integers(1, 5)))) for _ in range(int(rng.integers(1, 4)))]
+        bounds = np.sort(rng.integers(0, len(text) + 1, int(rng.integers(0, 8))))
+        pieces = ["".join(p) for p in np.split(np.array(list(text), dtype=object), bounds)]
+        cut, hits = text, []
+        for end in np.cumsum([len(p) for p in pieces]):
+            hits = [i for i in (text[:end].find(s) for s in stops) if i >= 0]
+            if hits:
+                cut = text[:min(hits)]
+                break
+        state, released, stopped = StopStrings(stops), "", False
+        for piece in pieces:
+            out, stopped = state.push(piece)
+            released += out
+            assert cut.startswith(released), (text, stops, released)
+            assert len(state.held) < max(map(len, stops))
+            if stopped:
+                break
+        if not stopped:
+            released += state.flush()
+        assert (released, stopped) == (cut, bool(hits)), (text, stops)
+
+
+def test_a_stop_string_spanning_tokens_never_reaches_the_generators_stream():
+    tokens, pieces = free_run(PROMPT, 24)
+    stop, at = spanning_stop(pieces)
+    text = "".join(pieces)
+    events = list(plain().stream([PROMPT], max_new_tokens=24, stop_token_ids=[], stop_strings=[stop]))
+    assert [e.token for e in events] == tokens[:at + 1] and events[-1].finish_reason == "stop_string"
+    streamed = ""
+    for e in events:
+        streamed += e.text
+        assert text[:text.index(stop)].startswith(streamed), (stop, streamed)  # never a character of the stop
+    assert streamed == text[:text.index(stop)]
+    [result] = plain().generate([PROMPT], max_new_tokens=24, stop_token_ids=[], stop_strings=[stop])
+    assert result.text == streamed and stop not in result.text and result.tokens == tokens[:at + 1]
+
+
+def test_a_stop_string_spanning_tokens_never_reaches_the_servers_stream():
+    from starlette.testclient import TestClient
+
+    from xlora_runtime.serve.app import Server, ServerConfig, create_app
+
+    tokens, pieces = free_run(PROMPT, 24)
+    stop, at = spanning_stop(pieces)
+    want = "".join(pieces)[:"".join(pieces).index(stop)]
+    server = Server(ServerConfig(exported("tiny-llama"), threads=1))
+    with TestClient(create_app(server)) as client:
+        body = dict(prompt=PROMPT, max_tokens=24, temperature=0, ignore_eos=True, stop=[stop],
+                    xlora=dict(return_token_ids=True))
+        with client.stream("POST", "/v1/completions", json=dict(body, stream=True)) as response:
+            assert response.status_code == 200
+            chunks = [json.loads(line[len("data: "):]) for line in response.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        whole = client.post("/v1/completions", json=body).json()["choices"][0]
+    streamed = ""
+    for chunk in chunks:
+        streamed += chunk["choices"][0]["text"]
+        assert want.startswith(streamed), (stop, streamed)
+    assert streamed == want == whole["text"] and stop not in streamed
+    assert [c["choices"][0]["xlora"]["token_ids"][0] for c in chunks] == tokens[:at + 1]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"] == "stop"
+
+
+# ----------------------------------------------------------------------------------------------- both engines
+def graph_with_eos(eos: int) -> str:
+    """tiny-llama exported with `eos` as its eos token: a stop id the model does choose."""
+    folder = os.path.join(BUILD_ROOT, f"tiny-llama-eos-{eos}")
+    if not os.path.isdir(folder):
+        shutil.copytree(built("tiny-llama"), folder)
+        path = os.path.join(folder, "base", "generation_config.json")
+        with open(path) as f:
+            config = json.load(f)
+        with open(path, "w") as f:
+            json.dump(dict(config, eos_token_id=eos), f)
+    graph = os.path.join(BUILD_ROOT, "exports", f"tiny-llama-eos-{eos}.onnx")
+    if not os.path.exists(graph):
+        os.makedirs(os.path.dirname(graph), exist_ok=True)
+        export(folder, graph, ExportOptions(frozen_scalings=True, validate=False))
+    return graph
+
+
+def test_generator_and_scheduler_agree_through_the_core():
+    """The same prompts through both engines, every finish reason among them: the Generator one call per prompt,
+    the Scheduler all at once (left-padded merges, a frozen group and a second top_k beside them)."""
+    max_positions = plain().session.info.max_positions
+    rng = np.random.default_rng(5)
+    long_prompt = rng.integers(3, 380, max_positions - 3).tolist()  # room for 4 new tokens
+    prompts = [PROMPT, [300, 22, 9], [12, 250, 14, 140, 33], long_prompt, [77, 6, 120]]
+    steps = [12, 12, 6, 12, 8]
+    cases = [dict(), dict(), dict(expert_top_k=1), dict(), dict(freeze_scalings_after=1)]
+    free = [free_run(p, n, **c) for p, n, c in zip(prompts, steps, cases)]
+    # an eos the first prompt chooses at step >= 2 and the other prompts do not choose at all
+    others = {t for tokens, _ in free[1:] for t in tokens}
+    first = free[0][0]
+    eos = next((t for j, t in enumerate(first) if j >= 2 and t not in first[:j] and t not in others), None)
+    assert eos is not None, f"no token of {first} to serve as eos: the others choose {sorted(others)}"
+    stop, _ = spanning_stop(free[1][1])
+    session = XLoraSession(graph_with_eos(eos), threads=1)
+    assert session.info.eos_token_ids == [eos]
+    cases[1]["stop_strings"] = [stop]
+
+    generator = Generator(session)
+    by_generator = []
+    for prompt, n, case in zip(prompts, steps, cases):
+        [result] = generator.generate([prompt], max_new_tokens=n, **case)
+        by_generator.append((result.tokens, result.text, result.finish_reason))
+    scheduler = Scheduler(session)
+    scheduler.start()
+    try:
+        specs = [RequestSpec(p, max_tokens=n, stop=tuple(c.get("stop_strings", ())), top_k=c.get("expert_top_k"),
+                             freeze_after=c.get("freeze_scalings_after")) for p, n, c in zip(prompts, steps, cases)]
+        outputs = scheduler_outputs(scheduler, specs)
+    finally:
+        scheduler.stop()
+    by_scheduler = [([o.token for o in outs], "".join(o.text for o in outs), outs[-1].finish_reason)
+                    for outs in outputs]
+    assert by_scheduler == by_generator
+    assert [r for _, _, r in by_generator] == ["stop_token", "stop_string", "length", "max_positions", "length"]
+    assert set(FINISH_REASONS) >= {r for _, _, r in by_generator}
+    assert [openai_finish_reason(r) for _, _, r in by_scheduler] == ["stop", "stop", "length", "length", "length"]
+    for (tokens, text, reason), (free_tokens, pieces) in zip(by_generator, free):
+        assert tokens == free_tokens[:len(tokens)]  # a stop ends a row; it never changes the tokens before it
+        if reason == "stop_token":
+            assert text == "".join(pieces[:len(tokens) - 1])  # the stop id's text is not released
+    assert session.cache_bytes == 0
