@@ -276,25 +276,48 @@ FAMILY_RECIPES = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tin
 DEFAULT = "tiny-llama"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the tiny X-LoRA checkpoints of models/.")
+def build_parser() -> argparse.ArgumentParser:
+    """The options of `python -m models.recipes`."""
+    parser = argparse.ArgumentParser(prog="python -m models.recipes",
+                                     description="Build the tiny X-LoRA checkpoints of models/.")
     parser.add_argument("names", nargs="*", default=[DEFAULT], help=f"recipes to build (default {DEFAULT}); "
                         f"known: {', '.join(RECIPES)}")
     parser.add_argument("--all", action="store_true", help="build every recipe built in seconds (not "
                         f"{' or '.join(SLOW_RECIPES)}: name them)")
     parser.add_argument("--out", default=ROOT, help="parent folder (default models/built)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _check_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in args.names:
+        if name not in RECIPES:
+            parser.error(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+
+
+def _build(args: argparse.Namespace) -> int:
     import transformers
+
+    from xlora_export import XLoraError
 
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices
     names = [n for n in RECIPES if n not in SLOW_RECIPES] if args.all else args.names
     for name in names:
-        if name not in RECIPES:
-            parser.error(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
-        path = build(RECIPES[name], os.path.join(args.out, name))
+        out_dir = os.path.join(args.out, name)
+        try:
+            path = build(RECIPES[name], out_dir)
+        except OSError as e:
+            raise XLoraError(f"--out {args.out}: cannot write {out_dir} ({e.strerror or e})") from None
         print(f"built {name}: {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the named recipes; returns the exit code (0 ok, 1 a folder that cannot be written, 2 usage error,
+    130 interrupted)."""
+    from xlora_runtime.commands import run
+
+    return run("python -m models.recipes", build_parser, _build, argv, check=_check_names)
 
 
 if __name__ == "__main__":

@@ -243,7 +243,6 @@ def _generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     results = generator.generate(encoded, on_token=printer, **options)
     elapsed = time.perf_counter() - start
-    written = generator.flush_log_scalings(args.log_scalings) if args.log_scalings else []
     capped = [i for i, r in enumerate(results) if r.finish_reason == "max_positions"]
     if capped:
         print(f"xlora-generate: note: generation stopped at the model's max_position_embeddings "
@@ -255,16 +254,20 @@ def _generate(args: argparse.Namespace) -> int:
         for i, r in enumerate(results):
             print(json.dumps(dict(prompt=i, tokens=r.tokens, text=r.text, finish_reason=r.finish_reason,
                                   scalings=np.round(r.scalings.astype(np.float64), 4).tolist())))
-        return 0
-    if not args.stream:
-        for i, r in enumerate(results):
-            body = r.text if has_text else ",".join(map(str, r.tokens))
-            print(body if len(results) == 1 else f"[{i}] {body}")
-    count = sum(len(r.tokens) for r in results)
-    print(f"{count} tokens in {elapsed:.2f} s: {count / max(elapsed, 1e-9):.1f} tokens/s, peak cache "
-          f"{_format_bytes(generator.peak_cache_bytes)} ({session.provider})")
-    for path in written:
-        print(f"wrote {path}")
+    else:
+        if not args.stream:
+            for i, r in enumerate(results):
+                body = r.text if has_text else ",".join(map(str, r.tokens))
+                print(body if len(results) == 1 else f"[{i}] {body}")
+        count = sum(len(r.tokens) for r in results)
+        print(f"{count} tokens in {elapsed:.2f} s: {count / max(elapsed, 1e-9):.1f} tokens/s, peak cache "
+              f"{_format_bytes(generator.peak_cache_bytes)} ({session.provider})")
+    if args.log_scalings:  # the optional file after the results: a write that fails loses no generated text
+        sys.stdout.flush()
+        written = generator.flush_log_scalings(args.log_scalings)
+        if not args.json:  # --json prints JSON lines only
+            for path in written:
+                print(f"wrote {path}")
     return 0
 
 

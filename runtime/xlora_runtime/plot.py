@@ -56,7 +56,7 @@ def plot_scalings(scalings: np.ndarray, path: str, expert_names: list[str], toke
         `path`.
     Raises:
         XLoraError: shapes or names that do not match, a module out of range, an output folder that does not
-            exist, matplotlib missing.
+            exist, matplotlib missing, a file-system error while writing (one line naming `path`).
     """
     scalings = np.asarray(scalings)
     if scalings.ndim != 3 or 0 in scalings.shape:
@@ -102,13 +102,20 @@ def plot_scalings(scalings: np.ndarray, path: str, expert_names: list[str], toke
 
 def _save_png(fig: Any, path: str) -> None:
     """Write the figure beside `path`, then rename: an interrupted save never leaves a half PNG at `path`.
-    The temporary file is created with mode 0666 less the umask, as `open` would create `path` itself."""
+    The temporary file is created with mode 0666 less the umask, as `open` would create `path` itself.
+
+    Raises:
+        XLoraError: the file system refused (a folder that cannot be written, a directory at `path`, a full disk):
+            `<path>: cannot write it (<the OS's reason>)`.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".plot-{os.getpid()}-{secrets.token_hex(4)}.png")
     try:
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             fig.savefig(f, format="png", dpi=110)
         os.replace(tmp, path)
+    except OSError as e:
+        raise XLoraError(f"{path}: cannot write it ({e.strerror or e})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

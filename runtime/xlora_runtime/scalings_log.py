@@ -35,12 +35,25 @@ def tokens_record_path(path: str) -> str:
 
 def save_scalings_arrays(arrays: list[np.ndarray], path: str, tokens_record: dict[str, Any] | None = None) -> list[str]:
     """Write a log (a list of (b, s, L, n) arrays, cast to float32) and, when given, its tokens record (JSON);
-    return the files written."""
+    return the files written.
+
+    Raises:
+        XLoraError: an empty log, a path with an extension, or a file-system error (a folder that cannot be
+            written, a directory where a file goes, a full disk): `<file>: cannot write the scalings log (<the
+            OS's reason>)`.
+    """
     if not arrays:
         raise XLoraError("flush_log_scalings: the scalings log is empty (enable logging first?)")
     if os.path.splitext(path)[1] == ".npy":
         raise XLoraError(f"flush_log_scalings: give the path without extension, got {path!r}")
     arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
+    try:
+        return _write_log(arrays, path, tokens_record)
+    except OSError as e:
+        raise XLoraError(f"{e.filename or path}: cannot write the scalings log ({e.strerror or e})") from None
+
+
+def _write_log(arrays: list[np.ndarray], path: str, tokens_record: dict[str, Any] | None) -> list[str]:
     shapes = list(dict.fromkeys(a.shape for a in arrays))
     _remove_previous(path)  # a log flushed earlier to this path must not shadow this one
     if len(shapes) == 1:
