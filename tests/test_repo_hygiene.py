@@ -66,3 +66,62 @@ def test_seed_readme_tests_skip_on_a_clone_and_fail_when_pointed_nowhere(tmp_pat
     monkeypatch.setenv("XLORA_SEED_README", missing)
     with pytest.raises(pytest.fail.Exception, match=re.escape(f"XLORA_SEED_README={missing!r} is not a file")):
         _import_seed_readme_tests()
+
+
+# ----------------------------------------------------------------------------- the documents a reader follows
+README_MAX_LINES = 300  # a product page, not a notebook: the rest lives in docs/ and benchmarks/README.md
+
+
+def _documents() -> list[str]:
+    """README.md, docs/*.md, benchmarks/README.md and the demo's model card."""
+    docs = os.path.join(ROOT, "docs")
+    names = ["README.md", "benchmarks/README.md", "models/xlora-demo/README.md"]
+    names += [f"docs/{name}" for name in sorted(os.listdir(docs)) if name.endswith(".md")]
+    return names
+
+
+# References a reader of the repository cannot follow: the project's own issue numbers, sections of a document
+# that is not in the repository, the folder beside it. Another project's issue named with its project (Triton's
+# "server issue 8586", quoted from a message) can be followed.
+UNFOLLOWABLE = re.compile(r"(?<!server )\b(?i:issues?) #?\d+|\bSPEC\b|\b(?i:the seed)\b|\.\./shared|/shared/docs")
+
+
+def _unfollowable(relative_paths: list[str]) -> list[str]:
+    found = []
+    for name in relative_paths:
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                found += [f"{name}:{number}: {m.group(0)!r}" for m in UNFOLLOWABLE.finditer(line)]
+    return found
+
+
+def test_readme_is_a_product_page():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    assert len(lines) < README_MAX_LINES, f"README.md has {len(lines)} lines; move details to docs/"
+
+
+def test_documents_name_nothing_a_reader_cannot_follow():
+    assert not _unfollowable(_documents())
+
+
+def test_the_unfollowable_pattern_catches_each_kind():
+    text = ("see issue 9 and Issue #12\nSPEC section 7\nas the seed says\n`../shared/docs/SPEC.md`\n"
+            "a Kubernetes spec, a profile spec, Triton's server issue 8586, a seed of 0\n")
+    hits = [m.group(0) for m in UNFOLLOWABLE.finditer(text)]
+    assert hits == ["issue 9", "Issue #12", "SPEC", "the seed", "../shared", "SPEC"], hits
+
+
+def test_document_links_point_at_files_of_the_repository():
+    """Every relative link (`[text](path)`, `![alt](path)`) of the documents names a file or folder that exists."""
+    missing = []
+    for name in _documents():
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            text = f.read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            path = os.path.normpath(os.path.join(ROOT, os.path.dirname(name), target.split("#")[0]))
+            if not os.path.exists(path):
+                missing.append(f"{name}: {target}")
+    assert not missing, missing
