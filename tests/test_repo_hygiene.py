@@ -1,5 +1,6 @@
 """The suite runs on a user's clone: `.ci/run` runs the README's test command, no test reads a file outside the
-repository, and the seed README tests (whose document lives beside the repository) skip there with a reason."""
+repository, and the tests of the original X-LoRA README (a document kept beside the repository, not in it) skip
+there with a reason. The documents stay a product page and name only what a reader can follow."""
 
 from __future__ import annotations
 
