@@ -413,11 +413,13 @@ def train_classifier(recipe: DemoRecipe, base_dir: str, adapters: dict[str, str]
 
 
 def build_demo(recipe: DemoRecipe, out_dir: str, log: Callable[[str], None] = print) -> str:
-    """Train the whole demo checkpoint into `out_dir` (replaced); returns it. `out_dir/demo.json` records the
-    recipe, the last training losses, the time taken and the torch version."""
+    """Train the whole demo checkpoint into `out_dir` (replaced, but for its model card `README.md`); returns it.
+    `out_dir/demo.json` records the recipe, the last training losses, the time taken and the torch version."""
     from xlora_export.experts import follow_umask
 
     start = time.perf_counter()
+    card_path = os.path.join(out_dir, "README.md")
+    card = open(card_path).read() if os.path.isfile(card_path) else None
     shutil.rmtree(out_dir, ignore_errors=True)
     base_dir = os.path.join(out_dir, "base")
     staging = os.path.join(out_dir, ".experts")
@@ -439,6 +441,9 @@ def build_demo(recipe: DemoRecipe, out_dir: str, log: Callable[[str], None] = pr
               "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__}
     with open(os.path.join(out_dir, "demo.json"), "w") as f:
         json.dump(record, f, indent=2)
+    if card is not None:
+        with open(card_path, "w") as f:
+            f.write(card)
     follow_umask(out_dir)
     log(f"built {out_dir} in {record['seconds']} s")
     return out_dir
