@@ -3,10 +3,10 @@
 `xlora-generate OUT.onnx PROMPT [PROMPT ...]`: generate with an exported graph (a thin command over `Generator`).
 `xlora-plot-scalings LOG_PATH OUT.png`: draw a generation's scalings log as a token-by-expert heatmap.
 
-Both print a user error (`XLoraError`) as one line on stderr and exit with code 1, a usage error with exit
-code 2, and Ctrl-C as one line with exit code 130; `generate_main` and `plot_main` take `argv` and return the
-exit code, so tests call them in-process. Only the standard library is imported at module level: numpy and
-onnxruntime are imported inside the error handling (Ctrl-C while they load is one line too).
+Both run on `commands.run`: a user error (`XLoraError`) or a file-system error is one line on stderr and exit
+code 1, a usage error exit code 2, Ctrl-C one line and exit code 130; `generate_main` and `plot_main` take
+`argv` and return the exit code, so tests call them in-process. Only the standard library is imported at module
+level: numpy and onnxruntime are imported inside the error handling (Ctrl-C while they load is one line too).
 """
 
 from __future__ import annotations
@@ -17,38 +17,17 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .commands import add_session_options, check_output_folder, run, session_options
 from .errors import XLoraError
 from .format import contract as C
-from .threads import check_threads, thread_limit
 
 if TYPE_CHECKING:
     from .generation import TokenEvent
     from .session import XLoraSession
 
 __all__ = ["build_generate_parser", "build_plot_parser", "generate_main", "plot_main"]
-
-
-def _run(prog: str, build_parser: Callable[[], argparse.ArgumentParser],
-         command: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
-    """Build the parser, parse, run; a user error is one line on stderr and exit code 1, Ctrl-C (also while
-    numpy or onnxruntime is imported) one line and exit code 130."""
-    try:
-        parser = build_parser()
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit as e:  # --help (0) and usage errors (2): argparse has already printed
-            return e.code if isinstance(e.code, int) else 2
-        try:
-            return command(args)
-        except XLoraError as e:
-            print(f"{prog}: error: {e}", file=sys.stderr)
-            return 1
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
 
 
 # ----------------------------------------------------------------------------------------------- xlora-generate
@@ -154,46 +133,10 @@ def _stream_options(args: argparse.Namespace, session: XLoraSession) -> dict[str
     return options
 
 
-def add_session_options(parser: argparse.ArgumentParser, stem: str) -> argparse._ArgumentGroup:
-    """The "runtime" options (where the graph runs) of xlora-generate and xlora-serve; `session_options` reads
-    them. `stem`: how the help names the graph (OUT, GRAPH)."""
-    from .session import PROVIDERS
-
-    rt = parser.add_argument_group("runtime")
-    rt.add_argument("--provider", choices=list(PROVIDERS), help="where the graph runs: ONNX Runtime's cpu, cuda or "
-                    f"tensorrt execution provider, openvino, or trt-engine ({stem}.engine built by xlora-engine); "
-                    "default trt-engine for an .engine file, else cpu")
-    rt.add_argument("--device", metavar="D", help="OpenVINO device (CPU, GPU, NPU, AUTO; default CPU), or the GPU "
-                    "index of cuda, tensorrt and trt-engine (default 0)")
-    rt.add_argument("--threads", type=int, metavar="N", help="intra-op threads, 1 to twice the CPUs this process may "
-                    f"run on (here {thread_limit()}; default: ONNX Runtime's choice)")
-    rt.add_argument("--low-memory", action="store_true", help="ONNX Runtime without pre-packed weight copies: the "
-                    "main and frozen graphs read the weights from one memory map of OUT.onnx.data (held once; "
-                    "decode about 1.15x slower)")
-    return rt
-
-
-def session_options(args: argparse.Namespace) -> dict[str, Any]:
-    """`XLoraSession` keyword arguments from the options of `add_session_options`.
-
-    Raises:
-        XLoraError: --threads below 1 or above `threads.thread_limit()`.
-    """
-    return dict(provider=args.provider, threads=check_threads(args.threads, "--threads"),
-                device=device_arg(args.device), low_memory=args.low_memory)
-
-
-def device_arg(text: str | None) -> str | int | None:
-    """`--device`: a GPU index as an int, an OpenVINO device name as it is."""
-    return int(text) if text is not None and text.isdigit() else text
-
-
 def _check_log_path(path: str) -> None:
     if os.path.splitext(path)[1] == ".npy":
         raise XLoraError(f"--log-scalings {path}: give the path without extension (PATH.npy is written)")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise XLoraError(f"--log-scalings {path}: the folder {folder} does not exist")
+    check_output_folder("--log-scalings", path)
 
 
 class _Printer:
@@ -273,7 +216,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def generate_main(argv: list[str] | None = None) -> int:
     """`xlora-generate`; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
-    return _run("xlora-generate", build_generate_parser, _generate, argv)
+    return run("xlora-generate", build_generate_parser, _generate, argv)
 
 
 # ------------------------------------------------------------------------------------------ xlora-plot-scalings
@@ -330,7 +273,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 def plot_main(argv: list[str] | None = None) -> int:
     """`xlora-plot-scalings`; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
-    return _run("xlora-plot-scalings", build_plot_parser, _plot, argv)
+    return run("xlora-plot-scalings", build_plot_parser, _plot, argv)
 
 
 if __name__ == "__main__":

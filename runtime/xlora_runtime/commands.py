@@ -21,11 +21,13 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from .errors import XLoraError
+from .threads import check_threads, thread_limit
 
-__all__ = ["Interrupted", "check_output_folder", "device_arg", "integer", "positive_float", "positive_int",
-           "raise_if_interrupted", "run"]
+__all__ = ["Interrupted", "add_session_options", "check_output_folder", "device_arg", "integer", "positive_float",
+           "positive_int", "raise_if_interrupted", "run", "session_options"]
 
 _pressed: list[bool] = []  # Ctrl-C seen during the running command (a destructor may have swallowed its exception)
 
@@ -123,6 +125,35 @@ def positive_float(text: str) -> float:
 def device_arg(text: str | None) -> str | int | None:
     """`--device`: a GPU index as an int, an OpenVINO device name as it is."""
     return int(text) if text is not None and text.isdigit() else text
+
+
+def add_session_options(parser: argparse.ArgumentParser, stem: str) -> argparse._ArgumentGroup:
+    """The "runtime" options (where the graph runs) of xlora-generate and xlora-serve; `session_options` reads
+    them. `stem`: how the help names the graph (OUT, GRAPH)."""
+    from .backends import PROVIDERS
+
+    rt = parser.add_argument_group("runtime")
+    rt.add_argument("--provider", choices=list(PROVIDERS), help="where the graph runs: ONNX Runtime's cpu, cuda or "
+                    f"tensorrt execution provider, openvino, or trt-engine ({stem}.engine built by xlora-engine); "
+                    "default trt-engine for an .engine file, else cpu")
+    rt.add_argument("--device", metavar="D", help="OpenVINO device (CPU, GPU, NPU, AUTO; default CPU), or the GPU "
+                    "index of cuda, tensorrt and trt-engine (default 0)")
+    rt.add_argument("--threads", type=int, metavar="N", help="intra-op threads, 1 to twice the CPUs this process may "
+                    f"run on (here {thread_limit()}; default: ONNX Runtime's choice)")
+    rt.add_argument("--low-memory", action="store_true", help="ONNX Runtime without pre-packed weight copies: the "
+                    "main and frozen graphs read the weights from one memory map of OUT.onnx.data (held once; "
+                    "decode about 1.15x slower)")
+    return rt
+
+
+def session_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`XLoraSession` keyword arguments from the options of `add_session_options`.
+
+    Raises:
+        XLoraError: --threads below 1 or above `threads.thread_limit()`.
+    """
+    return dict(provider=args.provider, threads=check_threads(args.threads, "--threads"),
+                device=device_arg(args.device), low_memory=args.low_memory)
 
 
 def check_output_folder(option: str, path: str) -> None:

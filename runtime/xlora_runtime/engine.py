@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .cli import _run
+from .commands import run
 from .errors import XLoraError
 from .format import contract as C
 from .format.record import Files, GraphInfo
@@ -183,7 +183,7 @@ def _command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`xlora-engine`; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
-    return _run("xlora-engine", build_parser, _command, argv)
+    return run("xlora-engine", build_parser, _command, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import socket
 
-from ..cli import _run, add_session_options, session_options
+from ..commands import add_session_options, run, session_options
 from ..errors import XLoraError
 
 __all__ = ["build_serve_parser", "main"]
@@ -89,7 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`xlora-serve`; returns the exit code (0 after a clean stop, 1 user error, 2 usage error, 130 interrupted)."""
-    return _run("xlora-serve", build_serve_parser, _serve, argv)
+    return run("xlora-serve", build_serve_parser, _serve, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from ..cli import device_arg
+from ..commands import device_arg
 from ..errors import XLoraError
 from .app import Server, ServerConfig, create_app
 
