@@ -31,6 +31,7 @@ from torch import nn
 
 from xlora_runtime.format import contract as C
 
+from . import contrib_ops
 from .architectures import DecoderSpec
 from .lora import ColumnGates, XLoraLinear, sibling_linears
 
@@ -144,13 +145,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: KV | None, 
 
 
 class RotaryEmbedding(torch.autograd.Function):
-    """`_rope` as ONNX Runtime's `com.microsoft.RotaryEmbedding` node (`--attention gqa` exports): 2 nodes per
-    layer instead of 14. Eagerly (and while tracing, for the shapes) it is `_rope` itself.
-
-    x is (b, s, heads * head_dim); cos, sin (b, s, rotary_dim) are the pass's own tables (HF's rotary module,
-    any RoPE type), so the node gets them as a cache of b * s rows, cos_cache[i] = cos[i // s, i % s, :half],
-    indexed by position_ids = arange(b * s): the positions (left padding included) are already in the tables.
-    """
+    """`_rope` on x (b, s, heads * head_dim) with cos, sin (b, s, rotary_dim): the math is `_rope`'s, eagerly and
+    while tracing; an `--attention gqa` export writes it as ONNX Runtime's RotaryEmbedding node
+    (`contrib_ops.rotary_embedding`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: DecoderSpec,
@@ -159,37 +156,14 @@ class RotaryEmbedding(torch.autograd.Function):
         y = _rope(x.reshape(b, s, heads, spec.head_dim), cos.unsqueeze(2), sin.unsqueeze(2), spec)
         return y.reshape(b, s, heads * spec.head_dim)
 
-    @staticmethod
-    def symbolic(g, x, cos, sin, spec: DecoderSpec, heads: int):
-        def const(value):
-            return g.op("Constant", value_t=torch.tensor(value, dtype=torch.int64))
-
-        # everything but the node reads only cos and sin, the same in every layer: one copy per pass after ONNX
-        # Runtime's common-subexpression elimination
-        half = spec.rotary_dim // 2
-        rows = [g.op("Reshape", g.op("Slice", t, const([0]), const([half]), const([2])), const([-1, half]))
-                for t in (cos, sin)]  # (b * s, half)
-        shape = g.op("Slice", g.op("Shape", cos), const([0]), const([2]), const([0]))  # (2,) = [b, s]
-        count = g.op("ReduceProd", shape, keepdims_i=0)  # b * s
-        positions = g.op("Reshape", g.op("Range", const(0), count, const(1)), shape)  # (b, s)
-        extra = {} if spec.rotary_dim == spec.head_dim else {"rotary_embedding_dim_i": spec.rotary_dim}
-        y = g.op(f"{C.ORT_DOMAIN}::RotaryEmbedding", x, positions, *rows, interleaved_i=0, num_heads_i=heads,
-                 **extra)
-        y.setType(x.type())
-        return y
+    symbolic = staticmethod(contrib_ops.rotary_embedding)
 
 
 class GroupQueryAttention(torch.autograd.Function):
-    """`_attend` as ONNX Runtime's `com.microsoft.GroupQueryAttention` node in an exported graph (`xlora-export
-    --attention gqa`); run eagerly (while tracing, for the shapes), it is `_attend` itself.
-
-    The node takes the new queries, keys and values (b, s, heads * hd) after RoPE, the layer's past key and
-    value (b, kv_heads, past, hd), `seqlens_k` = total - 1 per row and `total_sequence_length` (every row has
-    the same length: prompts are left padded), and the padding and window mask as an additive
-    `attention_bias` (b, 1, s, total) of 0 and the dtype's minimum. Its presents are concat(past, new), as the
-    graph contract says; a runtime that binds each present to its past's buffer (longer than the past) gets
-    them written in place (`past_present_share_buffer`): no copy of the cache per step.
-    """
+    """`_attend` on the new q, k, v (b, s, heads * hd) after RoPE and the layer's past key and value (b, kv_heads,
+    past, hd): the math is `_attend`'s, eagerly and while tracing; an `--attention gqa` export writes it as ONNX
+    Runtime's GroupQueryAttention node (`contrib_ops.group_query_attention`). Returns out (b, s, heads * hd) and
+    the presents concat(past, new)."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tensor,
@@ -202,29 +176,7 @@ class GroupQueryAttention(torch.autograd.Function):
                                     (b, s, heads, kv_heads, hd))
         return out, key, value
 
-    @staticmethod
-    def symbolic(g, q, k, v, past_key, past_value, allowed, scaling: float, softcap: float | None, heads: int,
-                 kv_heads: int):
-        def const(value, dtype):
-            return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
-
-        # everything below reads only `allowed`, the same tensor in every layer of a pass: ONNX Runtime's
-        # common-subexpression elimination keeps one copy per pass
-        dtype = {"Half": torch.float16, "BFloat16": torch.bfloat16}.get(q.type().scalarType(), torch.float32)
-        mask = g.op("Squeeze", allowed, const([2], torch.int64))  # (b, 1, s, total)
-        bias = g.op("Where", mask, const(0.0, dtype), const(torch.finfo(dtype).min, dtype))
-        shape = g.op("Shape", allowed)  # (b, 1, 1, s, total)
-        total = g.op("Gather", shape, const(4, torch.int64), axis_i=0)  # ()
-        batch = g.op("Gather", shape, const([0], torch.int64), axis_i=0)  # (1,)
-        seqlens = g.op("Expand", g.op("Cast", g.op("Sub", total, const(1, torch.int64)), to_i=6), batch)  # int32
-        none = g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor())
-        out, key, value = g.op(f"{C.ORT_DOMAIN}::GroupQueryAttention", q, k, v, past_key, past_value, seqlens,
-                               g.op("Cast", total, to_i=6), none, none, none, bias, num_heads_i=heads,
-                               kv_num_heads_i=kv_heads, scale_f=scaling, softcap_f=softcap or 0.0, outputs=3)
-        out.setType(q.type())
-        key.setType(past_key.type())
-        value.setType(past_value.type())
-        return out, key, value
+    symbolic = staticmethod(contrib_ops.group_query_attention)
 
 
 def _mlp(mlp: nn.Module, spec: DecoderSpec, x: torch.Tensor, gates: ColumnGates | None) -> torch.Tensor:
