@@ -2,7 +2,8 @@
 fastapi, uvicorn, jinja2, prometheus-client), and its Ray Serve deployment (`ray_app.py`, the `ray` extra).
 
     scheduler.py   continuous batching on the runtime's CacheGroups (no HTTP)
-    protocol.py    OpenAI request bodies checked into RequestSpecs; response pieces
+    protocol.py    OpenAI request bodies checked into RequestSpecs; finish reasons in OpenAI's words
+    responses.py   OpenAI response objects (completions, chat, stream chunks, usage, errors), no HTTP
     chat.py        chat templates rendered with jinja2 (no torch, no transformers)
     metrics.py     Prometheus metrics
     app.py         the FastAPI app (Server: session + scheduler + template + metrics)

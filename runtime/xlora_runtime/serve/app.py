@@ -21,7 +21,7 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,8 @@ from ..chat import ChatTemplate, check_messages
 from ..errors import XLoraError
 from ..session import XLoraSession
 from .metrics import Metrics
-from .protocol import ParsedRequest, choice_extras, openai_finish_reason, parse_chat, parse_completion
+from .protocol import ParsedRequest, parse_chat, parse_completion
+from .responses import completion_body, error_body, models_body, sse, stream_chunks
 from .scheduler import QueueFullError, RequestHandle, Scheduler, TokenOut
 
 __all__ = ["Server", "ServerConfig", "create_app"]
@@ -114,15 +115,10 @@ class Server:
                              f"was exported); use /v1/completions with a prompt")
         return self.chat_template.render(check_messages(messages))
 
-    def top_k(self, spec_top_k: int | None) -> int:
-        """A request's experts per token (its `expert_top_k`, else the model's default)."""
-        return self.info.default_top_k if spec_top_k is None else spec_top_k
-
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(message, kind, code), status_code=status, headers=headers)
 
 
 class _Instrument:
@@ -153,12 +149,9 @@ class _Instrument:
             self.server.metrics.requests.labels(path, str(status)).inc()
 
 
-def _sse(payload: dict[str, Any] | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
-
-
 def create_app(server: Server) -> FastAPI:
-    """The FastAPI app serving `server` (its engine starts and stops with the app's lifespan)."""
+    """The FastAPI app serving `server` (its engine starts and stops with the app's lifespan). The routes only
+    translate: parse the body (protocol.py), hand it to the scheduler, shape the answer (responses.py)."""
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.scheduler.start()
@@ -166,8 +159,6 @@ def create_app(server: Server) -> FastAPI:
         await asyncio.to_thread(server.scheduler.stop)
 
     app = FastAPI(title="xlora-serve", lifespan=lifespan)
-    metrics = server.metrics
-
     app.add_middleware(_Instrument, server=server)
 
     @app.exception_handler(HTTPException)
@@ -186,143 +177,94 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> Any:
-        info = server.info
-        return {"object": "list", "data": [{
-            "id": server.name, "object": "model", "created": 0, "owned_by": "xlora-serve",
-            "max_model_len": info.max_positions,
-            "xlora": {"experts": info.expert_names, "default_top_k": info.default_top_k,
-                      "chat_template": server.chat_template is not None,
-                      "frozen_graph": info.frozen_path is not None}}]}
+        return models_body(server.name, server.info, server.chat_template is not None)
 
     @app.get("/metrics")
     async def prometheus() -> Any:
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        return await _handle(request, lambda body: parse_completion(body, server.encode))
+        return await _generate(server, request, lambda body: parse_completion(body, server.encode))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         encode = lambda text: server.encode(text, special=False)  # noqa: E731 - the template wrote the specials
-        return await _handle(request, lambda body: parse_chat(body, server.render, encode))
-
-    async def _handle(request: Request, parse: Any) -> Any:
-        try:
-            raw = await request.body()
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise XLoraError(f"request body: not valid JSON ({e})") from None
-            parsed = parse(body)
-            if parsed.model is not None and parsed.model != server.name:
-                raise _NotFoundError(f"model '{parsed.model}' is not served here (this server serves '{server.name}')")
-            session_id = request.headers.get(SESSION_HEADER)
-            if session_id is not None and not 0 < len(session_id) <= MAX_SESSION_ID:
-                raise XLoraError(f"{SESSION_HEADER} header: expected 1 to {MAX_SESSION_ID} characters")
-            if session_id is not None and len(parsed.specs) == 1:
-                parsed.specs[0].session_id = session_id
-            handles = server.scheduler.submit(parsed.specs, asyncio.get_running_loop())
-        except XLoraError as e:
-            return _error(400, str(e))
-        except _NotFoundError as e:
-            return _error(404, str(e), code="model_not_found")
-        except QueueFullError as e:
-            metrics.rejected.inc()
-            return _error(429, str(e), "rate_limit_error", "queue_full", {"Retry-After": str(e.retry_after)})
-        if parsed.stream:
-            return StreamingResponse(_stream(parsed, handles), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        try:
-            results = await _collect(request, handles)
-        except _DisconnectedError:
-            return Response(status_code=499)
-        except XLoraError as e:
-            return _error(500, str(e), "server_error")
-        return JSONResponse(_response(parsed, handles, results))
-
-    async def _collect(request: Request, handles: list[RequestHandle]) -> list[list[TokenOut]]:
-        """Every handle's tokens; a client that disconnects meanwhile cancels them (checked every 0.1 s)."""
-        async def drain(handle: RequestHandle) -> list[TokenOut]:
-            return [out async for out in handle]
-
-        task = asyncio.ensure_future(asyncio.gather(*(drain(h) for h in handles)))
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=0.1)
-                if done:
-                    return task.result()
-                if await request.is_disconnected():
-                    raise _DisconnectedError
-        finally:
-            if not task.done():
-                task.cancel()
-                for h in handles:
-                    h.cancel()
-
-    def _usage(handles: list[RequestHandle]) -> dict[str, Any]:
-        prompt = sum(h.prompt_tokens for h in handles)
-        completion = sum(h.completion_tokens for h in handles)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": sum(h.cached_tokens for h in handles)}}
-
-    def _head(parsed: ParsedRequest, chunk: bool) -> dict[str, Any]:
-        if parsed.kind == "chat":
-            return {"id": f"chatcmpl-{parsed.id}", "object": "chat.completion.chunk" if chunk else "chat.completion",
-                    "created": parsed.created, "model": server.name}
-        return {"id": f"cmpl-{parsed.id}", "object": "text_completion", "created": parsed.created,
-                "model": server.name}
-
-    def _response(parsed: ParsedRequest, handles: list[RequestHandle], results: list[list[TokenOut]]) -> dict:
-        choices = []
-        for i, outs in enumerate(results):
-            text = "".join(o.text for o in outs)
-            choice: dict[str, Any] = {"index": i}
-            if parsed.kind == "chat":
-                choice["message"] = {"role": "assistant", "content": text}
-            else:
-                choice["text"] = text
-            choice.update(logprobs=None, finish_reason=openai_finish_reason(outs[-1].finish_reason))
-            extras = choice_extras(outs, parsed, server.info.expert_names, server.top_k(parsed.specs[i].top_k))
-            if extras:
-                choice["xlora"] = extras
-            choices.append(choice)
-        response = _head(parsed, False) | {"choices": choices, "usage": _usage(handles)}
-        if parsed.return_scalings:
-            response["xlora"] = {"experts": server.info.expert_names, "modules": server.info.module_names}
-        return response
-
-    async def _stream(parsed: ParsedRequest, handles: list[RequestHandle]) -> AsyncIterator[str]:
-        head = _head(parsed, True)
-        try:
-            if parsed.kind == "chat":
-                delta = {"role": "assistant", "content": ""}
-                yield _sse(head | {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]})
-            for i, handle in enumerate(handles):  # the prompts run together; their chunks come prompt by prompt
-                top_k = server.top_k(parsed.specs[i].top_k)
-                async for out in handle:
-                    extras = choice_extras([out], parsed, server.info.expert_names, top_k)
-                    if not out.text and not extras and out.finish_reason is None:
-                        continue
-                    choice: dict[str, Any] = {"index": i}
-                    if parsed.kind == "chat":
-                        choice["delta"] = {"content": out.text}
-                    else:
-                        choice["text"] = out.text
-                    choice.update(logprobs=None, finish_reason=openai_finish_reason(out.finish_reason))
-                    if extras:
-                        choice["xlora"] = extras
-                    yield _sse(head | {"choices": [choice]})
-            if parsed.include_usage:
-                yield _sse(head | {"choices": [], "usage": _usage(handles)})
-            yield _sse("[DONE]")
-        except XLoraError as e:
-            yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
-        finally:  # a client gone (the generator is closed early): stop what still runs
-            for h in handles:
-                if h.finish_reason is None:
-                    h.cancel()
+        return await _generate(server, request, lambda body: parse_chat(body, server.render, encode))
 
     return app
+
+
+async def _generate(server: Server, request: Request, parse: Callable[[Any], ParsedRequest]) -> Response:
+    """A generation endpoint: the body parsed and submitted, then the whole answer or its stream. A refusal is
+    400 (the body), 404 (another model) or 429 (the queue is full); a graph that fails, 500."""
+    try:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise XLoraError(f"request body: not valid JSON ({e})") from None
+        parsed = parse(body)
+        if parsed.model is not None and parsed.model != server.name:
+            raise _NotFoundError(f"model '{parsed.model}' is not served here (this server serves '{server.name}')")
+        session_id = request.headers.get(SESSION_HEADER)
+        if session_id is not None and not 0 < len(session_id) <= MAX_SESSION_ID:
+            raise XLoraError(f"{SESSION_HEADER} header: expected 1 to {MAX_SESSION_ID} characters")
+        if session_id is not None and len(parsed.specs) == 1:
+            parsed.specs[0].session_id = session_id
+        handles = server.scheduler.submit(parsed.specs, asyncio.get_running_loop())
+    except XLoraError as e:
+        return _error(400, str(e))
+    except _NotFoundError as e:
+        return _error(404, str(e), code="model_not_found")
+    except QueueFullError as e:
+        server.metrics.rejected.inc()
+        return _error(429, str(e), "rate_limit_error", "queue_full", {"Retry-After": str(e.retry_after)})
+    if parsed.stream:
+        return StreamingResponse(_stream(server, parsed, handles), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    try:
+        results = await _collect(request, handles)
+    except _DisconnectedError:
+        return Response(status_code=499)
+    except XLoraError as e:
+        return _error(500, str(e), "server_error")
+    return JSONResponse(completion_body(parsed, server.name, server.info, handles, results))
+
+
+async def _collect(request: Request, handles: list[RequestHandle]) -> list[list[TokenOut]]:
+    """Every handle's tokens; a client that disconnects meanwhile cancels them (checked every 0.1 s)."""
+    async def drain(handle: RequestHandle) -> list[TokenOut]:
+        return [out async for out in handle]
+
+    task = asyncio.ensure_future(asyncio.gather(*(drain(h) for h in handles)))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.1)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise _DisconnectedError
+    finally:
+        if not task.done():
+            task.cancel()
+            for h in handles:
+                h.cancel()
+
+
+async def _stream(server: Server, parsed: ParsedRequest, handles: list[RequestHandle]) -> AsyncIterator[str]:
+    """The server-sent events of a streamed answer, `[DONE]` last; a graph that fails ends it with an error
+    event. A client gone (the generator closed early) cancels what still runs."""
+    try:
+        async with contextlib.aclosing(stream_chunks(parsed, server.name, server.info, handles)) as chunks:
+            async for chunk in chunks:
+                yield sse(chunk)
+        yield sse("[DONE]")
+    except XLoraError as e:
+        yield sse(error_body(str(e), "server_error"))
+    finally:
+        for h in handles:
+            if h.finish_reason is None:
+                h.cancel()

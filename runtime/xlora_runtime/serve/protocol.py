@@ -1,4 +1,4 @@
-"""The OpenAI API's request bodies, checked, and its response objects.
+"""The OpenAI API's request bodies, checked (the response objects are shaped in responses.py).
 
 `parse_completion` and `parse_chat` turn a JSON body into a `ParsedRequest` (one `RequestSpec` per prompt, plus
 what the response needs), raising a one-line `XLoraError` that names the field for anything wrong; fields that
@@ -19,12 +19,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from ..errors import XLoraError, brief
-from .scheduler import RequestSpec, TokenOut
+from .scheduler import RequestSpec
 
-__all__ = ["ParsedRequest", "choice_extras", "openai_finish_reason", "parse_chat", "parse_completion"]
+__all__ = ["ParsedRequest", "openai_finish_reason", "parse_chat", "parse_completion"]
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n",
            "logprobs", "frequency_penalty", "presence_penalty", "logit_bias", "user", "ignore_eos", "xlora"}
@@ -189,25 +187,3 @@ def parse_chat(body: Any, render: Any, encode: Any) -> ParsedRequest:
 def openai_finish_reason(reason: str | None) -> str | None:
     """The OpenAI API's finish reason ("stop", "length") for the runtime's, None for a token that ends nothing."""
     return None if reason is None else _FINISH_REASONS[reason]
-
-
-def choice_extras(outs: list[TokenOut], request: ParsedRequest, experts: list[str], top_k: int) -> dict[str, Any]:
-    """The `xlora` object of a choice (or a streamed chunk) for these tokens: token ids and scalings as asked.
-
-    Args:
-        experts: expert names in graph order; top_k: the request's experts per token (0 = all, for "top").
-    """
-    extras: dict[str, Any] = {}
-    if request.return_token_ids:
-        extras["token_ids"] = [o.token for o in outs]
-    if request.return_scalings is True:
-        extras["scalings"] = [o.scalings.tolist() for o in outs]
-    elif request.return_scalings == "top":
-        keep = top_k or len(experts)
-        per_token = []
-        for o in outs:
-            weights = o.scalings.mean(0)
-            order = np.argsort(-weights, kind="stable")[:keep]
-            per_token.append([{"expert": experts[i], "weight": float(weights[i])} for i in order])
-        extras["top_experts"] = per_token
-    return extras

@@ -1,0 +1,140 @@
+"""The OpenAI API's response objects, shaped from what the scheduler returned (no HTTP here: app.py sends them).
+
+    error_body        {"error": {message, type, param, code}}: every refusal, and a stream's failure
+    models_body       /v1/models: the one model served, with its experts
+    completion_body   a whole answer: one choice per prompt (`text`, or a chat `message`), finish reasons in
+                      OpenAI's words, `usage`; with `xlora.return_scalings` the experts and modules named once
+    stream_chunks     one chunk per token that releases text or carries `xlora` extras (a chat's first chunk
+                      names the role), then `usage` if asked; `sse` frames each as a server-sent event
+    choice_extras     the `xlora` object of a choice or chunk: token ids, scalings, or the top experts
+
+Each function takes the checked request (`protocol.ParsedRequest`), the model's name and the graph's record;
+the handles and tokens are the scheduler's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .protocol import ParsedRequest, openai_finish_reason
+
+if TYPE_CHECKING:
+    from ..format.record import GraphInfo
+    from .scheduler import RequestHandle, TokenOut
+
+__all__ = ["choice_extras", "completion_body", "error_body", "models_body", "sse", "stream_chunks"]
+
+
+def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object; `kind` its `type` (invalid_request_error, rate_limit_error, server_error)."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def models_body(model: str, info: GraphInfo, chat_template: bool) -> dict[str, Any]:
+    """The /v1/models list: the one model, its context length and its X-LoRA facts."""
+    return {"object": "list", "data": [{
+        "id": model, "object": "model", "created": 0, "owned_by": "xlora-serve", "max_model_len": info.max_positions,
+        "xlora": {"experts": info.expert_names, "default_top_k": info.default_top_k, "chat_template": chat_template,
+                  "frozen_graph": info.frozen_path is not None}}]}
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    """One server-sent event: a JSON object, or a literal such as `[DONE]`."""
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def choice_extras(outs: list[TokenOut], request: ParsedRequest, experts: list[str], top_k: int) -> dict[str, Any]:
+    """The `xlora` object of a choice (or a streamed chunk) for these tokens: token ids and scalings as asked.
+
+    Args:
+        outs: the tokens, each with its scalings (L modules, n experts).
+        experts: expert names in graph order; top_k: the request's experts per token (0 = all, for "top").
+    """
+    extras: dict[str, Any] = {}
+    if request.return_token_ids:
+        extras["token_ids"] = [o.token for o in outs]
+    if request.return_scalings is True:
+        extras["scalings"] = [o.scalings.tolist() for o in outs]
+    elif request.return_scalings == "top":
+        keep = top_k or len(experts)
+        per_token = []
+        for o in outs:
+            weights = o.scalings.mean(0)
+            order = np.argsort(-weights, kind="stable")[:keep]
+            per_token.append([{"expert": experts[i], "weight": float(weights[i])} for i in order])
+        extras["top_experts"] = per_token
+    return extras
+
+
+def _top_k(request: ParsedRequest, i: int, info: GraphInfo) -> int:
+    """Prompt i's experts per token: its `expert_top_k`, else the model's default."""
+    top_k = request.specs[i].top_k
+    return info.default_top_k if top_k is None else top_k
+
+
+def _usage(handles: list[RequestHandle]) -> dict[str, Any]:
+    prompt = sum(h.prompt_tokens for h in handles)
+    completion = sum(h.completion_tokens for h in handles)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(h.cached_tokens for h in handles)}}
+
+
+def _head(request: ParsedRequest, model: str, chunk: bool) -> dict[str, Any]:
+    if request.kind == "chat":
+        return {"id": f"chatcmpl-{request.id}", "object": "chat.completion.chunk" if chunk else "chat.completion",
+                "created": request.created, "model": model}
+    return {"id": f"cmpl-{request.id}", "object": "text_completion", "created": request.created, "model": model}
+
+
+def _choice(request: ParsedRequest, i: int, text: str, finish_reason: str | None, chunk: bool) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": i}
+    if request.kind == "chat" and chunk:
+        choice["delta"] = {"content": text}
+    elif request.kind == "chat":
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    choice.update(logprobs=None, finish_reason=openai_finish_reason(finish_reason))
+    return choice
+
+
+def completion_body(request: ParsedRequest, model: str, info: GraphInfo, handles: list[RequestHandle],
+                    results: list[list[TokenOut]]) -> dict[str, Any]:
+    """The whole answer to a request that does not stream: `results[i]` are prompt i's tokens, in order."""
+    choices = []
+    for i, outs in enumerate(results):
+        choice = _choice(request, i, "".join(o.text for o in outs), outs[-1].finish_reason, chunk=False)
+        extras = choice_extras(outs, request, info.expert_names, _top_k(request, i, info))
+        if extras:
+            choice["xlora"] = extras
+        choices.append(choice)
+    response = _head(request, model, chunk=False) | {"choices": choices, "usage": _usage(handles)}
+    if request.return_scalings:
+        response["xlora"] = {"experts": info.expert_names, "modules": info.module_names}
+    return response
+
+
+async def stream_chunks(request: ParsedRequest, model: str, info: GraphInfo,
+                        handles: list[RequestHandle]) -> AsyncIterator[dict[str, Any]]:
+    """The chunks of a streamed answer as the handles' tokens arrive (the prompts run together; their chunks come
+    prompt by prompt). The caller adds `[DONE]` and turns a failure into an `error_body`."""
+    head = _head(request, model, chunk=True)
+    if request.kind == "chat":
+        delta = {"role": "assistant", "content": ""}
+        yield head | {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+    for i, handle in enumerate(handles):
+        top_k = _top_k(request, i, info)
+        async for out in handle:
+            extras = choice_extras([out], request, info.expert_names, top_k)
+            if not out.text and not extras and out.finish_reason is None:
+                continue
+            choice = _choice(request, i, out.text, out.finish_reason, chunk=True)
+            if extras:
+                choice["xlora"] = extras
+            yield head | {"choices": [choice]}
+    if request.include_usage:
+        yield head | {"choices": [], "usage": _usage(handles)}
