@@ -30,7 +30,6 @@ from .graph_file import read_metadata_props
 __all__ = ["CacheSpec", "Files", "GraphInfo", "ProfileHints", "Quantization", "peek", "peek_file"]
 
 
-
 class _InvalidError(Exception):
     """A value the format does not allow: (dotted key, the value, what was expected)."""
 
@@ -67,8 +66,6 @@ def _int(low: int) -> _Codec:
 
 
 _ANY_INT = _checked(_is_int, "an int")
-
-
 _TEXT = _checked(lambda v: isinstance(v, str), "a string")
 _BOOL = _checked(lambda v: isinstance(v, bool), "true or false")
 _OBJECT = _checked(lambda v: isinstance(v, dict), "a JSON object")
