@@ -1,5 +1,7 @@
-"""Structure (issue 7): imports inside `xlora_export` go one way (no cycle, no function-level import hiding one),
-and the experts a model reports are the experts it was built from."""
+"""Structure: imports inside `xlora_export` go one way (no cycle, no function-level import hiding one), and the
+experts a model reports are the experts it was built from; the runtime's layers import downward only (format and
+backends under the core, the core under the commands and the server), never torch or the exporter, and every
+command runs on the shared runner."""
 
 from __future__ import annotations
 
@@ -78,8 +80,8 @@ with open(os.path.join(RUNTIME, "..", "pyproject.toml"), encoding="utf-8") as _f
 def _runtime_imports(path: str) -> set[str]:
     """The xlora_runtime modules a file of the runtime imports (relative imports resolved; `from P import m` counts
     both P and P.m)."""
-    package = "xlora_runtime." + os.path.relpath(os.path.dirname(path), RUNTIME).replace(os.sep, ".")
-    package = package.removesuffix(".")
+    folder = os.path.relpath(os.path.dirname(path), RUNTIME)
+    package = "xlora_runtime" if folder == os.curdir else "xlora_runtime." + folder.replace(os.sep, ".")
     out = set()
     for node in ast.walk(ast.parse(open(path).read())):
         if isinstance(node, ast.Import):
@@ -137,3 +139,100 @@ def test_the_metadata_record_is_parsed_only_in_the_format():
     for path in _sources(RUNTIME) + _sources(PACKAGE):
         if not path.startswith(home + os.sep):
             assert not _parsing_functions(path), f"{path} parses the metadata record: {_parsing_functions(path)}"
+
+
+# ----------------------------------------------------------------------------- the runtime's layers and commands
+ROOT = os.path.dirname(PACKAGE)
+EXPORTER_ONLY = ("torch", "transformers", "peft", "safetensors", "accelerate", "xlora_export")  # never the runtime
+
+
+def _module_path(module: str) -> str:
+    """The source file of a module of this checkout (`xlora_runtime...` lives under runtime/)."""
+    top = os.path.join(ROOT, "runtime") if module.startswith("xlora_runtime") else ROOT
+    path = os.path.join(top, *module.split("."))
+    return path + ".py" if os.path.isfile(path + ".py") else os.path.join(path, "__init__.py")
+
+
+def _module_name(path: str) -> str:
+    return "xlora_runtime." + os.path.relpath(path, RUNTIME)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+
+
+def _console_scripts() -> dict[str, str]:
+    """Every command: the console scripts of both packages (name -> "module:function"), and the two run as
+    `python -m` (the eager demo, the recipes)."""
+    scripts = {"python -m xlora_export.demo": "xlora_export.demo:main",
+               "python -m models.recipes": "models.recipes:main"}
+    for pyproject in (os.path.join(ROOT, "pyproject.toml"), os.path.join(ROOT, "runtime", "pyproject.toml")):
+        with open(pyproject, encoding="utf-8") as f:
+            section = f.read().split("[project.scripts]")[1].split("\n[")[0]
+        scripts |= dict(re.findall(r'^([\w-]+) = "([\w.]+:\w+)"', section, re.M))
+    return scripts
+
+
+def test_the_runtime_core_imports_no_command_module_and_nothing_imports_serve():
+    """Imports in the runtime go one way: the core (everything but the command modules and serve/) imports no
+    command module, and nothing outside serve/ imports serve/ (the server sits on the core, never under it)."""
+    serve = os.path.join(RUNTIME, "serve")
+    assert {"xlora_runtime.serve.triton", "xlora_runtime.commands"} <= COMMAND_MODULES
+    for path in _sources(RUNTIME):
+        if path.startswith(serve + os.sep):
+            continue
+        imported = _runtime_imports(path)
+        into_serve = sorted(m for m in imported if m == "xlora_runtime.serve" or m.startswith("xlora_runtime.serve."))
+        assert not into_serve, f"{os.path.relpath(path, RUNTIME)} imports {into_serve}"
+        if _module_name(path) not in COMMAND_MODULES:
+            upward = imported & COMMAND_MODULES
+            assert not upward, f"{os.path.relpath(path, RUNTIME)} imports the command module(s) {sorted(upward)}"
+
+
+def test_the_runtime_imports_no_torch_and_onnx_only_lazily_for_an_extra():
+    """No file of the runtime imports torch, transformers or the exporter, at any level; onnx only inside a
+    function, and only while an optional extra of the runtime declares it (`triton`: the served graph)."""
+    with open(os.path.join(ROOT, "runtime", "pyproject.toml"), encoding="utf-8") as f:
+        extras = f.read().split("[project.optional-dependencies]")[1].split("\n[")[0]
+    onnx_is_an_extra = re.search(r'"onnx[><=\s"]', extras) is not None
+    for path in _sources(RUNTIME):
+        tree = ast.parse(open(path).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            where = f"{os.path.relpath(path, RUNTIME)}:{node.lineno}"
+            for name in names:
+                top = name.split(".")[0]
+                assert top not in EXPORTER_ONLY, f"{where} imports {name}"
+                if top == "onnx":
+                    assert node not in tree.body and onnx_is_an_extra, (
+                        f"{where} imports onnx " + ("at module level" if node in tree.body else
+                                                    "but no optional extra of the runtime declares it"))
+
+
+def test_every_command_runs_on_the_shared_runner():
+    """Each command's entry function returns `run(...)` of `xlora_runtime.commands`, imported by its public name:
+    one place for one-line errors, exit codes and Ctrl-C; and no file imports a private name of the other
+    package."""
+    for prog, target in _console_scripts().items():
+        module, function = target.split(":")
+        path = _module_path(module)
+        tree = ast.parse(open(path).read())
+        runners = set()  # the local names `xlora_runtime.commands.run` is imported under
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    package = module.rsplit(".", node.level)[0]
+                    base = ".".join(filter(None, [package, base]))
+                if base == "xlora_runtime.commands":
+                    runners |= {a.asname or a.name for a in node.names if a.name == "run"}
+        [entry] = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function]
+        calls = [n for n in ast.walk(entry) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+        assert runners and any(c.func.id in runners for c in calls), f"{prog} ({target}) does not run on commands.run"
+    for folder, other in ((PACKAGE, "xlora_runtime"), (RUNTIME, "xlora_export")):
+        for path in _sources(folder):
+            for node in ast.walk(ast.parse(open(path).read())):
+                if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith(other):
+                    private = [a.name for a in node.names if a.name.startswith("_")]
+                    assert not private, f"{path}:{node.lineno} imports {private} from {node.module}"
