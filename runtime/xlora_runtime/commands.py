@@ -89,8 +89,11 @@ def _run(prog: str, build_parser: Callable[[], argparse.ArgumentParser],
         except (XLoraError, OSError) as e:
             print(f"{prog}: error: " + " ".join(str(e).split("\n")), file=sys.stderr)
             return 1
-    except KeyboardInterrupt as e:
-        print(f"{prog}: interrupted{e.note if isinstance(e, Interrupted) else ''}", file=sys.stderr)
+    except Interrupted as e:
+        print(f"{prog}: interrupted{e.note}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 
