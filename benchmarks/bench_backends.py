@@ -1,4 +1,4 @@
-"""Generation speed of one exported model on several backends (issue 11), timed the way bench_generate.py times.
+"""Generation speed of one exported model on several backends, timed the way bench_generate.py times.
 
     python benchmarks/bench_backends.py GRAPH[@PROVIDER] [GRAPH[@PROVIDER] ...] [--prompt-len 64]
                                         [--new-tokens 32] [--batch 1] [--runs 5] [--threads 2] [--json OUT.json]

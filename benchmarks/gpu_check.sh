@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (issue 11): what this project's CI cannot run. On a machine with an NVIDIA GPU, TensorRT 10 or 11 and
+# GPU check: what this project's CI cannot run. On a machine with an NVIDIA GPU, TensorRT 10 or 11 and
 # onnxruntime-gpu, in a few minutes:
 #   1. builds the default model (tiny-llama) and exports it in fp32 and fp16 (both graphs),
 #   2. polygraphy: the fp32 graph on TensorRT against ONNX Runtime (a prefill, the same inputs),

@@ -219,7 +219,7 @@ def build(recipe: Recipe | DemoRecipe, out_dir: str) -> str:
             p.normal_(0.0, recipe.classifier_std)
     xmodel.save_pretrained(out_dir)
     shutil.rmtree(staging)
-    follow_umask(out_dir)  # the base model's safetensors are written 0600 (safetensors issue 782)
+    follow_umask(out_dir)  # the base model's safetensors are written 0600 (safetensors >= 0.8)
     return out_dir
 
 
@@ -254,7 +254,7 @@ RECIPES = {
         ExpertSpec("alpha", 4, 2, ["q_proj", "v_proj"]),
         ExpertSpec("beta", 8, 2, ATTN),
         ExpertSpec("gamma", 6, 1.5, [*MLP, "q_proj"], rslora=True)]),
-    # About 32M parameters (SPEC section 9's calibration size), for benchmarks/: the vocabulary is padded
+    # About 32M parameters (the size of the project's speed calibration), for benchmarks/: the vocabulary is padded
     # to 8192 rows beyond the tokenizer's few hundred tokens so that embedding and lm_head weigh what they would.
     "llama-32m": Recipe(arch="llama", hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=8192,
                         max_positions=512, tie_embeddings=False, seed=4, experts=[

@@ -36,7 +36,7 @@ SMALL = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key
 
 
 def test_zephyr_attention_settings_are_accepted():
-    """zephyr-7b-beta (the seed's base): Mistral, sliding_window=4096, max_position_embeddings=32768."""
+    """zephyr-7b-beta (the original X-LoRA's base): Mistral, sliding_window=4096, max_position_embeddings=32768."""
     base = MistralForCausalLM(MistralConfig(**{**SMALL, "max_position_embeddings": 32768}, sliding_window=4096))
     model = xlora.add_xlora_to_model(base, _config(base))
     assert model.spec.windows == (4096,) * 4

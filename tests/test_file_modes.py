@@ -1,5 +1,5 @@
 """Files this project writes get the mode any other new file gets (0666 less the process umask), not the private
-0600 of a temporary file renamed into place (safetensors >= 0.8 writes its files that way, issue 782 there):
+0600 of a temporary file renamed into place (safetensors >= 0.8 writes its files that way):
 exports, companions, checkpoints saved by `save_pretrained`, built recipes and plots."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the checkpoint readers (issue 8): mutated JSON records (wrong types, missing,
+"""Property-based fuzzing of the checkpoint readers: mutated JSON records (wrong types, missing,
 extra and bad values, not an object, not JSON) and mutated tensor files (truncated, bytes flipped, tensors
 re-shaped, re-typed, dropped or added) must load, or fail with a one-line XLoraError; nothing else, no hang.
 

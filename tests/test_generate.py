@@ -1,4 +1,4 @@
-"""Cached generation against the no-cache recompute (SPEC section 3), and generate's options."""
+"""Cached generation against the no-cache recompute (docs/XLORA.md, the cache semantics), and generate's options."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""xlora-runtime: torch-free generation over an exported graph (SPEC sections 3, 4, 6, 8).
+"""xlora-runtime: torch-free generation over an exported graph (cache semantics, API, graph contract, parity).
 
 The runtime must reproduce the eager model: greedy tokens equal to the cached `generate` and to the no-cache
 recompute (the correctness definition of section 3), logits within 1e-4, scalings within 1e-5, for every
@@ -406,7 +406,7 @@ def test_scalings_log_round_trip_and_matches_eager(tmp_path):
         model.clear_scalings_log()
     assert [tuple(t.shape) for t in eager_log] == [a.shape for a in log]
     _, mask = left_padded(list(PROMPTS))
-    real = mask.bool().numpy()  # compare real tokens only (SPEC 8)
+    real = mask.bool().numpy()  # compare real tokens only
     assert np.abs(eager_log[0].numpy()[real] - log[0][real]).max() <= 1e-5
     for j, (t, a) in enumerate(zip(eager_log[1:], log[1:]), 1):
         assert np.abs(t.numpy() - a).max() <= 1e-5, f"log entry {j}"

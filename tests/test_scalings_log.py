@@ -1,4 +1,4 @@
-"""The scalings log: what is logged, the Model API around it, and the file format (SPEC section 4).
+"""The scalings log: what is logged, the Model API around it, and the file format.
 
 Format: `{path}.npy` (float32, (num_logged, b, s, L, n)) when every entry has one shape; otherwise
 `{path}-{j}.npy` per shape plus `{path}-mapping.json` (file basename -> log indices), restored in order by
@@ -174,7 +174,7 @@ def test_cached_decode_step_logs_one_position(model):
         step = model(input_ids=nxt, cache=out.cache, use_cache=True)
     logged = model.get_scalings_log()
     assert [tuple(t.shape) for t in logged] == [(2, 5, n_modules, n_experts), (2, 1, n_modules, n_experts)]
-    # the decode step's scalings are the no-cache recompute's at that position (SPEC section 3)
+    # the decode step's scalings are the no-cache recompute's at that position (scalings never change once computed)
     model.disable_scalings_logging()
     with torch.no_grad():
         full = model(input_ids=torch.cat([prompt, nxt], 1), use_cache=False)

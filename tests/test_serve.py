@@ -1,4 +1,4 @@
-"""xlora-serve (issue 12): real HTTP clients against a real server process on 127.0.0.1.
+"""xlora-serve: real HTTP clients against a real server process on 127.0.0.1.
 
 The oracle is the runtime's own `Generator` serving each request alone (itself exact against the eager model,
 test_runtime.py): whatever the batch does (requests joining and leaving between steps, left-padded merges, several

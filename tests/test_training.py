@@ -1,4 +1,4 @@
-"""Training (SPEC section 2): the LM loss of the real pass trains the classifier; the experts only with
+"""Training: the LM loss of the real pass trains the classifier; the experts only with
 `use_trainable_adapters`; the base never; and the scaling pass carries no gradient.
 """
 

@@ -1,6 +1,6 @@
 """xlora-export: X-LoRA (a mixture of LoRA experts) from PyTorch to deployment.
 
-`import xlora_export as xlora` gives the seed's Global API (`add_xlora_to_model`,
+`import xlora_export as xlora` gives the original X-LoRA package's global API (`add_xlora_to_model`,
 `from_pretrained`, `xLoRAConfig`), the Model API on `xLoRAModel` and the Utility API in
 `xlora.xlora_utils`.
 

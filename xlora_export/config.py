@@ -1,4 +1,4 @@
-"""`xLoRAConfig`: every knob of an X-LoRA model, with the seed's names and defaults.
+"""`xLoRAConfig`: every knob of an X-LoRA model, with the original X-LoRA package's names and defaults.
 
 The config is validated at construction; each error names the field. It serialises to the
 original xlora's flat `xlora_config.json` key set (`to_dict`/`from_dict`).
@@ -42,8 +42,8 @@ def _warn_once(message: str) -> None:
 
 
 @dataclass
-class xLoRAConfig:  # noqa: N801 - the seed's public name
-    """Configuration of an X-LoRA model (field order and defaults as in the seed README)."""
+class xLoRAConfig:  # noqa: N801 - the original X-LoRA package's public name
+    """Configuration of an X-LoRA model (field order and defaults as in the original X-LoRA README)."""
 
     hidden_size: int  # hidden size of the base model; the classifier's input width
     base_model_id: str | None = None  # hub id or local path of the base model
@@ -86,8 +86,8 @@ class xLoRAConfig:  # noqa: N801 - the seed's public name
             raise XLoraError(f"xLoRAConfig.adapters: expected a dict name -> path or a list of names, "
                              f"got {type(self.adapters).__name__}")
         if self.enable_softmax and self.enable_softmax_topk:
-            _warn_once("xLoRAConfig: enable_softmax and enable_softmax_topk are both on; the seed calls them "
-                       "mutually exclusive. Computing what PEFT computes: softmax over experts, top-k, then a "
+            _warn_once("xLoRAConfig: enable_softmax and enable_softmax_topk are both on; X-LoRA's README calls "
+                       "them mutually exclusive. Computing what PEFT computes: softmax over experts, top-k, then a "
                        "softmax over the kept probabilities.")
 
     def _check_types(self) -> None:

@@ -56,7 +56,7 @@ class Expert:
 def follow_umask(path: str) -> None:
     """Give the file `path`, or every file under the folder `path`, the mode any other new file gets: 0666 less
     the process umask. safetensors >= 0.8 writes a private temporary file (0600) and renames it into place
-    (safetensors issue 782), so its files would otherwise be unreadable to the group and to others."""
+    (safetensors >= 0.8), so its files would otherwise be unreadable to the group and to others."""
     mask = os.umask(0o077)  # reading the umask sets it: briefly a restrictive one
     os.umask(mask)
     files = [path] if not os.path.isdir(path) else [os.path.join(parent, name)

@@ -1,4 +1,4 @@
-"""`export`: an X-LoRA checkpoint -> one ONNX graph holding both passes (SPEC section 6).
+"""`export`: an X-LoRA checkpoint -> one ONNX graph holding both passes (the graph contract: docs/EXPORT.md).
 
     load checkpoint + base -> trace XLoraGraph (TorchScript exporter) -> metadata, onnx.checker
     -> [frozen graph] -> tokenizer -> validate with ONNX Runtime -> TensorRT readiness -> rename into place

@@ -1,4 +1,4 @@
-"""`xLoRAModel`: the two-pass X-LoRA forward and the seed's Model API.
+"""`xLoRAModel`: the two-pass X-LoRA forward and the original X-LoRA package's Model API.
 
 One step, with two caches (see `cache.py`):
 
@@ -53,7 +53,7 @@ class XLoraCausalLMOutput(ModelOutput):
         return self.cache
 
 
-class xLoRAModel(GenerationMixin, nn.Module):  # noqa: N801 - the seed's public name
+class xLoRAModel(GenerationMixin, nn.Module):  # noqa: N801 - the original X-LoRA package's public name
     """A causal LM with n LoRA experts gated per token by a classifier (build it with
     `add_xlora_to_model` or `from_pretrained`); `generate` and `decode` come from `generation.py`."""
 

@@ -11,7 +11,7 @@ would otherwise be held three times: eager, main graph, frozen graph):
    the greedy tokens (logits and tokens only as long as the graph's top-k keeps the experts the
    eager model kept, see `compare_with_reference`).
 
-Tolerances scale with what is compared (SPEC section 8): logits within max(floor, relative x the
+Tolerances scale with what is compared: logits within max(floor, relative x the
 largest |logit|), scalings within floor x a factor that grows with depth and width (float error
 accumulates through the scaling pass before the classifier sees it), and the graph's greedy token
 equal to the eager one wherever the eager top-2 margin exceeds the logits tolerance.
@@ -34,7 +34,7 @@ from .model import xLoRAModel
 __all__ = ["TOLERANCES", "EagerReference", "ParityResult", "compare_with_eager", "compare_with_reference",
            "eager_reference", "tolerance", "validation_prompts"]
 
-# Absolute floors of the max abs difference between a graph and the eager model of the same dtype (SPEC 8).
+# Absolute floors of the max abs difference between a graph and the eager model of the same dtype.
 TOLERANCES = {"fp32": {C.LOGITS: 1e-4, C.SCALINGS: 1e-5}, "fp16": {C.LOGITS: 5e-2, C.SCALINGS: 1e-2}}
 # Logits: the tolerance also covers this fraction of the largest |logit| compared.
 RELATIVE_LOGITS = {"fp32": 5e-5, "fp16": 5e-3}
