@@ -1,9 +1,9 @@
 """`xlora-triton`: the Triton model repository. Its config is parsed against Triton's own schema
 (`tritonclient`'s `model_config_pb2`), its implicit state lists every past/present pair in the contract's order
-(not name-sorted, and immune to Triton's sorted-index pairing, server issue 8586), and the served copy of the
-graph reproduces the exported graph: a sequence's first request (START=1, state fed uninitialized with each
-variable dimension 1, as Triton does) equals the prefill with empty caches, a later one (START=0, the previous
-presents as state) equals the decode step."""
+(not name-sorted, and immune to Triton's sorted-index pairing: triton-inference-server/server#8586), and the
+served copy of the graph reproduces the exported graph: a sequence's first request (START=1, state fed
+uninitialized with each variable dimension 1, as Triton does) equals the prefill with empty caches, a later one
+(START=0, the previous presents as state) equals the decode step."""
 
 from __future__ import annotations
 
@@ -72,10 +72,11 @@ def test_state_order_is_the_contracts_not_sorted():
 
 
 def test_state_pairs_guard_refuses_names_triton_would_swap():
-    """Negative control: the pair of server issue 8586, whose output names sort the other way round."""
+    """Negative control: the pair of triton-inference-server/server#8586, whose output names sort the other way
+    round."""
     with pytest.raises(XLoraError, match=r"^state cache_last_channel_next would be fed back as cache_last_channel_len "
                                          r"instead of cache_last_channel: Triton pairs states by their "
-                                         r"name-sorted positions \(server issue 8586\)$"):
+                                         r"name-sorted positions \(triton-inference-server/server#8586\)$"):
         check_state_pairs([("cache_last_channel", "cache_last_channel_next"),
                            ("cache_last_channel_len", "cache_last_channel_len_next")])
 

@@ -7,7 +7,7 @@
 Both KV caches live in Triton as implicit sequence state: one `sequence_batching.state` entry per past/present
 pair, in the graph contract's order (layer by layer, key then value, the real cache then the scaling cache), so
 the client sends only new tokens, the attention mask and positions, and `top_k`. Triton pairs a state's output
-with its input by their indexes in two name-sorted maps (triton-inference-server/server issue 8586);
+with its input by their indexes in two name-sorted maps (triton-inference-server/server#8586);
 `check_state_pairs` proves that pairing is the configured one for this graph's names, and refuses names for which
 it is not.
 
@@ -49,7 +49,7 @@ _TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TY
 
 def check_state_pairs(pairs: list[tuple[str, str]]) -> None:
     """Raise unless pairing each state output with the input at its index in the name-sorted order (what Triton
-    does, server issue 8586) gives back the configured pairs.
+    does, triton-inference-server/server#8586) gives back the configured pairs.
 
     Raises:
         XLoraError: the names sort differently, so Triton would swap states.
@@ -60,7 +60,7 @@ def check_state_pairs(pairs: list[tuple[str, str]]) -> None:
         paired = inputs[outputs.index(output_name)]
         if paired != input_name:
             raise XLoraError(f"state {output_name} would be fed back as {paired} instead of {input_name}: Triton pairs "
-                             f"states by their name-sorted positions (server issue 8586)")
+                             f"states by their name-sorted positions (triton-inference-server/server#8586)")
 
 
 def _dims(shape: list[Any]) -> str:
