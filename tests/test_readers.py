@@ -1,4 +1,4 @@
-"""Bad files and names (issues 7 and 8): every corrupt, truncated or mismatched file the project reads is a
+"""Bad files and names: every corrupt, truncated or mismatched file the project reads is a
 one-line XLoraError naming the file; adapter names cannot leave the checkpoint; the exporter's validation
 prompts fit any vocabulary; `xlora-parity` names the first difference between a graph and a checkpoint."""
 

@@ -29,7 +29,7 @@ def test_ci_runs_the_readmes_test_command():
     assert lines.count(test_command) == 1, f"{test_command!r} is not a line of .ci/run"
     assert lines[1:3] == ["# CI: install (CPU torch pinned first, so no CUDA build is pulled) and run the README's "
                           "test command.", "set -euo pipefail"], "a failing command must fail the CI"
-    exports = [line for line in lines if line.startswith("export XLORA_SEED_README=")]
+    exports = [line for line in lines if line.startswith("export XLORA_ORIGINAL_README=")]
     assert len(exports) == 1 and lines.index(exports[0]) < lines.index(test_command)
 
 
@@ -51,22 +51,23 @@ def test_no_test_reads_outside_the_repository():
     assert not found, found
 
 
-def _import_seed_readme_tests() -> None:
-    """Execute tests/test_seed_readme.py as pytest's collection would (a fresh module object)."""
-    spec = importlib.util.spec_from_file_location("seed_readme_probe", os.path.join(TESTS, "test_seed_readme.py"))
+def _import_original_readme_tests() -> None:
+    """Execute tests/test_original_readme.py as pytest's collection would (a fresh module object)."""
+    path = os.path.join(TESTS, "test_original_readme.py")
+    spec = importlib.util.spec_from_file_location("original_readme_probe", path)
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
-def test_seed_readme_tests_skip_on_a_clone_and_fail_when_pointed_nowhere(tmp_path, monkeypatch):
-    """No XLORA_SEED_README (a user's clone): the module skips, with the reason. Set to a missing file (a CI that
+def test_original_readme_tests_skip_on_a_clone_and_fail_when_pointed_nowhere(tmp_path, monkeypatch):
+    """No XLORA_ORIGINAL_README (a user's clone): the module skips, with the reason. Set to a missing file (a CI that
     lost the document): collection fails rather than passing by skipping."""
-    monkeypatch.delenv("XLORA_SEED_README", raising=False)
-    with pytest.raises(pytest.skip.Exception, match=r"set XLORA_SEED_README to its path to run these tests"):
-        _import_seed_readme_tests()
+    monkeypatch.delenv("XLORA_ORIGINAL_README", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"set XLORA_ORIGINAL_README to its path to run these tests"):
+        _import_original_readme_tests()
     missing = str(tmp_path / "nowhere.md")
-    monkeypatch.setenv("XLORA_SEED_README", missing)
-    with pytest.raises(pytest.fail.Exception, match=re.escape(f"XLORA_SEED_README={missing!r} is not a file")):
-        _import_seed_readme_tests()
+    monkeypatch.setenv("XLORA_ORIGINAL_README", missing)
+    with pytest.raises(pytest.fail.Exception, match=re.escape(f"XLORA_ORIGINAL_README={missing!r} is not a file")):
+        _import_original_readme_tests()
 
 
 # ----------------------------------------------------------------------------- the documents a reader follows
@@ -102,8 +103,30 @@ def test_readme_is_a_product_page():
     assert len(lines) < README_MAX_LINES, f"README.md has {len(lines)} lines; move details to docs/"
 
 
+TEXT_SUFFIXES = (".py", ".md", ".sh", ".toml", ".yaml", ".yml", ".txt", ".cfg", ".ini", ".pbtxt")
+NOT_SOURCES = {"__pycache__", "built", "node_modules"}  # build outputs; folders starting with "." are skipped too
+
+
+def _sources() -> list[str]:
+    """Every text file of the repository (code, docs, configs, benchmarks, tests) but this one, which spells
+    the patterns, and `.ci/`, which points the original README's tests at the document beside the clone."""
+    names = []
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d not in NOT_SOURCES
+                               and not d.endswith(".egg-info"))
+        names += [os.path.relpath(os.path.join(folder, f), ROOT) for f in sorted(files) if f.endswith(TEXT_SUFFIXES)]
+    return [name for name in names if name != os.path.relpath(__file__, ROOT)]
+
+
 def test_documents_name_nothing_a_reader_cannot_follow():
     assert not _unfollowable(_documents())
+
+
+def test_no_file_of_the_repository_names_what_a_reader_cannot_follow():
+    sources = _sources()
+    assert {"xlora_export/model.py", "runtime/xlora_runtime/session.py", "tests/test_export.py",
+            "benchmarks/bench_generate.py", "runtime/pyproject.toml"} <= set(sources)
+    assert not _unfollowable(sources)
 
 
 def test_the_unfollowable_pattern_catches_each_kind():

@@ -1,9 +1,9 @@
-"""The seed README's ```python examples run against `xlora_export` with only the edits SPEC section 4 allows.
+"""The original X-LoRA README's ```python examples run against `xlora_export` with only these edits.
 
-The seed file is the user's original document; it lives beside this project's repository, not in it. Its
-path comes from the environment variable XLORA_SEED_README (`.ci/run` sets it): unset, every test here is
+The original README is not part of this repository. Its path comes from the environment variable
+XLORA_ORIGINAL_README (`.ci/run` sets it where the file is kept beside the clone): unset, every test here is
 skipped with that reason (a user's clone); set to a path that is not a file, collection fails (a CI that
-would otherwise skip them silently). The blocks are extracted from the seed file and edited mechanically:
+would otherwise skip them silently). The blocks are extracted from that file and edited mechanically:
 - hub ids and placeholder paths become the tiny Mistral recipe (`built("tiny-mistral")`): its base model,
   its checkpoint folder and its three experts (the adapter dict's path strings, in order);
 - "cuda" / "cuda:0" become "cpu";
@@ -53,16 +53,16 @@ BLOCK_IDS = [bid for _, bid in EXPECTED_BLOCKS]
 DROPPED_KWARGS = ("use_flash_attention_2", "trust_remote_code", "device_map")
 
 
-SEED_README = os.environ.get("XLORA_SEED_README", "")
-if not SEED_README:
-    pytest.skip("the seed README (the original X-LoRA document) is not part of the repository: set "
-                "XLORA_SEED_README to its path to run these tests (.ci/run does)", allow_module_level=True)
-if not os.path.isfile(SEED_README):
-    pytest.fail(f"XLORA_SEED_README={SEED_README!r} is not a file", pytrace=False)
+ORIGINAL_README = os.environ.get("XLORA_ORIGINAL_README", "")
+if not ORIGINAL_README:
+    pytest.skip("the original X-LoRA README is not part of the repository: set "
+                "XLORA_ORIGINAL_README to its path to run these tests (.ci/run does)", allow_module_level=True)
+if not os.path.isfile(ORIGINAL_README):
+    pytest.fail(f"XLORA_ORIGINAL_README={ORIGINAL_README!r} is not a file", pytrace=False)
 
 
-def read_seed() -> str:
-    with open(SEED_README, encoding="utf-8") as f:
+def read_original() -> str:
+    with open(ORIGINAL_README, encoding="utf-8") as f:
         return f.read()
 
 
@@ -78,7 +78,7 @@ def split_blocks(blocks: list[str]) -> tuple[list[str], list[str]]:
 
 
 def edit_block(code: str, ckpt: str, experts: list[str], log_path: str) -> str:
-    """Apply the SPEC section 4 edits (and the harness edits) to one block."""
+    """Apply the allowed edits (and the harness edits) to one block."""
     base = os.path.join(ckpt, "base")
     lines = []
     for line in code.splitlines():
@@ -229,18 +229,18 @@ CHECKS = {
 
 
 @pytest.fixture(scope="module")
-def seed_text() -> str:
-    return read_seed()
+def original_text() -> str:
+    return read_original()
 
 
 @pytest.fixture(scope="module")
-def run_results(seed_text, tmp_path_factory) -> dict[str, dict]:
+def run_results(original_text, tmp_path_factory) -> dict[str, dict]:
     """Run every example block in one namespace, in file order; per block id: code, error, check error."""
-    runnable, _ = split_blocks(python_blocks(seed_text))
+    runnable, _ = split_blocks(python_blocks(original_text))
     ckpt = built(RECIPE)
     experts = list(expert_paths(RECIPE).values())
-    log_path = str(tmp_path_factory.mktemp("seed_log") / "scalings")
-    ns: dict = {"__name__": "seed_readme"}
+    log_path = str(tmp_path_factory.mktemp("original_log") / "scalings")
+    ns: dict = {"__name__": "original_readme"}
     results: dict[str, dict] = {}
     for i, block in enumerate(runnable):
         bid = BLOCK_IDS[i] if i < len(BLOCK_IDS) else f"extra_{i}"
@@ -250,7 +250,7 @@ def run_results(seed_text, tmp_path_factory) -> dict[str, dict]:
         stdout = io.StringIO()
         try:
             with contextlib.redirect_stdout(stdout):
-                exec(compile(code, f"<seed block {i}: {bid}>", "exec"), ns)
+                exec(compile(code, f"<original block {i}: {bid}>", "exec"), ns)
         except Exception:
             entry["error"] = traceback.format_exc()
             continue
@@ -264,19 +264,19 @@ def run_results(seed_text, tmp_path_factory) -> dict[str, dict]:
     return results
 
 
-def test_seed_has_the_expected_blocks(seed_text):
-    blocks = python_blocks(seed_text)
+def test_original_has_the_expected_blocks(original_text):
+    blocks = python_blocks(original_text)
     runnable, docs = split_blocks(blocks)
     assert len(runnable) == len(EXPECTED_BLOCKS), (
-        f"expected {len(EXPECTED_BLOCKS)} runnable ```python blocks in the seed README, found {len(runnable)}")
+        f"expected {len(EXPECTED_BLOCKS)} runnable ```python blocks in the original README, found {len(runnable)}")
     assert len(docs) == 1, f"expected one `Args:` config block, found {len(docs)}"
     for block, (keyword, bid) in zip(runnable, EXPECTED_BLOCKS):
         assert keyword in block, f"block {bid!r} should contain {keyword!r}:\n{block}"
 
 
-def test_edits_only_touch_allowed_text(seed_text):
+def test_edits_only_touch_allowed_text(original_text):
     """The edited blocks keep every API call of the original; no hub id or cuda device is left."""
-    runnable, _ = split_blocks(python_blocks(seed_text))
+    runnable, _ = split_blocks(python_blocks(original_text))
     ckpt = built(RECIPE)
     for block in runnable:
         code = edit_block(block, ckpt, list(expert_paths(RECIPE).values()), "/tmp/x")
@@ -290,18 +290,18 @@ def test_edits_only_touch_allowed_text(seed_text):
 
 
 @pytest.mark.parametrize("bid", BLOCK_IDS)
-def test_seed_block_runs(run_results, bid):
+def test_original_block_runs(run_results, bid):
     entry = run_results.get(bid)
-    assert entry is not None, f"block {bid!r} was not found in the seed README"
+    assert entry is not None, f"block {bid!r} was not found in the original README"
     assert entry["error"] is None, f"block {bid!r} raised:\n{entry['error']}\n--- edited code ---\n{entry['code']}"
     assert entry["check_error"] is None, (
         f"block {bid!r} ran but its claims do not hold:\n{entry['check_error']}\n--- edited code ---\n{entry['code']}")
 
 
 # ----------------------------------------------------------------------------- the documentation sections
-def _config_args(seed_text: str) -> dict[str, str | None]:
+def _config_args(original_text: str) -> dict[str, str | None]:
     """Args block: name -> the text after 'defaults to' (None when no default is listed)."""
-    _, docs = split_blocks(python_blocks(seed_text))
+    _, docs = split_blocks(python_blocks(original_text))
     out = {}
     for m in re.finditer(r"^\s{4}(\w+) \(`[^`]*`(.*?)\):\s*$", docs[0], re.M):
         default = re.search(r"defaults to `?([^`,)]+)`?", m.group(2))
@@ -309,30 +309,30 @@ def _config_args(seed_text: str) -> dict[str, str | None]:
     return out
 
 
-def test_config_fields_and_defaults_match_the_seed(seed_text):
-    args = _config_args(seed_text)
+def test_config_fields_and_defaults_match_the_original(original_text):
+    args = _config_args(original_text)
     assert len(args) == 16, f"parsed {len(args)} config args: {sorted(args)}"
     fields = {f.name: f for f in dataclasses.fields(xlora.xLoRAConfig)}
     missing = sorted(set(args) - set(fields))
-    assert not missing, f"xLoRAConfig lacks the seed's fields {missing}"
+    assert not missing, f"xLoRAConfig lacks the original README's fields {missing}"
     for name, text in args.items():
         if text is None:
             continue
         want = ast.literal_eval(text)
         f = fields[name]
-        assert f.default is not dataclasses.MISSING, f"{name}: the seed gives default {text}, the field has none"
+        assert f.default is not dataclasses.MISSING, f"{name}: the README gives default {text}, the field has none"
         assert f.default == want and type(f.default) in (type(want), float), (
-            f"{name}: the seed says default {text}, xLoRAConfig has {f.default!r}")
+            f"{name}: the original README says default {text}, xLoRAConfig has {f.default!r}")
     cfg = xlora.xLoRAConfig(64)  # every other field has a default
     assert cfg.top_k_lora is None and cfg.xlora_size == 2048 and cfg.xlora_dropout_p == 0.2
 
 
-def test_api_names_listed_in_the_seed_exist(seed_text):
-    api = seed_text[seed_text.index("## API"):]
+def test_api_names_listed_in_the_original_exist(original_text):
+    api = original_text[original_text.index("## API"):]
     model_names = set(re.findall(r"`xLoraModel\.(\w+)", api))
     assert len(model_names) >= 15, model_names
     missing = sorted(n for n in model_names if not callable(getattr(xlora.xLoRAModel, n, None)))
-    assert not missing, f"xLoRAModel lacks the seed's methods {missing}"
+    assert not missing, f"xLoRAModel lacks the original README's methods {missing}"
     for dotted in set(re.findall(r"`(xlora(?:\.\w+)+)`", api)):
         obj = xlora
         for part in dotted.split(".")[1:]:
