@@ -280,7 +280,7 @@ def test_xlora_engine_errors(tmp_path, capsys):
     code, _, err = _engine_cli([path, engine], capsys)
     assert code == 1 and err == f"xlora-engine: error: {engine} already exists (use --force to overwrite)\n"
     code, _, err = _engine_cli([path, engine, "--max-batch", "0"], capsys)
-    assert code == 2 and err.endswith("xlora-engine: error: argument --max-batch: expected an int >= 1, got 0\n")
+    assert code == 2 and err.endswith("xlora-engine: error: argument --max-batch: expected a positive integer, got 0\n")
 
 
 def test_not_an_xlora_export(tmp_path):

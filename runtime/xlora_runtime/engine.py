@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .commands import run
+from .commands import positive_int, run
 from .errors import XLoraError
 from .format import contract as C
 from .format.record import Files, GraphInfo
@@ -133,17 +133,6 @@ def build_engines(onnx_path: str, engine_path: str, limits: dict[str, int | None
 
 
 # ----------------------------------------------------------------------------------------------------- command
-def positive_int(text: str) -> int:
-    """An argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The options of `xlora-engine`, grouped by concern."""
     parser = argparse.ArgumentParser(
