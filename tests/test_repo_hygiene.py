@@ -131,7 +131,7 @@ def test_no_file_of_the_repository_names_what_a_reader_cannot_follow():
 
 def test_the_unfollowable_pattern_catches_each_kind():
     seed = "the" + " seed"  # spelled in pieces, so that this file does not itself name what it forbids
-    text = (f"see issue 9 and Issue #12\nSPEC" + f" section 7\nas {seed} says\n`../" + "shared/docs/SPEC.md`\n"
+    text = ("see issue 9 and Issue #12\nSPEC" + f" section 7\nas {seed} says\n`../" + "shared/docs/SPEC.md`\n"
             "a Kubernetes spec, a profile spec, triton-inference-server/server#8586, a seed of 0\n")
     hits = [m.group(0) for m in UNFOLLOWABLE.finditer(text)]
     assert hits == ["issue 9", "Issue #12", "SPEC", seed, "../shared", "SPEC"], hits
