@@ -32,24 +32,78 @@ from typing import Any
 
 import numpy as np
 
+from .errors import XLoraError, brief
+from .format import contract as C
 from .kv_cache import CacheGroup, StepOutput
+from .logprobs import TokenLogprob, token_logprobs
 from .session import XLoraSession
 
-__all__ = ["FINISH_REASONS", "Batch", "Row", "StopStrings", "Token", "left_padded", "pick_tokens",
+__all__ = ["FINISH_REASONS", "Batch", "Row", "Sampling", "StopStrings", "Token", "left_padded", "pick_tokens",
            "right_aligned_mask"]
 
 FINISH_REASONS = ("stop_token", "stop_string", "length", "max_positions", "cancelled")
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling extensions of vLLM that the token choice honours exactly (each neutral by default).
+
+    Attributes:
+        top_k: sample among the k most likely tokens only (0: all; ties with the k-th are kept).
+        min_p: drop tokens whose probability is below min_p x the most likely one's (0: none dropped).
+        repetition_penalty: the logits of tokens already in the row (prompt and new tokens) divided by it when
+            positive, multiplied when negative (1: none); applies to greedy choice too.
+        min_tokens: the row's stop ids cannot be chosen before this many new tokens (0: from the first).
+    """
+
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+
+    def check(self) -> Sampling:
+        """This object, validated.
+
+        Raises:
+            XLoraError: a field out of its range, named.
+        """
+        if not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise XLoraError(f"top_k={brief(self.top_k)}: expected an int >= 0 (0 = every token)")
+        if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
+            raise XLoraError(f"min_p={brief(self.min_p)}: expected 0 <= min_p <= 1")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise XLoraError(f"repetition_penalty={brief(self.repetition_penalty)}: expected a number > 0 (1 = none)")
+        if not isinstance(self.min_tokens, (int, np.integer)) or isinstance(self.min_tokens, bool) or \
+                self.min_tokens < 0:
+            raise XLoraError(f"min_tokens={brief(self.min_tokens)}: expected an int >= 0")
+        return self
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
 def pick_tokens(logits: np.ndarray, do_sample: bool, temperature: float, top_p: float,
-                rng: np.random.Generator) -> np.ndarray:
-    """Next token of each row: argmax, or a sample after temperature and top-p (nucleus) filtering.
+                rng: np.random.Generator | None, *, top_k: int = 0, min_p: float = 0.0,
+                repetition_penalty: float = 1.0, seen: np.ndarray | None = None,
+                banned: Sequence[int] = ()) -> np.ndarray:
+    """Next token of each row: argmax, or a sample; vLLM's order: repetition penalty and `banned` ids on the
+    logits, then temperature, min-p, top-k and top-p (nucleus) filtering of the probabilities.
 
     Args:
         logits: (g, vocab) float32.
+        seen: (g, vocab) bool, the tokens each row holds (needed when repetition_penalty != 1).
+        banned: token ids that cannot be chosen (a row's stop ids before its `min_tokens`).
     Returns:
         (g,) int64.
     """
+    if repetition_penalty != 1.0 or len(banned):
+        logits = logits.astype(np.float64)
+        if repetition_penalty != 1.0:
+            penalized = np.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+            logits = np.where(seen, penalized, logits)
+        if len(banned):
+            logits[:, np.asarray(banned, np.int64)] = -np.inf
     if not do_sample:
         return logits.argmax(-1)
     z = logits.astype(np.float64)
@@ -57,6 +111,13 @@ def pick_tokens(logits: np.ndarray, do_sample: bool, temperature: float, top_p: 
         z = (z - z.max(-1, keepdims=True)) / temperature
     probs = np.exp(z)
     probs /= probs.sum(-1, keepdims=True)
+    if min_p > 0.0:
+        probs = np.where(probs < min_p * probs.max(-1, keepdims=True), 0.0, probs)
+    if 0 < top_k < probs.shape[-1]:
+        kth = np.partition(probs, -top_k, axis=-1)[:, -top_k:].min(-1, keepdims=True)
+        probs = np.where(probs < kth, 0.0, probs)
+    if min_p > 0.0 or 0 < top_k < probs.shape[-1]:
+        probs /= probs.sum(-1, keepdims=True)
     if top_p < 1.0:
         order = np.argsort(-probs, axis=-1)
         sorted_probs = np.take_along_axis(probs, order, -1)
@@ -141,9 +202,14 @@ class Row:
             (its end is then "max_positions", else "length").
         top_k: experts kept per token and module (0 = dense).
         temperature: 0 = greedy; > 0 samples after temperature and `top_p`, with `rng` (rows may share one).
+        sampling: vLLM's extensions of the token choice (`Sampling`); `seen`: (vocab,) bool, the tokens the row
+            holds, kept while its repetition penalty is not 1.
         stop_ids: token ids that end the row; `stop`: its stop strings and held-back text.
         freeze_after: after this many decode steps the row's scalings freeze (the frozen graph); None = never.
         keep_cache: on finishing (not cancelled, not frozen), hand its caches to the batch's `retire`.
+        logprobs: None, or k: each new token's log-probability and the k most likely tokens (`logprobs.py`).
+        prompt_logprobs: also each prompt token's after the first, with the row's first token (its prompt then
+            runs one position per graph run, unless the graph was exported with --all-logits).
         tokens, real, finish_reason: the new tokens so far, the positions the row holds in its group's caches
             (prompt and fed tokens), and why it ended (None while it runs).
     """
@@ -156,6 +222,8 @@ class Row:
     temperature: float = 0.0
     top_p: float = 1.0
     rng: np.random.Generator | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    seen: np.ndarray | None = None
     stop_ids: frozenset[int] = frozenset()
     stop: StopStrings = field(default_factory=StopStrings)
     freeze_after: int | None = None
@@ -163,6 +231,8 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     real: int = 0
     finish_reason: str | None = None
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
     decoder: Any = None  # the tokenizer's DecodeStream (set when the row joins a batch), None without a tokenizer
 
     def is_cancelled(self) -> bool:
@@ -182,6 +252,26 @@ class Token:
     logits: np.ndarray  # (vocab,), a view: the logits that chose it
     finish_reason: str | None  # None, or the row's end (one of FINISH_REASONS but "cancelled")
     run_scalings: np.ndarray | None  # (s, L, n), a view: every position this run fed for the row; None if frozen
+    logprob: TokenLogprob | None = None  # with `Row.logprobs`
+    prompt_logprobs: list[TokenLogprob] | None = None  # the first token of a `Row.prompt_logprobs` row: prompt[1:]'s
+
+
+def _run_every_position(group: CacheGroup, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+                        top_k: int) -> StepOutput:
+    """A new group's prompts (g, s) run with the logits of every position in the output's `logits` (g, s, vocab):
+    one run of a graph exported with --all-logits, else one run per position (what a decode step runs)."""
+    if group.session.info.logits == C.LOGITS_ALL:
+        return group.run(ids, mask, positions, top_k)
+    outs = [group.run(ids[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1], top_k) for t in range(ids.shape[1])]
+    return StepOutput(outs[-1].last_logits, np.concatenate([o.scalings for o in outs], 1),
+                      np.stack([o.last_logits for o in outs], 1))
+
+
+def _prompt_logprobs(row: Row, logits: np.ndarray) -> list[TokenLogprob]:
+    """Each prompt token's log-probability after the first (with the row's top k), from the (width, vocab) logits
+    of its left-padded prompt."""
+    n = len(row.prompt_ids)
+    return token_logprobs(logits[logits.shape[0] - n:-1], row.prompt_ids[1:], row.logprobs or 0)
 
 
 @contextlib.contextmanager
@@ -222,21 +312,26 @@ class Batch:
             reserve: positions to allocate at once in the buffers of a graph that writes in place (a caller
                 that knows the final length); 0: grown when needed.
         """
-        by_top_k: dict[int, list[Row]] = collections.defaultdict(list)
+        by_kind: dict[tuple[int, bool], list[Row]] = collections.defaultdict(list)
         for row in rows:
-            by_top_k[row.top_k].append(self._add(row))
+            by_kind[row.top_k, row.prompt_logprobs].append(self._add(row))
         tokens = []
-        for top_k, same in by_top_k.items():
+        for (top_k, scored), same in by_kind.items():
             ids, mask, positions = left_padded([r.prompt_ids for r in same], self.session.info.pad_token_id)
             group = CacheGroup(self.session, np.array([r.id for r in same], np.int64))
             with _released_on_error([group]):
                 if reserve:
                     group.reserve(reserve)
-                out = group.run(ids, mask, positions, top_k)
+                out = _run_every_position(group, ids, mask, positions, top_k) if scored else \
+                    group.run(ids, mask, positions, top_k)
                 for r in same:
                     r.real = len(r.prompt_ids)
                 self._peak(group)
-                tokens += self._accept(group, out)
+                prompt = {r.id: _prompt_logprobs(r, out.logits[j]) for j, r in enumerate(same)} if scored else {}
+                new = self._accept(group, out)
+                for t in new:
+                    t.prompt_logprobs = prompt.get(t.row.id)
+                tokens += new
         return tokens
 
     def extend(self, row: Row, group: CacheGroup) -> list[Token]:
@@ -315,8 +410,7 @@ class Batch:
             if row.is_cancelled():
                 row.finish_reason = "cancelled"
             else:
-                token = int(greedy[j]) if row.temperature <= 0 else int(
-                    pick_tokens(out.last_logits[j:j + 1], True, row.temperature, row.top_p, row.rng)[0])
+                token = self._pick(row, out.last_logits[j], int(greedy[j]))
                 tokens.append(self._choose(row, token, row_scalings[j], out.last_logits[j],
                                            None if group.frozen else out.scalings[j]))
             leave[j] = row.finish_reason is not None
@@ -343,10 +437,25 @@ class Batch:
         group.release()
         return tokens
 
+    def _pick(self, row: Row, logits: np.ndarray, greedy: int) -> int:
+        """A row's token from its (vocab,) logits; `greedy` is their argmax (what plain greedy rows take)."""
+        s = row.sampling
+        banned = sorted(row.stop_ids) if len(row.tokens) < s.min_tokens else ()
+        if row.temperature <= 0 and s.repetition_penalty == 1.0 and not banned:
+            return greedy
+        if s.repetition_penalty != 1.0 and row.seen is None:
+            row.seen = np.zeros(logits.shape[-1], bool)
+            row.seen[np.asarray(row.prompt_ids + row.tokens, np.int64)] = True
+        return int(pick_tokens(logits[None], row.temperature > 0, row.temperature, row.top_p, row.rng, top_k=s.top_k,
+                               min_p=s.min_p, repetition_penalty=s.repetition_penalty,
+                               seen=None if row.seen is None else row.seen[None], banned=banned)[0])
+
     def _choose(self, row: Row, token: int, scalings: np.ndarray, logits: np.ndarray,
                 run_scalings: np.ndarray | None) -> Token:
         """Record a row's token, decide whether the row ends, and release its text."""
         row.tokens.append(token)
+        if row.seen is not None:
+            row.seen[token] = True
         reason = None
         if token in row.stop_ids:
             reason, text = "stop_token", row.stop.flush()
@@ -358,7 +467,8 @@ class Batch:
             elif len(row.tokens) >= row.budget:
                 reason, text = "max_positions" if row.capped else "length", text + row.stop.flush()
         row.finish_reason = reason
-        return Token(row, len(row.tokens) - 1, token, text, scalings, logits, reason, run_scalings)
+        logprob = None if row.logprobs is None else token_logprobs(logits[None], [token], row.logprobs)[0]
+        return Token(row, len(row.tokens) - 1, token, text, scalings, logits, reason, run_scalings, logprob)
 
     def _join(self, frozen: bool, group: CacheGroup, top_k: int) -> None:
         """Merge a group into the running group of its kind, the shorter one left padded."""

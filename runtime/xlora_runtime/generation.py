@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from .batch import Batch, Row, StopStrings, pick_tokens
+from .batch import Batch, Row, Sampling, StopStrings, pick_tokens
 from .errors import XLoraError, brief
+from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from .scalings_log import save_scalings_arrays
 from .session import XLoraSession
 
@@ -51,6 +52,8 @@ class TokenEvent:
     scalings: np.ndarray  # (L, n): the scalings of the position that chose this token (frozen ones once frozen)
     logits: np.ndarray | None  # (vocab,) when asked for
     finish_reason: str | None  # None, or on the last token "stop_token" / "stop_string" / "length" / "max_positions"
+    logprob: TokenLogprob | None = None  # with `logprobs`
+    prompt_logprobs: list[TokenLogprob] | None = None  # with `prompt_logprobs`, on step 0: prompt tokens 1..
 
 
 @dataclass
@@ -63,6 +66,8 @@ class Generation:
     scalings: np.ndarray | None = None  # (new tokens, L, n)
     logits: np.ndarray | None = None  # (new tokens, vocab) with return_logits
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per new token, with `logprobs`
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token after the first, with `prompt_logprobs`
 
 
 def _is_int(value: Any) -> bool:
@@ -94,6 +99,9 @@ class _Request:
     top_k: int
     freeze_at: list[int | None]  # per prompt, None = never
     return_logits: bool
+    sampling: Sampling = field(default_factory=Sampling)
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
 
 
 @dataclass
@@ -276,7 +284,9 @@ class Generator:
                temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                stop_token_ids: int | Sequence[int] | None = None, stop_strings: str | Sequence[str] | None = (),
                expert_top_k: int | None = None, freeze_scalings_after: int | Sequence[int | None] | None = None,
-               return_logits: bool = False) -> Iterator[TokenEvent]:
+               return_logits: bool = False, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+               min_tokens: int = 0, logprobs: int | None = None,
+               prompt_logprobs: bool = False) -> Iterator[TokenEvent]:
         """Generate, yielding each new token as soon as it is chosen (a step's tokens in prompt order).
 
         Args:
@@ -291,13 +301,32 @@ class Generator:
             freeze_scalings_after: None, or k (or one value per prompt): after k decode steps the
                 sequence's scalings are frozen at its latest token and it continues on OUT.frozen.onnx.
             return_logits: include each step's logits in the events.
+            top_k, min_p: when sampling, only the k most likely tokens (0: all), and only tokens at least min_p
+                times as likely as the most likely one (0: all).
+            repetition_penalty: logits of tokens already in the sequence (prompt included) divided by it when
+                positive, multiplied when negative (1: none; greedy too).
+            min_tokens: the stop ids cannot be chosen before this many new tokens.
+            logprobs: None, or k in 0..20: each event carries its token's log-probability under the model's
+                distribution (the raw logits' log-softmax, before temperature and the sampling options) and the
+                k most likely tokens (`TokenLogprob`).
+            prompt_logprobs: the first event of each sequence also carries its prompt tokens' log-probabilities
+                (every token after the first; top `logprobs` or 0). Without a graph exported with --all-logits,
+                the prompts then run one position per graph run.
         Returns:
             An iterator of `TokenEvent`s. Closing it early (`close()`, or dropping it) frees the caches at once.
         Raises:
             XLoraError: bad prompts or options, raised by this call (before the iterator runs anything).
         """
-        return self._run(self._request(prompts, max_new_tokens, do_sample, temperature, top_p, seed, stop_token_ids,
-                                       stop_strings, expert_top_k, freeze_scalings_after, return_logits))
+        request = self._request(prompts, max_new_tokens, do_sample, temperature, top_p, seed, stop_token_ids,
+                                stop_strings, expert_top_k, freeze_scalings_after, return_logits)
+        request.sampling = Sampling(top_k, min_p, repetition_penalty, min_tokens).check()
+        if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise XLoraError(f"logprobs={brief(logprobs)}: expected None or an int in 0..{MAX_TOP_LOGPROBS}")
+        if not isinstance(prompt_logprobs, (bool, np.bool_)):
+            raise XLoraError(f"prompt_logprobs={brief(prompt_logprobs)}: expected True or False")
+        request.logprobs = None if logprobs is None else int(logprobs)
+        request.prompt_logprobs = bool(prompt_logprobs)
+        return self._run(request)
 
     def _run(self, r: _Request) -> Iterator[TokenEvent]:
         """The generation loop of `stream`, on a validated request. Its caches are released however it ends."""
@@ -305,8 +334,10 @@ class Generator:
         b = len(r.encoded)
         rng = np.random.default_rng(r.seed)  # one stream of draws for the call, taken in row order each step
         rows = [Row(id=i, prompt_ids=prompt, budget=r.max_new_tokens, capped=r.position_capped, top_k=r.top_k,
-                    temperature=r.temperature if r.do_sample else 0.0, top_p=r.top_p, rng=rng, stop_ids=r.stops,
-                    stop=StopStrings(r.stop_strings), freeze_after=r.freeze_at[i])
+                    temperature=r.temperature if r.do_sample else 0.0, top_p=r.top_p, rng=rng, sampling=r.sampling,
+                    stop_ids=r.stops,
+                    stop=StopStrings(r.stop_strings), freeze_after=r.freeze_at[i], logprobs=r.logprobs,
+                    prompt_logprobs=r.prompt_logprobs)
                 for i, prompt in enumerate(r.encoded)]
         log = None
         if self.log_scalings:
@@ -320,7 +351,8 @@ class Generator:
                 log.entries.append(np.stack([t.run_scalings for t in sorted(tokens, key=lambda t: t.row.id)]))
             while True:
                 events = [TokenEvent(t.row.id, t.step, t.token, t.text, t.scalings.copy(),
-                                     t.logits.copy() if r.return_logits else None, t.finish_reason)
+                                     t.logits.copy() if r.return_logits else None, t.finish_reason, t.logprob,
+                                     t.prompt_logprobs)
                           for t in sorted(tokens, key=lambda t: t.row.id)]
                 if log is not None:
                     log.add(events)
@@ -372,4 +404,8 @@ class Generator:
             if options.get("return_logits"):
                 result.logits = np.stack([e.logits for e in events])
             result.finish_reason = events[-1].finish_reason
+            if options.get("logprobs") is not None:
+                result.logprobs = [e.logprob for e in events]
+            if options.get("prompt_logprobs"):
+                result.prompt_logprobs = events[0].prompt_logprobs
         return results

@@ -43,6 +43,7 @@ class StepOutput:
 
     last_logits: np.ndarray  # (g, vocab) at each row's last position, float32
     scalings: np.ndarray | None  # (g, s, L, n) of the new tokens; None for the frozen graph
+    logits: np.ndarray | None = None  # (g, s, vocab) every new position's, from a graph exported with --all-logits
 
 
 class CacheGroup:
@@ -100,7 +101,8 @@ class CacheGroup:
         self.length += input_ids.shape[1]
         self.capacity = max(self.capacity, self.length)
         scalings = None if self.frozen else host[C.SCALINGS]
-        return StepOutput(host[C.LOGITS][:, -1], scalings)
+        logits = host[C.LOGITS]
+        return StepOutput(logits[:, -1], scalings, logits if self.session.info.logits == C.LOGITS_ALL else None)
 
     def take(self, keep: np.ndarray, frozen: bool | None = None,
              fixed_scalings: np.ndarray | None = None) -> CacheGroup:
