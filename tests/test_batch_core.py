@@ -216,3 +216,100 @@ def test_generator_and_scheduler_agree_through_the_core():
         if reason == "stop_token":
             assert text == "".join(pieces[:len(tokens) - 1])  # the stop id's text is not released
     assert session.cache_bytes == 0
+
+
+# ----------------------------------------------------------------------------------------------- sampling extensions
+LOGITS = np.array([[2.0, 1.5, 1.2, 0.3, -0.4, -1.0, 0.9, 1.9]], np.float32)
+
+
+def reference_probs(logits: np.ndarray, temperature: float, top_k: int = 0, min_p: float = 0.0, top_p: float = 1.0,
+                    penalty: float = 1.0, seen: tuple[int, ...] = (), banned: tuple[int, ...] = ()) -> np.ndarray:
+    """vLLM's sampling written out token by token: penalty and bans on the logits, then softmax at the temperature,
+    min-p, top-k (ties kept), top-p over the tokens sorted by probability."""
+    z = [float(v) for v in logits]
+    for t in seen:
+        z[t] = z[t] / penalty if z[t] > 0 else z[t] * penalty
+    for t in banned:
+        z[t] = -np.inf
+    top = max(z)
+    p = [np.exp((v - top) / temperature) for v in z]
+    p = [v / sum(p) for v in p]
+    p = [0.0 if v < min_p * max(p) else v for v in p]
+    if top_k:
+        kth = sorted(p, reverse=True)[top_k - 1]
+        p = [0.0 if v < kth else v for v in p]
+    p = [v / sum(p) for v in p]
+    kept, mass = set(), 0.0
+    for t in sorted(range(len(p)), key=lambda t: -p[t]):
+        if mass >= top_p:
+            break
+        kept.add(t)
+        mass += p[t]
+    p = [v if t in kept else 0.0 for t, v in enumerate(p)]
+    return np.array([v / sum(p) for v in p])
+
+
+@pytest.mark.parametrize("options", [dict(top_k=3), dict(min_p=0.5), dict(top_k=4, top_p=0.8, min_p=0.2),
+                                     dict(penalty=1.5, seen=(0, 4, 7)), dict(banned=(0, 7), top_k=2),
+                                     dict(temperature=0.5, penalty=2.0, seen=(1, 5), min_p=0.1)],
+                         ids=["top_k", "min_p", "all_filters", "repetition_penalty", "banned", "penalty_and_min_p"])
+def test_pick_tokens_samples_from_the_hand_computed_distribution(options):
+    from xlora_runtime.batch import pick_tokens
+
+    options = dict(temperature=1.0) | options
+    expected = reference_probs(LOGITS[0], **options)
+    seen = np.zeros_like(LOGITS, bool)
+    seen[0, list(options.get("seen", ()))] = True
+    drawn = set()
+    for seed in range(200):
+        [token] = pick_tokens(LOGITS, True, options["temperature"], options.get("top_p", 1.0),
+                              np.random.default_rng(seed), top_k=options.get("top_k", 0),
+                              min_p=options.get("min_p", 0.0), repetition_penalty=options.get("penalty", 1.0),
+                              seen=seen, banned=options.get("banned", ()))
+        assert token == np.random.default_rng(seed).choice(len(expected), p=expected), seed
+        drawn.add(int(token))
+    assert drawn == set(np.flatnonzero(expected))  # every kept token comes up, no dropped one does
+
+
+def test_pick_tokens_greedy_with_a_penalty_and_banned_ids():
+    from xlora_runtime.batch import pick_tokens
+
+    seen = np.zeros_like(LOGITS, bool)
+    assert pick_tokens(LOGITS, False, 1.0, 1.0, None).tolist() == [0]
+    seen[0, 0] = True  # 2.0 / 1.2 = 1.67 < 1.9
+    assert pick_tokens(LOGITS, False, 1.0, 1.0, None, repetition_penalty=1.2, seen=seen).tolist() == [7]
+    assert pick_tokens(LOGITS, False, 1.0, 1.0, None, repetition_penalty=1.05, seen=seen).tolist() == [0]
+    assert pick_tokens(LOGITS, False, 1.0, 1.0, None, banned=[0, 7]).tolist() == [1]
+    negative = np.array([[-0.5, -0.55]], np.float32)  # a negative logit is multiplied: -0.5 * 1.2 < -0.55
+    assert pick_tokens(negative, False, 1.0, 1.0, None, repetition_penalty=1.2,
+                       seen=np.array([[True, False]])).tolist() == [1]
+
+
+def test_sampling_options_are_checked():
+    from xlora_runtime import XLoraError
+
+    for options, message in [(dict(top_k=-1), r"^top_k=-1: expected an int >= 0 \(0 = every token\)$"),
+                             (dict(min_p=1.5), r"^min_p=1.5: expected 0 <= min_p <= 1$"),
+                             (dict(repetition_penalty=0),
+                              r"^repetition_penalty=0: expected a number > 0 \(1 = none\)$"),
+                             (dict(min_tokens=2.5), r"^min_tokens=2.5: expected an int >= 0$")]:
+        with pytest.raises(XLoraError, match=message):
+            plain().generate([PROMPT], max_new_tokens=2, **options)
+
+
+def test_generator_repetition_penalty_and_min_tokens_follow_the_reference():
+    """Greedy with a repetition penalty: each step's token is the argmax of that step's logits with the prompt's
+    and the earlier tokens' logits penalized; min_tokens keeps the stop id out of the first tokens."""
+    [result] = plain().generate([PROMPT], max_new_tokens=12, stop_token_ids=[], repetition_penalty=1.8,
+                                return_logits=True)
+    history = list(PROMPT)
+    for token, logits in zip(result.tokens, result.logits):
+        expected = reference_probs(logits, 1e-3, penalty=1.8, seen=tuple(set(history)))
+        assert token == int(np.argmax(expected))
+        history.append(token)
+    assert result.tokens != free_run(PROMPT, 12)[0]  # the penalty changed the choice
+    first = free_run(PROMPT, 1)[0][0]
+    [held] = plain().generate([PROMPT], max_new_tokens=6, stop_token_ids=[first], min_tokens=4)
+    assert first not in held.tokens[:4] and len(held.tokens) >= 4
+    [free] = plain().generate([PROMPT], max_new_tokens=6, stop_token_ids=[first])
+    assert free.tokens == [first] and free.finish_reason == "stop_token"

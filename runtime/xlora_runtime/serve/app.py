@@ -2,14 +2,21 @@
 
     POST /v1/completions        prompt (text, token ids, or a list of either), OpenAI sampling fields, `xlora`
     POST /v1/chat/completions   messages rendered with the model's chat template (400 when it has none)
-    GET  /v1/models             the one model served
+    GET  /v1/models             the one model served; GET /v1/models/{id} that model (404 for another id)
     GET  /health                200 while the engine runs
     GET  /metrics               Prometheus text format (metrics.py)
 
 Both generation endpoints stream server-sent events with `"stream": true` (one chunk per token that releases
 text, `data: [DONE]` last). Errors are OpenAI's JSON error objects: 400 for a bad request (one line naming the
-field), 404 for another model or path, 429 with `Retry-After` when the waiting queue is full, 500 when the
-graph fails. A client that disconnects cancels its request: its rows leave the batch and their caches are freed.
+field; also a request holding more sequences than the batch and queue can ever hold), 404 for another model or
+path, 413 for a body over the limit (refused before it is parsed), 429 with `Retry-After` when the waiting queue
+is full, 500 when the graph fails. A client that disconnects cancels its request: its rows leave the batch and
+their caches are freed (one log line).
+
+No request stalls the others: a body is counted as it arrives (413 past `max_body_bytes`), parsed, rendered and
+tokenized on a small thread pool (the tokenizer releases the interpreter lock), and a prompt whose characters
+alone prove it longer than the model's positions (more than positions x the longest token's characters) is
+refused before it is tokenized.
 A conversation may carry an `x-session-id` header: the server keeps its caches after each turn and extends them
 when the next turn's prompt continues the same tokens (best effort; correctness never depends on it).
 """
@@ -18,10 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
+import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,19 +40,25 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..chat import ChatTemplate, check_messages
 from ..errors import XLoraError
 from ..session import XLoraSession
 from .metrics import Metrics
 from .protocol import ParsedRequest, parse_chat, parse_completion
-from .responses import completion_body, error_body, models_body, sse, stream_chunks
+from .responses import completion_body, error_body, model_body, models_body, sse, stream_chunks
 from .scheduler import QueueFullError, RequestHandle, Scheduler, TokenOut
 
 __all__ = ["Server", "ServerConfig", "create_app"]
 
 SESSION_HEADER = "x-session-id"  # the header Ray Serve's consistent-hash router keys on by default
 MAX_SESSION_ID = 256
+MIN_BODY_BYTES = 4 << 20  # the default body limit's floor
+BODY_BYTES_PER_POSITION = 64  # the default body limit per model position: a long token, JSON-escaped
+PARSE_THREADS = 2  # requests parsed, rendered and tokenized at once (more wait for a thread)
+DRAIN_SECONDS = 10.0  # a refused body is read (and dropped) this long at most so the client sees the 413
+log = logging.getLogger("uvicorn.error")  # uvicorn's own log: its level and format
 
 
 @dataclass
@@ -56,6 +73,8 @@ class ServerConfig:
         max_batch: rows decoded together at most. max_queue: requests waiting beyond it (then 429).
         session_cache_mb: memory for conversations' caches kept between turns (0: none).
         low_memory: ONNX Runtime without pre-packed weight copies (`XLoraSession`'s).
+        max_body_mb: request bodies larger than this are refused with 413 (None: the model's positions x
+            `BODY_BYTES_PER_POSITION`, at least `MIN_BODY_BYTES`).
     """
 
     graph: str
@@ -67,6 +86,7 @@ class ServerConfig:
     session_cache_mb: float = 256.0
     device: str | int | None = None
     low_memory: bool = False
+    max_body_mb: float | None = None
 
 
 class _NotFoundError(Exception):
@@ -74,6 +94,10 @@ class _NotFoundError(Exception):
 
 
 class _DisconnectedError(Exception):
+    pass
+
+
+class _TooLargeError(Exception):
     pass
 
 
@@ -87,6 +111,8 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         if not config.session_cache_mb >= 0:  # also nan
             raise XLoraError(f"session cache {config.session_cache_mb} MB: expected a number >= 0")
+        if config.max_body_mb is not None and not config.max_body_mb > 0:
+            raise XLoraError(f"max body {config.max_body_mb} MB: expected a number > 0")
         self.config = config
         self.session = XLoraSession(config.graph, provider=config.provider, threads=config.threads,
                                     device=config.device, low_memory=config.low_memory)
@@ -94,6 +120,15 @@ class Server:
         self.name = config.model_name or os.path.splitext(os.path.basename(config.graph))[0]
         self.chat_template = ChatTemplate.of_session(self.session)
         self.instance = uuid.uuid4().hex[:12]
+        self.created = int(time.time())  # the model's `created`: when this server started serving it
+        self.max_body_bytes = max(MIN_BODY_BYTES, self.info.max_positions * BODY_BYTES_PER_POSITION) \
+            if config.max_body_mb is None else int(config.max_body_mb * (1 << 20))
+        tokenizer = self.session.tokenizer
+        longest = 1 if tokenizer is None else max(map(len, tokenizer.get_vocab(with_added_tokens=True)), default=1)
+        # every token of a text covers at most `longest` of its characters: more characters than this are more
+        # tokens than the model has positions
+        self.max_prompt_chars = self.info.max_positions * longest
+        self.parser = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="xlora-parse")
         self.metrics = Metrics(lambda: self.scheduler.queue_depth, lambda: self.scheduler.batch_size,
                                lambda: self.session.cache_bytes, lambda: self.scheduler.sessions.nbytes)
         self.scheduler = Scheduler(self.session, config.max_batch, config.max_queue,
@@ -106,14 +141,22 @@ class Server:
             raise XLoraError(f"model '{self.name}': no tokenizer travelled with this export; send token ids")
         if not text:
             return []
-        return tokenizer.encode(text, add_special_tokens=special).ids
+        self._check_length(len(text), "prompt")
+        return tokenizer.encode_batch([text], add_special_tokens=special)[0].ids  # encode_batch frees the GIL
 
     def render(self, messages: Any) -> str:
-        """The chat prompt of `messages`."""
+        """The chat prompt of `messages` (refused before rendering when their text alone is too long)."""
         if self.chat_template is None:
             raise XLoraError(f"model '{self.name}' has no chat template (its tokenizer config had none when it "
                              f"was exported); use /v1/completions with a prompt")
-        return self.chat_template.render(check_messages(messages))
+        messages = check_messages(messages)
+        self._check_length(sum(len(m["content"]) for m in messages), "messages")
+        return self.chat_template.render(messages)
+
+    def _check_length(self, chars: int, what: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise XLoraError(f"{what} has {chars} characters: more tokens than the model's "
+                             f"{self.info.max_positions} positions (at most {self.max_prompt_chars} characters)")
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
@@ -157,6 +200,7 @@ def create_app(server: Server) -> FastAPI:
         server.scheduler.start()
         yield
         await asyncio.to_thread(server.scheduler.stop)
+        server.parser.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="xlora-serve", lifespan=lifespan)
     app.add_middleware(_Instrument, server=server)
@@ -177,7 +221,14 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> Any:
-        return models_body(server.name, server.info, server.chat_template is not None)
+        return models_body(server.name, server.info, server.chat_template is not None, server.created)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Any:
+        if model_id != server.name:
+            return _error(404, f"model '{model_id}' is not served here (this server serves '{server.name}')",
+                          code="model_not_found")
+        return model_body(server.name, server.info, server.chat_template is not None, server.created)
 
     @app.get("/metrics")
     async def prometheus() -> Any:
@@ -197,16 +248,72 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-async def _generate(server: Server, request: Request, parse: Callable[[Any], ParsedRequest]) -> Response:
-    """A generation endpoint: the body parsed and submitted, then the whole answer or its stream. A refusal is
-    400 (the body), 404 (another model) or 429 (the queue is full); a graph that fails, 500."""
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request's body, counted as it arrives (a chunked one has no Content-Length).
+
+    Raises:
+        _TooLargeError: over `limit` bytes (declared or received); the rest is read and dropped for up to
+            `DRAIN_SECONDS`, so that the client, still sending, reads the answer.
+        _DisconnectedError: the client went away.
+    """
+    declared = request.headers.get("content-length", "")
+    over = declared.isdigit() and int(declared) > limit
+    chunks: list[bytes] = []
+    total = 0
+    deadline = time.monotonic() + DRAIN_SECONDS
     try:
-        raw = await request.body()
+        async for chunk in request.stream():
+            total += len(chunk)
+            if over or total > limit:
+                over = True
+                chunks.clear()
+                if time.monotonic() > deadline:
+                    break
+                continue
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _DisconnectedError from None
+    if over:
+        raise _TooLargeError(f"request body: over this server's limit of {limit} bytes (xlora-serve --max-body-mb)")
+    return b"".join(chunks)
+
+
+def _parse_body(raw: bytes, parse: Callable[[Any], ParsedRequest]) -> ParsedRequest:
+    """JSON, checked, rendered and tokenized: on the server's parse threads, never on the event loop."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise XLoraError(f"request body: not valid JSON ({e})") from None
+    return parse(body)
+
+
+def _trim_memory() -> None:
+    """Give freed heap memory back to the system (glibc), after a large body: the process's size stays that of
+    its work, not of the largest request it ever refused."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+async def _generate(server: Server, request: Request, parse: Callable[[Any], ParsedRequest]) -> Response:
+    """A generation endpoint: the body read (bounded), parsed off the event loop and submitted, then the whole
+    answer or its stream. A refusal is 400 (the body), 404 (another model), 413 (the body's size) or 429 (the
+    queue is full); a graph that fails, 500."""
+    try:
+        raw = await _read_body(request, server.max_body_bytes)
+    except _TooLargeError as e:
+        _trim_memory()
+        return _error(413, str(e), code="body_too_large")
+    except _DisconnectedError:
+        log.warning("%s: the client disconnected while sending its request", request.url.path)
+        return Response(status_code=499)
+    large = len(raw) > (1 << 20)
+    try:
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise XLoraError(f"request body: not valid JSON ({e})") from None
-        parsed = parse(body)
+            parsed = await asyncio.get_running_loop().run_in_executor(server.parser, _parse_body, raw, parse)
+        finally:
+            del raw
+            if large:
+                _trim_memory()
         if parsed.model is not None and parsed.model != server.name:
             raise _NotFoundError(f"model '{parsed.model}' is not served here (this server serves '{server.name}')")
         session_id = request.headers.get(SESSION_HEADER)
@@ -228,6 +335,7 @@ async def _generate(server: Server, request: Request, parse: Callable[[Any], Par
     try:
         results = await _collect(request, handles)
     except _DisconnectedError:
+        log.warning("%s: the client disconnected; its %d sequence(s) cancelled", request.url.path, len(handles))
         return Response(status_code=499)
     except XLoraError as e:
         return _error(500, str(e), "server_error")

@@ -37,6 +37,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
                      "batch at most; beyond it: 429 with Retry-After (default 64)")
     srv.add_argument("--session-cache-mb", type=float, default=256.0, metavar="MB", help="memory for the caches of "
                      "conversations (x-session-id header) kept between turns (default 256; 0: none)")
+    srv.add_argument("--max-body-mb", type=float, metavar="MB", help="request bodies larger than this are refused "
+                     "with 413 before they are parsed (default: the model's positions x 64 bytes, at least 4)")
     rt = add_session_options(parser, "GRAPH")
     rt.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning",
                     help="uvicorn's log level (default warning)")
@@ -75,8 +77,11 @@ def _serve(args: argparse.Namespace) -> int:
         raise XLoraError(f"--max-queue {args.max_queue}: expected >= 0")
     if not args.session_cache_mb >= 0:
         raise XLoraError(f"--session-cache-mb {args.session_cache_mb}: expected a number >= 0")
+    if args.max_body_mb is not None and not args.max_body_mb > 0:
+        raise XLoraError(f"--max-body-mb {args.max_body_mb}: expected a number > 0")
     server = Server(ServerConfig(args.graph, args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
-                                 session_cache_mb=args.session_cache_mb, **session_options(args)))
+                                 session_cache_mb=args.session_cache_mb, max_body_mb=args.max_body_mb,
+                                 **session_options(args)))
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(create_app(server), log_level=args.log_level, access_log=False,

@@ -16,24 +16,33 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..batch import Sampling
 from ..errors import XLoraError, brief
+from ..logprobs import MAX_TOP_LOGPROBS
 from .scheduler import RequestSpec
 
 __all__ = ["ParsedRequest", "openai_finish_reason", "parse_chat", "parse_completion"]
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n",
-           "logprobs", "frequency_penalty", "presence_penalty", "logit_bias", "user", "ignore_eos", "xlora"}
+           "logprobs", "frequency_penalty", "presence_penalty", "logit_bias", "user", "ignore_eos", "xlora",
+           "top_k", "min_p", "repetition_penalty", "min_tokens", "store", "metadata", "service_tier"}
+# OpenAI's bookkeeping fields ("user", "store", "metadata", "service_tier"): accepted and ignored
+# OpenAI's features this server does not have: a 400 naming the field, whatever its value
+UNSUPPORTED = ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "audio", "modalities",
+               "prediction", "web_search_options", "reasoning_effort")
+MAX_N = 16  # choices per prompt at most
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 # accepted only at these values (OpenAI's defaults): the features are not implemented
-_NEUTRAL = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False),
-            "top_logprobs": (None, 0), "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
+_NEUTRAL = {"best_of": (None, 1), "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
             "logit_bias": (None, {}), "suffix": (None,)}
 XLORA_FIELDS = ("expert_top_k", "freeze_scalings_after", "return_scalings", "return_token_ids")
 MAX_STOPS = 4
+MAX_LOGPROBS = 5  # completions' `logprobs` (OpenAI's limit); chat's `top_logprobs` goes to MAX_TOP_LOGPROBS
 # the runtime's finish reasons (a stop id or a stop string; max_tokens or the model's positions) as OpenAI's
 _FINISH_REASONS = {"stop_token": "stop", "stop_string": "stop", "length": "length", "max_positions": "length"}
 
@@ -47,8 +56,13 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     model: str | None
+    n: int = 1  # choices per prompt: specs[i * n + j] is prompt i's choice j (OpenAI's choice index)
+    continuous_usage: bool = False  # usage in every streamed chunk (vLLM's continuous_usage_stats)
     return_scalings: bool | str = False  # False, True (full) or "top"
     return_token_ids: bool = False
+    logprobs: int | None = None  # None, or k: each token's log-probability and its k most likely tokens
+    echo: bool = False  # a completion's choices begin with the prompt (and its log-probabilities, with logprobs)
+    decode: Callable[[list[int]], str] | None = None  # token ids -> text, set by the app (echo, logprobs' tokens)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -64,6 +78,14 @@ def _is_number(value: Any) -> bool:
 def _fields(body: Any, known: set[str], kind: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise XLoraError(f"request body: expected a JSON object, got {type(body).__name__}")
+    unsupported = [name for name in UNSUPPORTED if name in body]
+    if unsupported:
+        raise XLoraError(f"{unsupported[0]}: not supported by this server")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise XLoraError(f"response_format={brief(response_format)}: not supported by this server (only "
+                         f"{{\"type\": \"text\"}})")
+    known = known | {"response_format"}
     unknown = sorted(set(body) - known)
     if unknown:
         raise XLoraError(f"unknown field {unknown[0]!r} for {kind} (known: {', '.join(sorted(known))})")
@@ -103,10 +125,17 @@ def _options(body: dict[str, Any], max_tokens_default: int | None) -> tuple[dict
     if stream_options is not None:
         if not body.get("stream"):
             raise XLoraError("stream_options: only allowed with stream: true")
-        if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"} or \
-                not isinstance(stream_options.get("include_usage", False), bool):
-            raise XLoraError(f"stream_options={brief(stream_options)}: expected {{\"include_usage\": true or false}}")
+        if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage", "continuous_usage_stats"} \
+                or not all(isinstance(v, bool) for v in stream_options.values()):
+            raise XLoraError(f"stream_options={brief(stream_options)}: expected {{\"include_usage\": true or false, "
+                             f"\"continuous_usage_stats\": true or false}}")
         include_usage = stream_options.get("include_usage", False)
+    n = body.get("n")
+    n = 1 if n is None else n
+    if not _is_int(n) or not 1 <= n <= MAX_N:
+        raise XLoraError(f"n={brief(n)}: expected an int in 1..{MAX_N}")
+    sampling = Sampling(**{name: body[name] for name in ("top_k", "min_p", "repetition_penalty", "min_tokens")
+                           if body.get(name) is not None}).check()
     xlora = body.get("xlora")
     xlora = {} if xlora is None else xlora
     if not isinstance(xlora, dict):
@@ -131,8 +160,9 @@ def _options(body: dict[str, Any], max_tokens_default: int | None) -> tuple[dict
         raise XLoraError(f"model={brief(model)}: expected a string")
     spec = dict(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed,
                 stop=tuple(stops), ignore_eos=bool(body.get("ignore_eos")), top_k=top_k, freeze_after=freeze,
-                scalings=scalings is not False)
-    answer = dict(stream=bool(body.get("stream")), include_usage=include_usage, model=model,
+                scalings=scalings is not False, sampling=sampling)
+    answer = dict(stream=bool(body.get("stream")), include_usage=include_usage, model=model, n=n,
+                  continuous_usage=include_usage and bool((stream_options or {}).get("continuous_usage_stats")),
                   return_scalings=scalings, return_token_ids=token_ids)
     return spec, answer
 
@@ -163,8 +193,8 @@ def parse_completion(body: Any, encode: Any) -> ParsedRequest:
     if "prompt" not in body:
         raise XLoraError("prompt: missing (expected a string, a list of token ids, or a list of either)")
     spec, answer = _options(body, 16)  # OpenAI's default max_tokens for completions
-    specs = [RequestSpec(ids, **spec) for ids in _prompts(body["prompt"], encode)]
-    return ParsedRequest("completion", specs, **answer)
+    _logprobs(body, "completion", spec, answer)
+    return ParsedRequest("completion", _choices(_prompts(body["prompt"], encode), spec, answer["n"]), **answer)
 
 
 def parse_chat(body: Any, render: Any, encode: Any) -> ParsedRequest:
@@ -180,8 +210,61 @@ def parse_chat(body: Any, render: Any, encode: Any) -> ParsedRequest:
     if "messages" not in body:
         raise XLoraError("messages: missing (expected a non-empty list of {role, content} objects)")
     spec, answer = _options(body, None)  # OpenAI's default: until the model's positions end
-    ids = encode(render(body["messages"]))
-    return ParsedRequest("chat", [RequestSpec(ids, **spec)], **answer)
+    _logprobs(body, "chat", spec, answer)
+    _check_chat_messages(body["messages"])
+    return ParsedRequest("chat", _choices([encode(render(body["messages"]))], spec, answer["n"]), **answer)
+
+
+def _choices(prompts: list[list[int]], spec: dict[str, Any], n: int) -> list[RequestSpec]:
+    """n sequences per prompt, prompt by prompt; with a seed, choice j samples with seed + j (as vLLM does)."""
+    seed = spec["seed"]
+    return [RequestSpec(ids, **(spec | {"seed": None if seed is None else seed + j}))
+            for ids in prompts for j in range(n)]
+
+
+def _check_chat_messages(messages: Any) -> None:
+    """What the chat template is not asked about: image or audio parts, and a chat with nothing to answer."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return  # the template's checks name the mistake
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind is not None and kind != "text":
+                raise XLoraError(f"messages[{i}].content[{j}].type={brief(kind)}: not supported by this server (text "
+                                 f"parts only)")
+    roles = [m.get("role") for m in messages]
+    if roles and all(isinstance(r, str) and r for r in roles) and not {"user", "assistant"} & set(roles):
+        raise XLoraError("messages: no user or assistant message (expected at least one)")
+
+
+def _logprobs(body: dict[str, Any], kind: str, spec: dict[str, Any], answer: dict[str, Any]) -> None:
+    """The log-probability fields into the RequestSpec fields (`spec`) and the response options (`answer`).
+
+    Completions: `logprobs` null or 0..5 (alternatives per token), `echo` true or false (with `logprobs`, the
+    prompt's log-probabilities too). Chat: `logprobs` true or false, `top_logprobs` null or 0..20, only with
+    `logprobs: true`.
+    """
+    logprobs = body.get("logprobs")
+    if kind == "completion":
+        if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise XLoraError(f"logprobs={brief(logprobs)}: expected null or an int in 0..{MAX_LOGPROBS}")
+        echo = body.get("echo")
+        if echo is not None and not isinstance(echo, bool):
+            raise XLoraError(f"echo={brief(echo)}: expected true or false")
+        answer.update(logprobs=logprobs, echo=bool(echo))
+        spec.update(logprobs=logprobs, prompt_logprobs=bool(echo) and logprobs is not None)
+        return
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise XLoraError(f"logprobs={brief(logprobs)}: expected true or false")
+    top = body.get("top_logprobs")
+    if top is not None and (not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise XLoraError(f"top_logprobs={brief(top)}: expected null or an int in 0..{MAX_TOP_LOGPROBS}")
+    if top is not None and not logprobs:
+        raise XLoraError("top_logprobs: only allowed with logprobs: true")
+    k = (top or 0) if logprobs else None
+    answer.update(logprobs=k)
+    spec.update(logprobs=k)
 
 
 def openai_finish_reason(reason: str | None) -> str | None:

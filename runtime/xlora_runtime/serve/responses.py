@@ -1,11 +1,12 @@
 """The OpenAI API's response objects, shaped from what the scheduler returned (no HTTP here: app.py sends them).
 
     error_body        {"error": {message, type, param, code}}: every refusal, and a stream's failure
-    models_body       /v1/models: the one model served, with its experts
-    completion_body   a whole answer: one choice per prompt (`text`, or a chat `message`), finish reasons in
+    models_body       /v1/models: the one model served, with its experts; model_body: /v1/models/{id}
+    completion_body   a whole answer: `n` choices per prompt (`text`, or a chat `message`), finish reasons in
                       OpenAI's words, `usage`; with `xlora.return_scalings` the experts and modules named once
-    stream_chunks     one chunk per token that releases text or carries `xlora` extras (a chat's first chunk
-                      names the role), then `usage` if asked; `sse` frames each as a server-sent event
+    stream_chunks     one chunk per token that releases text or carries `xlora` extras (a chat's first chunk of
+                      each choice names the role), then `usage` if asked (in every chunk too with vLLM's
+                      `continuous_usage_stats`); `sse` frames each as a server-sent event
     choice_extras     the `xlora` object of a choice or chunk: token ids, scalings, or the top experts
 
 Each function takes the checked request (`protocol.ParsedRequest`), the model's name and the graph's record;
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from ..format.record import GraphInfo
     from .scheduler import RequestHandle, TokenOut
 
-__all__ = ["choice_extras", "completion_body", "error_body", "models_body", "sse", "stream_chunks"]
+__all__ = ["choice_extras", "completion_body", "error_body", "model_body", "models_body", "sse", "stream_chunks"]
 
 
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict[str, Any]:
@@ -34,12 +35,18 @@ def error_body(message: str, kind: str = "invalid_request_error", code: str | No
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-def models_body(model: str, info: GraphInfo, chat_template: bool) -> dict[str, Any]:
-    """The /v1/models list: the one model, its context length and its X-LoRA facts."""
-    return {"object": "list", "data": [{
-        "id": model, "object": "model", "created": 0, "owned_by": "xlora-serve", "max_model_len": info.max_positions,
-        "xlora": {"experts": info.expert_names, "default_top_k": info.default_top_k, "chat_template": chat_template,
-                  "frozen_graph": info.frozen_path is not None}}]}
+def model_body(model: str, info: GraphInfo, chat_template: bool, created: int) -> dict[str, Any]:
+    """/v1/models/{id}: the model, when it started serving (`created`, Unix seconds), its context length and its
+    X-LoRA facts."""
+    return {"id": model, "object": "model", "created": created, "owned_by": "xlora-serve",
+            "max_model_len": info.max_positions,
+            "xlora": {"experts": info.expert_names, "default_top_k": info.default_top_k, "chat_template": chat_template,
+                      "frozen_graph": info.frozen_path is not None}}
+
+
+def models_body(model: str, info: GraphInfo, chat_template: bool, created: int) -> dict[str, Any]:
+    """The /v1/models list: the one model served (`model_body`)."""
+    return {"object": "list", "data": [model_body(model, info, chat_template, created)]}
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -76,11 +83,12 @@ def _top_k(request: ParsedRequest, i: int, info: GraphInfo) -> int:
     return info.default_top_k if top_k is None else top_k
 
 
-def _usage(handles: list[RequestHandle]) -> dict[str, Any]:
-    prompt = sum(h.prompt_tokens for h in handles)
-    completion = sum(h.completion_tokens for h in handles)
+def _usage(handles: list[RequestHandle], n: int, completion: int | None = None) -> dict[str, Any]:
+    """Each prompt counted once (its `n` choices share it); `completion`: the tokens so far (default: all)."""
+    prompt = sum(h.prompt_tokens for h in handles[::n])
+    completion = sum(h.completion_tokens for h in handles) if completion is None else completion
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(h.cached_tokens for h in handles)}}
+            "prompt_tokens_details": {"cached_tokens": sum(h.cached_tokens for h in handles[::n])}}
 
 
 def _head(request: ParsedRequest, model: str, chunk: bool) -> dict[str, Any]:
@@ -112,7 +120,7 @@ def completion_body(request: ParsedRequest, model: str, info: GraphInfo, handles
         if extras:
             choice["xlora"] = extras
         choices.append(choice)
-    response = _head(request, model, chunk=False) | {"choices": choices, "usage": _usage(handles)}
+    response = _head(request, model, chunk=False) | {"choices": choices, "usage": _usage(handles, request.n)}
     if request.return_scalings:
         response["xlora"] = {"experts": info.expert_names, "modules": info.module_names}
     return response
@@ -123,18 +131,21 @@ async def stream_chunks(request: ParsedRequest, model: str, info: GraphInfo,
     """The chunks of a streamed answer as the handles' tokens arrive (the prompts run together; their chunks come
     prompt by prompt). The caller adds `[DONE]` and turns a failure into an `error_body`."""
     head = _head(request, model, chunk=True)
-    if request.kind == "chat":
-        delta = {"role": "assistant", "content": ""}
-        yield head | {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+    sent = 0  # completion tokens streamed so far
+    usage = (lambda: {"usage": _usage(handles, request.n, sent)}) if request.continuous_usage else dict
     for i, handle in enumerate(handles):
+        if request.kind == "chat":
+            delta = {"role": "assistant", "content": ""}
+            yield head | {"choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]} | usage()
         top_k = _top_k(request, i, info)
         async for out in handle:
+            sent += 1
             extras = choice_extras([out], request, info.expert_names, top_k)
             if not out.text and not extras and out.finish_reason is None:
                 continue
             choice = _choice(request, i, out.text, out.finish_reason, chunk=True)
             if extras:
                 choice["xlora"] = extras
-            yield head | {"choices": [choice]}
+            yield head | {"choices": [choice]} | usage()
     if request.include_usage:
-        yield head | {"choices": [], "usage": _usage(handles)}
+        yield head | {"choices": [], "usage": _usage(handles, request.n)}

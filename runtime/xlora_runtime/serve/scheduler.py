@@ -26,14 +26,15 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from ..batch import Batch, Row, StopStrings, Token
+from ..batch import Batch, Row, Sampling, StopStrings, Token
 from ..errors import XLoraError
 from ..kv_cache import CacheGroup
+from ..logprobs import TokenLogprob
 from ..session import XLoraSession
 
 __all__ = ["QueueFullError", "RequestHandle", "RequestSpec", "Scheduler", "TokenOut"]
@@ -61,6 +62,9 @@ class RequestSpec:
         top_k: experts kept per token (0 = dense, None = the model's default).
         freeze_after: after this many decode steps the scalings freeze (frozen graph), None = never.
         scalings: include each token's (L, n) scalings in its `TokenOut`.
+        logprobs: None, or k: each token's log-probability and the k most likely tokens in its `TokenOut`;
+            `prompt_logprobs`: the first `TokenOut` also carries the prompt's (each token after the first).
+        sampling: vLLM's extensions of the token choice (top_k, min_p, repetition_penalty, min_tokens).
         session_id: keep this conversation's caches after the request, and extend them when the next request
             of the session continues its token history (best effort: evicted caches are recomputed).
     """
@@ -75,7 +79,10 @@ class RequestSpec:
     top_k: int | None = None
     freeze_after: int | None = None
     scalings: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
     session_id: str | None = None
+    sampling: Sampling = field(default_factory=Sampling)
 
 
 @dataclass
@@ -86,6 +93,8 @@ class TokenOut:
     text: str  # text released with this token ('' inside a character or while it may begin a stop string)
     scalings: np.ndarray | None  # (L, n) of the position that chose the token, with RequestSpec.scalings
     finish_reason: str | None  # None, or on the last token the runtime's reason (`batch.FINISH_REASONS`)
+    logprob: TokenLogprob | None = None  # with RequestSpec.logprobs
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first token, with RequestSpec.prompt_logprobs
 
 
 class Hooks(Protocol):
@@ -262,16 +271,21 @@ class Scheduler:
         """Queue requests (all or none); their tokens arrive on the handles, in `loop`.
 
         Raises:
-            XLoraError: a bad request (nothing queued).
-            QueueFullError: the waiting queue has no room for them all.
+            XLoraError: a bad request (nothing queued), also one holding more sequences than the batch and the
+                queue can ever hold together.
+            QueueFullError: the waiting queue has no room for them all now.
         """
+        capacity = self.max_batch + self.max_queue
+        if len(specs) > capacity:
+            raise XLoraError(f"the request holds {len(specs)} sequences (prompts x n); this server holds at most "
+                             f"{capacity} at once (max batch {self.max_batch} + max queue {self.max_queue})")
         for spec in specs:
             self.check(spec)
         now = time.perf_counter()
         with self._cond:
             if self._stopping:
                 raise QueueFullError(1)
-            if len(self._running) + len(self._waiting) + len(specs) > self.max_batch + self.max_queue:
+            if len(self._running) + len(self._waiting) + len(specs) > capacity:
                 raise QueueFullError(self._retry_after())
             handles = []
             for spec in specs:
@@ -283,8 +297,10 @@ class Scheduler:
                            capped=spec.max_tokens is None or spec.max_tokens > limit,
                            top_k=self.info.default_top_k if spec.top_k is None else spec.top_k,
                            temperature=spec.temperature, top_p=spec.top_p, rng=np.random.default_rng(spec.seed),
+                           sampling=spec.sampling,
                            stop_ids=frozenset() if spec.ignore_eos else frozenset(self.info.eos_token_ids),
-                           stop=StopStrings(spec.stop), freeze_after=spec.freeze_after,
+                           stop=StopStrings(spec.stop), freeze_after=spec.freeze_after, logprobs=spec.logprobs,
+                           prompt_logprobs=spec.prompt_logprobs,
                            keep_cache=spec.session_id is not None, spec=spec, handle=handle, submitted=now)
                 self._waiting.append(seq)
                 handles.append(handle)
@@ -383,7 +399,7 @@ class Scheduler:
     def _resume(self, seq: _Seq) -> CacheGroup | None:
         """The session's stored caches cut to the longest prefix they share with this prompt (at least one
         prompt token left to run), as a single-row group; None when there is nothing to reuse."""
-        if seq.spec.session_id is None:
+        if seq.spec.session_id is None or seq.prompt_logprobs:  # the stored prompt positions have no logits
             return None
         entry = self.sessions.take(seq.spec.session_id)
         if entry is None:
@@ -434,5 +450,6 @@ class Scheduler:
             seq.handle.completion_tokens = len(seq.tokens)
             seq.handle.finish_reason = t.finish_reason
             if seq.handle._loop is not None:
-                out = TokenOut(t.token, t.text, t.scalings.copy() if seq.spec.scalings else None, t.finish_reason)
+                out = TokenOut(t.token, t.text, t.scalings.copy() if seq.spec.scalings else None, t.finish_reason,
+                               t.logprob, t.prompt_logprobs)
                 self._outbox[seq.handle._loop].append((seq.handle, out))
