@@ -144,6 +144,10 @@ class Server:
         self._check_length(len(text), "prompt")
         return tokenizer.encode_batch([text], add_special_tokens=special)[0].ids  # encode_batch frees the GIL
 
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids, special tokens included (an echoed prompt, the tokens of `logprobs`)."""
+        return self.session.tokenizer.decode(ids, skip_special_tokens=False)
+
     def render(self, messages: Any) -> str:
         """The chat prompt of `messages` (refused before rendering when their text alone is too long)."""
         if self.chat_template is None:
@@ -314,6 +318,7 @@ async def _generate(server: Server, request: Request, parse: Callable[[Any], Par
             del raw
             if large:
                 _trim_memory()
+        parsed.decode = server.decode if server.session.tokenizer is not None else None
         if parsed.model is not None and parsed.model != server.name:
             raise _NotFoundError(f"model '{parsed.model}' is not served here (this server serves '{server.name}')")
         session_id = request.headers.get(SESSION_HEADER)
@@ -343,23 +348,29 @@ async def _generate(server: Server, request: Request, parse: Callable[[Any], Par
 
 
 async def _collect(request: Request, handles: list[RequestHandle]) -> list[list[TokenOut]]:
-    """Every handle's tokens; a client that disconnects meanwhile cancels them (checked every 0.1 s)."""
+    """Every handle's tokens; a client that disconnects meanwhile cancels them (checked every 0.1 s). The first
+    failure of a handle is raised; what still runs is cancelled and awaited (nothing left for asyncio to log)."""
     async def drain(handle: RequestHandle) -> list[TokenOut]:
         return [out async for out in handle]
 
-    task = asyncio.ensure_future(asyncio.gather(*(drain(h) for h in handles)))
+    tasks = [asyncio.ensure_future(drain(h)) for h in handles]
     try:
         while True:
-            done, _ = await asyncio.wait({task}, timeout=0.1)
-            if done:
-                return task.result()
+            done, pending = await asyncio.wait(tasks, timeout=0.1, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # raises the handle's failure
+            if not pending:
+                return [task.result() for task in tasks]
             if await request.is_disconnected():
                 raise _DisconnectedError
     finally:
-        if not task.done():
-            task.cancel()
+        pending = [task for task in tasks if not task.done()]
+        if pending:
+            for task in pending:
+                task.cancel()
             for h in handles:
                 h.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _stream(server: Server, parsed: ParsedRequest, handles: list[RequestHandle]) -> AsyncIterator[str]:
