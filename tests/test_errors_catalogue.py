@@ -17,7 +17,7 @@ HEADERS = {
     ("guarantee", "test"): "guarantees",
     ("bad input", "today", "test"): "gaps",
 }
-EXITS = {"0", "1", "2", "130", "raises", "400", "404", "429"}  # HTTP statuses: the server's answers
+EXITS = {"0", "1", "2", "130", "raises", "400", "404", "413", "429"}  # HTTP statuses: the server's answers
 TEST_REF = re.compile(r"(tests/[\w/]+\.py)::(\w+)(?:::(\w+))?")
 PLACEHOLDER = re.compile(r"<[^<>\s][^<>]*>")
 

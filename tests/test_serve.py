@@ -413,7 +413,10 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}},
      "stream_options: only allowed with stream: true"),
     ("/v1/completions", {"prompt": "x", "n": 17}, "n=17: expected an int in 1..16"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 3}, "logprobs=3: not supported by this server (only null or "),
+    ("/v1/completions", {"prompt": "x", "best_of": 2}, "best_of=2: not supported by this server (only null or 1)"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, "logprobs=6: expected null or an int in 0..5"),
+    ("/v1/chat/completions", {"messages": CONVERSATION, "logprobs": True, "top_logprobs": 21},
+     "top_logprobs=21: expected null or an int in 0..20"),
     ("/v1/completions", {"prompt": ""}, "prompt is empty"),
     ("/v1/completions", {"prompt": [5, 400]}, "prompt: token id 400 is outside the vocabulary 0..383"),
     ("/v1/completions", {"prompt": [[5], "x"]}, "prompt=[[5], 'x']: expected a string, a list of token ids, or a "),
@@ -557,6 +560,8 @@ def test_scheduler_and_server_refusals(monkeypatch):
         Scheduler(session, max_queue=-1)
     with pytest.raises(XLoraError, match=r"^session cache -1.0 MB: expected a number >= 0$"):
         Server(ServerConfig(chat_graph(), session_cache_mb=-1.0))
+    with pytest.raises(XLoraError, match=r"^max body 0 MB: expected a number > 0$"):
+        Server(ServerConfig(chat_graph(), max_body_mb=0))
     with pytest.raises(XLoraError, match=r"^bad.jinja: not a valid Jinja chat template \(.+\)$"):
         ChatTemplate("{% for %}", {}, "bad.jinja")
     bare = XLoraSession(exported("tiny-llama"), threads=1)  # its tokenizer taken away
@@ -645,6 +650,7 @@ def test_ray_app_builder_refusals():
     (["GRAPH", "--max-queue", "-1"], "--max-queue -1: expected >= 0"),
     (["GRAPH", "--session-cache-mb", "-1"], "--session-cache-mb -1.0: expected a number >= 0"),
     (["GRAPH", "--threads", "0"], "--threads 0: expected >= 1"),
+    (["GRAPH", "--max-body-mb", "0"], "--max-body-mb 0.0: expected a number > 0"),
 ])
 def test_serve_user_errors(argv, message, capsys):
     from xlora_runtime.serve.cli import main
