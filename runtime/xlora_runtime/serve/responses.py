@@ -8,6 +8,8 @@
                       each choice names the role), then `usage` if asked (in every chunk too with vLLM's
                       `continuous_usage_stats`); `sse` frames each as a server-sent event
     choice_extras     the `xlora` object of a choice or chunk: token ids, scalings, or the top experts
+    with_logprobs     a choice's (or chunk's) `logprobs` in OpenAI's format (completion_logprobs,
+                      chat_logprobs), and a completion's echoed prompt
 
 Each function takes the checked request (`protocol.ParsedRequest`), the model's name and the graph's record;
 the handles and tokens are the scheduler's.
@@ -27,7 +29,8 @@ if TYPE_CHECKING:
     from ..format.record import GraphInfo
     from .scheduler import RequestHandle, TokenOut
 
-__all__ = ["choice_extras", "completion_body", "error_body", "model_body", "models_body", "sse", "stream_chunks"]
+__all__ = ["chat_logprobs", "choice_extras", "completion_logprobs", "completion_body", "error_body", "model_body",
+           "models_body", "sse", "stream_chunks", "with_logprobs"]
 
 
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict[str, Any]:
@@ -116,6 +119,7 @@ def completion_body(request: ParsedRequest, model: str, info: GraphInfo, handles
     choices = []
     for i, outs in enumerate(results):
         choice = _choice(request, i, "".join(o.text for o in outs), outs[-1].finish_reason, chunk=False)
+        with_logprobs(request, i, choice, outs, echo=request.echo, offset=0)
         extras = choice_extras(outs, request, info.expert_names, _top_k(request, i, info))
         if extras:
             choice["xlora"] = extras
@@ -138,14 +142,78 @@ async def stream_chunks(request: ParsedRequest, model: str, info: GraphInfo,
             delta = {"role": "assistant", "content": ""}
             yield head | {"choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]} | usage()
         top_k = _top_k(request, i, info)
+        echo, offset = request.echo, 0  # the prompt goes with the first chunk; text_offset counts on
         async for out in handle:
             sent += 1
             extras = choice_extras([out], request, info.expert_names, top_k)
-            if not out.text and not extras and out.finish_reason is None:
+            if not out.text and not extras and out.finish_reason is None and not echo and request.logprobs is None:
                 continue
             choice = _choice(request, i, out.text, out.finish_reason, chunk=True)
+            offset = with_logprobs(request, i, choice, [out], echo, offset)
+            echo = False
             if extras:
                 choice["xlora"] = extras
             yield head | {"choices": [choice]} | usage()
     if request.include_usage:
         yield head | {"choices": [], "usage": _usage(handles, request.n)}
+
+
+# ----------------------------------------------------------------------------------------------- log-probabilities
+_Entry = tuple[int, float | None, list[tuple[int, float]] | None]  # token id, log-probability, top alternatives
+
+
+def _token_text(request: ParsedRequest, token: int) -> str:
+    """A token's text (vLLM's `token_id:N` when the export has no tokenizer)."""
+    return request.decode([token]) if request.decode is not None else f"token_id:{token}"
+
+
+def completion_logprobs(request: ParsedRequest, entries: list[_Entry], offset: int) -> dict[str, Any]:
+    """A completion choice's `logprobs`: tokens, token_logprobs, top_logprobs ({text: logprob}, most likely first)
+    and text_offset (each token's start in the choice's text, counting on from `offset`); an echoed prompt's first
+    token has null for both log-probability fields."""
+    tokens = [_token_text(request, t) for t, _, _ in entries]
+    starts = []
+    for text in tokens:
+        starts.append(offset)
+        offset += len(text)
+    top = [None if alts is None else {_token_text(request, t): lp for t, lp in alts} for _, _, alts in entries]
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "top_logprobs": top,
+            "text_offset": starts}
+
+
+def chat_logprobs(request: ParsedRequest, entries: list[_Entry]) -> dict[str, Any]:
+    """A chat choice's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(request, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [item(t, lp) | {"top_logprobs": [item(a, alp) for a, alp in alts or ()]}
+                        for t, lp, alts in entries]}
+
+
+def with_logprobs(request: ParsedRequest, i: int, choice: dict[str, Any], outs: list[TokenOut], echo: bool,
+                  offset: int) -> int:
+    """Fill `choice` (a whole choice, or a chunk of `outs`) for `logprobs` and `echo`: the echoed prompt's text
+    before the choice's, and the `logprobs` object of its tokens (the prompt's first when echoed).
+
+    Args:
+        i: the choice's index (its RequestSpec); echo: this choice or chunk begins with the prompt.
+        offset: text_offset of the choice's first token here (what earlier chunks held).
+    Returns:
+        The offset after these tokens.
+    """
+    if echo and request.kind == "completion":
+        prompt = request.specs[i].prompt_ids
+        choice["text"] = (request.decode(prompt) if request.decode is not None else "") + choice["text"]
+    if request.logprobs is None:
+        return offset
+    entries: list[_Entry] = []
+    if echo and request.kind == "completion":
+        entries.append((prompt[0], None, None))
+        entries += [(e.token, e.logprob, e.top) for e in outs[0].prompt_logprobs or ()]
+    entries += [(o.token, o.logprob.logprob, o.logprob.top) for o in outs if o.logprob is not None]
+    if request.kind == "chat":
+        choice["logprobs"] = chat_logprobs(request, entries)
+        return offset
+    choice["logprobs"] = completion_logprobs(request, entries, offset)
+    return offset + sum(len(t) for t in choice["logprobs"]["tokens"])
