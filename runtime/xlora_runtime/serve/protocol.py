@@ -2,8 +2,9 @@
 
 `parse_completion` and `parse_chat` turn a JSON body into a `ParsedRequest` (one `RequestSpec` per prompt, plus
 what the response needs), raising a one-line `XLoraError` that names the field for anything wrong; fields that
-the OpenAI API has and this server does not implement are accepted at their neutral value only (`n: 1`,
-penalties 0, no logprobs...). X-LoRA options ride in the body under `xlora`:
+the OpenAI API has and this server does not implement are accepted at their neutral value only (`best_of: 1`,
+penalties 0...); `logprobs`, `top_logprobs` and `echo` are checked here and answered in responses.py. X-LoRA
+options ride in the body under `xlora`:
 
     "xlora": {"expert_top_k": 2,            experts kept per token and module, 0 = dense (default: the model's)
               "freeze_scalings_after": 4,   after 4 decode steps the scalings freeze (the frozen graph)
