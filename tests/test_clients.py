@@ -13,7 +13,9 @@ import json
 import os
 from functools import cache
 
+import numpy as np
 import pytest
+import torch
 from test_serve import ServerProcess
 
 from helpers import BUILD_ROOT
@@ -68,6 +70,12 @@ def eager(demo) -> dict[str, str]:
     prompts = [tokenizer(plain_prompt(q))["input_ids"] for _, q, _ in QUESTIONS]
     answers = eager_answers(model, tokenizer, prompts, None)
     return {q: text for (_, q, _), text in zip(QUESTIONS, answers.texts)}
+
+
+@torch.no_grad()
+def log_softmax(model, ids: list[int]) -> torch.Tensor:
+    """(len(ids), vocab) float32 log-probabilities of the token after each position, from the eager model."""
+    return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
 
 
 def greedy_tokens(demo, prompt: str) -> tuple[list[int], list[int]]:
@@ -153,6 +161,51 @@ def test_openai_greedy_n_choices_are_equal(client, eager):
     assert completion.created > 1_600_000_000
 
 
+def test_openai_chat_logprobs_are_the_eager_log_softmax(client, demo):
+    """logprobs + top_logprobs on a chat: each chosen token's log-probability and the 3 most likely tokens'
+    equal the eager model's float32 log-softmax within 1e-4."""
+    model, tokenizer = demo
+    _, q, _ = QUESTIONS[1]
+    prompt_ids, generated = greedy_tokens(demo, plain_prompt(q))
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}], temperature=0,
+                                          max_tokens=MAX_NEW_TOKENS, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    expected = log_softmax(model, prompt_ids + generated)[len(prompt_ids) - 1:]
+    assert len(content) == len(generated)  # eos included: it is a chosen token with its probability
+    for entry, token, row in zip(content, generated, expected):
+        assert entry.logprob == pytest.approx(row[token].item(), abs=1e-4)
+        top = torch.topk(row, 3)
+        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([i]) for i in top.indices.tolist()]
+        np.testing.assert_allclose([t.logprob for t in entry.top_logprobs], top.values.numpy(), atol=1e-4)
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-6)  # greedy: the top token
+
+
+def test_openai_completion_echo_logprobs_cover_the_prompt(client, demo):
+    """echo + logprobs=2 on a completion: the prompt's tokens come back with their log-probabilities (the first
+    has none), then the generated token; each equals the eager log-softmax within 1e-4."""
+    model, tokenizer = demo
+    _, q, _ = QUESTIONS[6]
+    prompt = plain_prompt(q)
+    prompt_ids, generated = greedy_tokens(demo, prompt)
+    completion = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, echo=True,
+                                           logprobs=2)
+    [choice] = completion.choices
+    ids = prompt_ids + generated[:1]
+    assert choice.text == prompt + tokenizer.decode(generated[:1])
+    logprobs = choice.logprobs
+    assert logprobs.tokens == [tokenizer.decode([i]) for i in ids]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    expected = log_softmax(model, ids)
+    for position in range(1, len(ids)):
+        row = expected[position - 1]
+        assert logprobs.token_logprobs[position] == pytest.approx(row[ids[position]].item(), abs=1e-4)
+        top = torch.topk(row, 2)
+        got = logprobs.top_logprobs[position]
+        assert list(got) == [tokenizer.decode([i]) for i in top.indices.tolist()]
+        np.testing.assert_allclose(list(got.values()), top.values.numpy(), atol=1e-4)
+    assert logprobs.text_offset[:2] == [0, len(logprobs.tokens[0])]
+
+
 # ----------------------------------------------------------------------------------------------- lm-eval
 def lm_eval_tasks(folder: str) -> None:
     """Three lm-eval tasks over QUESTIONS in `folder`: generate-until (plain prompts), generate-until over chat
@@ -226,3 +279,30 @@ def test_lm_eval_local_chat_completions_generate_until_equals_the_eager_model(se
     assert [s["filtered_resps"][0] for s in samples] == [eager[q] for _, q, _ in QUESTIONS]
     expected = sum(eager[q] == a for _, q, a in QUESTIONS) / len(QUESTIONS)
     assert results["exact_match,strip"] == pytest.approx(expected)
+
+
+def test_lm_eval_local_completions_multiple_choice_picks_the_eager_choice(server, lm_eval_run, demo):
+    """Log-likelihood requests (`echo` + `logprobs`): every choice's summed log-probability equals the eager
+    model's within 1e-3, so lm-eval picks the eager model's choice on every question and the accuracies are
+    equal."""
+    model, tokenizer = demo
+    results, samples = lm_eval_run("local-completions", dict(
+        base_url=f"{server.url}/v1/completions", model=MODEL, tokenizer_backend="huggingface", tokenizer=TOKENIZER,
+        max_length=256, batch_size=8, num_concurrent=1), "xlora_demo_choice")
+    picks = []
+    for sample in samples:
+        context, choices = plain_prompt(sample["doc"]["question"]), sample["doc"]["choices"]
+        context_ids = tokenizer(context)["input_ids"]
+        sums = []
+        for choice in choices:  # lm-eval's split: the whole text's tokens after the context's
+            ids = tokenizer(f"{context} {choice}")["input_ids"]
+            assert ids[:len(context_ids)] == context_ids
+            rows = log_softmax(model, ids)[len(context_ids) - 1:-1]
+            sums.append(rows.gather(1, torch.tensor(ids[len(context_ids):])[:, None]).sum().item())
+        served = [ll for ll, _ in sample["filtered_resps"]]
+        np.testing.assert_allclose(served, sums, atol=1e-3)
+        picks.append(int(np.argmax(sums)))
+        assert int(np.argmax(served)) == picks[-1]
+    expected = sum(p == s["doc"]["label"] for p, s in zip(picks, samples)) / len(samples)
+    assert results["acc,none"] == pytest.approx(expected)
+    assert expected >= 0.5
