@@ -131,6 +131,25 @@ def test_stop_ids_and_sampling(graph, generator, capsys):
     assert first == second  # --seed makes sampling reproducible
 
 
+def test_vllm_sampling_options(graph, generator, capsys):
+    """--top-k, --min-p, --repetition-penalty and --min-tokens reach the Generator's keywords."""
+    options = dict(max_new_tokens=6, stop_token_ids=[], do_sample=True, seed=4, top_k=5, min_p=0.05,
+                   repetition_penalty=1.5)
+    [expected] = generator.generate("the model mixes", **options)
+    argv = [graph, "the model mixes", "--json", "--no-eos", "--max-new-tokens", "6", "--sample", "--seed", "4",
+            "--top-k", "5", "--min-p", "0.05", "--repetition-penalty", "1.5"]
+    code, out, err = run(generate_main, argv, capsys)
+    assert code == 0, err
+    assert json_lines(out)[0]["tokens"] == expected.tokens
+    [greedy] = generator.generate("the model mixes", max_new_tokens=1, stop_token_ids=[])
+    argv = [graph, "the model mixes", "--json", "--max-new-tokens", "3", "--stop-id", str(greedy.tokens[0]),
+            "--min-tokens", "2"]
+    [record] = json_lines(run(generate_main, argv, capsys)[1])
+    assert greedy.tokens[0] not in record["tokens"][:2] and len(record["tokens"]) >= 2
+    code, _, err = run(generate_main, [graph, "x", "--top-k", "3"], capsys)
+    assert code == 1 and err == "xlora-generate: error: --top-k and --min-p apply to sampling: add --sample\n"
+
+
 def test_log_scalings_and_plot(graph, shape, tmp_path, capsys):
     log = str(tmp_path / "log")
     code, out, err = run(generate_main, [graph, "the model mixes", "hi", "--max-new-tokens", "6", "--no-eos",

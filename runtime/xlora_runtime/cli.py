@@ -59,6 +59,14 @@ def build_generate_parser() -> argparse.ArgumentParser:
                      f"(default {defaults['temperature']})")
     gen.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep the smallest set of tokens "
                      f"whose probability reaches P, with --sample (default {defaults['top_p']})")
+    gen.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only, with "
+                     "--sample (default: all)")
+    gen.add_argument("--min-p", type=float, metavar="P", help="drop tokens less likely than P x the most likely "
+                     "one, with --sample (default 0: none)")
+    gen.add_argument("--repetition-penalty", type=float, metavar="R", help="divide the positive logits of tokens "
+                     "already in the sequence by R, multiply the negative ones (greedy too; default 1: none)")
+    gen.add_argument("--min-tokens", type=int, metavar="N", help="the stop ids cannot end a sequence before N new "
+                     "tokens (default 0)")
     gen.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
     gen.add_argument("--stop-id", type=int, action="append", default=[], metavar="ID", help="also stop a "
                      "sequence at this token id (repeatable)")
@@ -121,6 +129,8 @@ def _stream_options(args: argparse.Namespace, session: XLoraSession) -> dict[str
     """`Generator.stream` keyword arguments from the options (defaults stay `stream`'s own)."""
     if not args.sample and (args.temperature is not None or args.top_p is not None):
         raise XLoraError("--temperature and --top-p apply to sampling: add --sample")
+    if not args.sample and (args.top_k is not None or args.min_p is not None):
+        raise XLoraError("--top-k and --min-p apply to sampling: add --sample")
     options: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, seed=args.seed,
                                    stop_strings=list(args.stop), expert_top_k=args.expert_top_k,
                                    freeze_scalings_after=args.freeze_scalings_after)
@@ -128,6 +138,9 @@ def _stream_options(args: argparse.Namespace, session: XLoraSession) -> dict[str
         options["temperature"] = args.temperature
     if args.top_p is not None:
         options["top_p"] = args.top_p
+    for name in ("top_k", "min_p", "repetition_penalty", "min_tokens"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     if args.no_eos or args.stop_id:
         options["stop_token_ids"] = ([] if args.no_eos else session.info.eos_token_ids) + list(args.stop_id)
     return options
