@@ -1,10 +1,13 @@
 """The OpenAI API's request bodies, checked (the response objects are shaped in responses.py).
 
-`parse_completion` and `parse_chat` turn a JSON body into a `ParsedRequest` (one `RequestSpec` per prompt, plus
-what the response needs), raising a one-line `XLoraError` that names the field for anything wrong; fields that
-the OpenAI API has and this server does not implement are accepted at their neutral value only (`best_of: 1`,
-penalties 0...); `logprobs`, `top_logprobs` and `echo` are checked here and answered in responses.py. X-LoRA
-options ride in the body under `xlora`:
+`parse_completion` and `parse_chat` turn a JSON body into a `ParsedRequest` (`n` `RequestSpec`s per prompt, plus
+what the response needs), raising a one-line `XLoraError` that names the field for anything wrong. OpenAI's
+bookkeeping fields (`user`, `store`, `metadata`, `service_tier`) are ignored; its features this server does not
+have (`UNSUPPORTED`, `response_format` other than text, image parts) are refused by name; fields that it does not
+implement are accepted at their neutral value only (`best_of: 1`, penalties 0...); vLLM's sampling extensions
+(`top_k`, `min_p`, `repetition_penalty`, `min_tokens`) become the spec's `batch.Sampling`; `logprobs`,
+`top_logprobs` and `echo` are checked here and answered in responses.py. X-LoRA options ride in the body under
+`xlora`:
 
     "xlora": {"expert_top_k": 2,            experts kept per token and module, 0 = dense (default: the model's)
               "freeze_scalings_after": 4,   after 4 decode steps the scalings freeze (the frozen graph)
