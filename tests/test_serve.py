@@ -638,8 +638,9 @@ def test_ray_app_builder_refusals():
         build({"graph": "m.onnx", "batch": 4})
     with pytest.raises(XLoraError, match=r"^xlora_runtime.serve.ray_app:build: max_batch='many': expected int$"):
         build({"graph": "m.onnx", "max_batch": "many"})
-    app = build({"graph": "m.onnx", "max_batch": "8", "session_cache_mb": "64"})  # strings from the command line
-    assert app._bound_deployment.init_kwargs == {"graph": "m.onnx", "max_batch": 8, "session_cache_mb": 64.0}
+    app = build({"graph": "m.onnx", "max_batch": "8", "session_cache_mb": "64", "max_body_mb": "2"})  # strings
+    assert app._bound_deployment.init_kwargs == {"graph": "m.onnx", "max_batch": 8, "session_cache_mb": 64.0,
+                                                 "max_body_mb": 2.0}
 
 
 # ----------------------------------------------------------------------------------------------- the command

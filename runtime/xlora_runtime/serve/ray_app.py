@@ -62,7 +62,7 @@ def build(args: dict[str, Any]) -> Application:
         if name == "device":
             options[name] = device_arg(None if value is None else str(value))
             continue
-        kind = {"int": int, "int | None": int, "float": float}.get(str(fields[name].type))
+        kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(str(fields[name].type))
         try:
             options[name] = kind(value) if kind is not None and value is not None else value
         except ValueError:
