@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serve.py [--model llama-32m] [--clients 1 4 8 16] [--max-tokens 64] [--rounds 3]
                                      [--threads 2] [--ray-replicas 1 2] [--json OUT.json]
+                                     [--guidellm PATH [--guidellm-streams 1 2 4 8 16] [--guidellm-requests 20]]
 
 The model is built with its recipe and exported once into benchmarks/.cache (bench_generate.py's `prepare`). Every
 run sends the same kind of requests: random prompts of 16 to 63 tokens (seed 0), greedy, `ignore_eos`, exactly
@@ -21,12 +22,23 @@ over the run's requests; x seq: output tokens/s relative to `sequential` measure
 sends max(2, 8 / C) requests back to back (`sequential` serves the 1-client run's 8). --rounds rounds each run
 `sequential` then every client count; the table shows each figure's median over the rounds (on a machine shared
 with other jobs, pairing each run with a baseline measured minutes apart or less keeps the ratios meaningful).
+
+--guidellm PATH adds a second table from a third-party load generator: guidellm (the `guidellm` command at PATH;
+it pins older click and multidict than the test environment, so it lives in a virtual environment of its own:
+`python -m venv .venv-guidellm && .venv-guidellm/bin/pip install "guidellm>=0.8" "torch==2.13.0"`) runs its
+`concurrent` profile, one level per --guidellm-streams value, against `xlora-serve` serving the committed demo
+(models/xlora-demo exported once into benchmarks/.cache/xlora-demo.onnx): /v1/completions streamed, with
+guidellm's `stream_options` (`include_usage`, `continuous_usage_stats`), synthetic prompts of 64 tokens from the
+demo's tokenizer, 64 output tokens (`ignore_eos`), --guidellm-requests requests per level. Rows: requests that
+succeeded and failed, requests/s, output tokens/s, TTFT and inter-token latency (ITL) p50 and p99, as guidellm
+reports them. `--clients` with no value skips the own client's rows (and Ray's).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -36,12 +48,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RUNTIME = os.path.join(ROOT, "runtime")
+DEMO = os.path.join(ROOT, "models", "xlora-demo")  # the committed demo checkpoint (guidellm's run)
+GUIDELLM_TOKENS = 64  # prompt and output tokens of guidellm's synthetic requests
 
 
 def requests_for(clients: int, vocab: int, seed: int = 0) -> list[list[list[int]]]:
@@ -131,20 +146,25 @@ def rounds(url: str, baseline, args: argparse.Namespace, vocab: int, say) -> dic
     return out
 
 
-def serve_rows(graph: str, baseline, args: argparse.Namespace, vocab: int, say) -> dict:
-    """xlora-serve in a child process, loaded by each client count in turn."""
-    threads = args.threads
+@contextlib.contextmanager
+def served(graph: str, threads: int, *options: str) -> Iterator[str]:
+    """`xlora-serve GRAPH` in a child process on 127.0.0.1 (a free port, batch 16, queue 64); yields its URL."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [RUNTIME, os.environ.get("PYTHONPATH")])))
     server = subprocess.Popen([sys.executable, "-m", "xlora_runtime.serve.cli", graph, "--port", "0", "--threads",
-                               str(threads), "--max-batch", "16", "--max-queue", "64"], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=env)
+                               str(threads), "--max-batch", "16", "--max-queue", "64", *options],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         line = server.stdout.readline()
-        url = re.search(r"on (http://127\.0\.0\.1:\d+) ", line).group(1)
-        return rounds(url, baseline, args, vocab, say)
+        yield re.search(r"on (http://127\.0\.0\.1:\d+) ", line).group(1)
     finally:
         server.terminate()
         server.wait(30)
+
+
+def serve_rows(graph: str, baseline, args: argparse.Namespace, vocab: int, say) -> dict:
+    """xlora-serve in a child process, loaded by each client count in turn."""
+    with served(graph, args.threads) as url:
+        return rounds(url, baseline, args, vocab, say)
 
 
 def ray_child(args: argparse.Namespace) -> None:
@@ -190,6 +210,72 @@ def ray_rows(graph: str, replicas: int, args: argparse.Namespace, vocab: int, sa
     return rows
 
 
+# ----------------------------------------------------------------------------------------------- guidellm
+def demo_graph(say) -> str:
+    """The committed demo exported into benchmarks/.cache/xlora-demo.onnx by `xlora-export` in a child process
+    (reused while it is newer than the checkpoint)."""
+    graph = os.path.join(HERE, ".cache", "xlora-demo.onnx")
+    newest = max(os.path.getmtime(os.path.join(folder, name)) for folder, _, names in os.walk(DEMO) for name in names)
+    if os.path.isfile(graph) and os.path.getmtime(graph) > newest:
+        say(f"demo: reusing {os.path.relpath(graph, ROOT)}")
+        return graph
+    os.makedirs(os.path.dirname(graph), exist_ok=True)
+    say(f"demo: exporting {os.path.relpath(DEMO, ROOT)} to {os.path.relpath(graph, ROOT)}")
+    code = ("from xlora_export.cli import main; "
+            f"raise SystemExit(main([{DEMO!r}, {graph!r}, '--frozen-scalings', '--force', '-q']))")
+    subprocess.run([sys.executable, "-c", code], check=True, stdout=sys.stderr)
+    return graph
+
+
+def guidellm_figures(benchmark: dict) -> dict:
+    """One level of guidellm's JSON report: request counts, throughput (means over the level, as guidellm's
+    console shows them) and latency percentiles of the successful requests."""
+    metrics, state = benchmark["metrics"], benchmark["scheduler_state"]
+
+    def ok(name: str) -> dict:
+        return metrics[name]["successful"]
+
+    return dict(streams=benchmark["config"]["strategy"]["streams"], successful=state["successful_requests"],
+                errored=state["errored_requests"] + state["cancelled_requests"],
+                requests_per_s=ok("requests_per_second")["mean"], tokens_per_s=ok("output_tokens_per_second")["mean"],
+                ttft_p50_ms=ok("time_to_first_token_ms")["percentiles"]["p50"],
+                ttft_p99_ms=ok("time_to_first_token_ms")["percentiles"]["p99"],
+                itl_p50_ms=ok("inter_token_latency_ms")["percentiles"]["p50"],
+                itl_p99_ms=ok("inter_token_latency_ms")["percentiles"]["p99"])
+
+
+def guidellm_rows(guidellm: str, args: argparse.Namespace, say) -> list[dict]:
+    """guidellm's concurrent profile (--guidellm-streams levels, --guidellm-requests each) against xlora-serve
+    serving the demo; guidellm's own report goes to stderr. Returns the figures of each level."""
+    graph = demo_graph(say)
+    model = "xlora-demo"
+    with served(graph, args.threads, "--model-name", model) as url, \
+            tempfile.TemporaryDirectory(prefix="xlora-guidellm-") as tmp:
+        report = os.path.join(tmp, "guidellm.json")
+        command = [guidellm, "run", "--disable-console-interactive",
+                   "--backend", f"kind=openai_http,target={url},model={model},request_format=/v1/completions",
+                   "--profile", "kind=concurrent,streams=1",
+                   "--override", "profile.streams", ",".join(map(str, args.guidellm_streams)),
+                   "--constraint", f"kind=max_requests,count={args.guidellm_requests}",
+                   "--data", f"kind=synthetic_text,prompt_tokens={GUIDELLM_TOKENS},output_tokens={GUIDELLM_TOKENS}",
+                   "--tokenizer", f"kind=huggingface_auto,model={os.path.join(DEMO, 'base')}",
+                   "--output", f"kind=json,path={report}"]
+        say("guidellm: " + " ".join(command))
+        subprocess.run(command, check=True, stdout=sys.stderr, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        with open(report) as f:
+            return [guidellm_figures(b) for b in json.load(f)["benchmarks"]]
+
+
+def guidellm_table(rows: list[dict]) -> str:
+    lines = ["| streams | succeeded | failed | requests/s | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
+             "ITL p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['streams']} | {r['successful']} | {r['errored']} | {r['requests_per_s']:.2f} | "
+                     f"{r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
+                     f"{r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------- report
 def median(runs: list[dict]) -> dict:
     """Each figure's median over rounds."""
@@ -213,10 +299,31 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def own_client_rows(args: argparse.Namespace, results: dict, say) -> None:
+    """The sequential baseline, xlora-serve and Ray Serve under the own client, into results["servers"]."""
+    # build and export in a child process: torch (its threads, its memory) stays out of the process that times the
+    # sequential baseline
+    code = (f"import json, sys; sys.path.insert(0, {HERE!r}); from bench_generate import prepare; "
+            f"print(json.dumps(prepare({args.model!r}, lambda m: print(m, file=sys.stderr, flush=True))))")
+    prepared = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True)
+    graph = json.loads(prepared.stdout.strip().splitlines()[-1])["graph"]
+    vocab = 300  # prompts from the tokenizer's few hundred real tokens (the embedding is padded beyond them)
+    say("xlora-serve (each round: the sequential baseline, then every client count)")
+    baseline = sequential(graph, args.threads, vocab, args.max_tokens)
+    results["servers"]["xlora-serve"] = serve_rows(graph, baseline, args, vocab, say)
+    del baseline  # its session's memory
+    for replicas in args.ray_replicas:
+        say(f"Ray Serve, {replicas} replica(s)")
+        rows = ray_rows(graph, replicas, args, vocab, say)
+        if rows is not None:
+            results["servers"][f"ray {replicas} replica{'s' if replicas > 1 else ''}"] = rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llama-32m", help="recipe of models/recipes.py (default llama-32m)")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrent clients per run")
+    parser.add_argument("--clients", type=int, nargs="*", default=[1, 4, 8, 16], help="concurrent clients per run "
+                        "(none: skip the own client's and Ray's rows)")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default 64)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of (sequential, every client count); the table "
                         "shows medians (default 3)")
@@ -224,6 +331,11 @@ def main() -> None:
     parser.add_argument("--ray-replicas", type=int, nargs="*", default=[1, 2], help="Ray Serve replica counts "
                         "(default 1 2; none: skip Ray)")
     parser.add_argument("--json", help="write every figure and the settings here")
+    parser.add_argument("--guidellm", metavar="PATH", help="the guidellm command (its own virtual environment): "
+                        "add its concurrency sweep against xlora-serve serving the demo")
+    parser.add_argument("--guidellm-streams", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="guidellm's "
+                        "concurrent streams, one level each (default 1 2 4 8 16)")
+    parser.add_argument("--guidellm-requests", type=int, default=20, help="requests per guidellm level (default 20)")
     parser.add_argument("--ray-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--graph", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
@@ -234,27 +346,18 @@ def main() -> None:
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    # build and export in a child process: torch (its threads, its memory) stays out of the process that times the
-    # sequential baseline
-    code = (f"import json, sys; sys.path.insert(0, {HERE!r}); from bench_generate import prepare; "
-            f"print(json.dumps(prepare({args.model!r}, lambda m: print(m, file=sys.stderr, flush=True))))")
-    prepared = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True)
-    graph = json.loads(prepared.stdout.strip().splitlines()[-1])["graph"]
-    vocab = 300  # prompts from the tokenizer's few hundred real tokens (the embedding is padded beyond them)
     results: dict = {"servers": {}}
-    say("xlora-serve (each round: the sequential baseline, then every client count)")
-    baseline = sequential(graph, args.threads, vocab, args.max_tokens)
-    results["servers"]["xlora-serve"] = serve_rows(graph, baseline, args, vocab, say)
-    del baseline  # its session's memory
-    for replicas in args.ray_replicas:
-        say(f"Ray Serve, {replicas} replica(s)")
-        rows = ray_rows(graph, replicas, args, vocab, say)
-        if rows is not None:
-            results["servers"][f"ray {replicas} replica{'s' if replicas > 1 else ''}"] = rows
-    print(table(results))
+    if args.clients:
+        own_client_rows(args, results, say)
+        print(table(results))
+    if args.guidellm:
+        say(f"guidellm against xlora-serve serving the demo (streams {' '.join(map(str, args.guidellm_streams))})")
+        results["guidellm"] = guidellm_rows(args.guidellm, args, say)
+        print(guidellm_table(results["guidellm"]))
     if args.json:
         settings = dict(model=args.model, max_tokens=args.max_tokens, threads=args.threads, clients=args.clients,
-                        rounds=args.rounds,
+                        rounds=args.rounds, guidellm_streams=args.guidellm_streams if args.guidellm else None,
+                        guidellm_requests=args.guidellm_requests if args.guidellm else None,
                         machine=dict(cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(),
                                      python=platform.python_version(), load=os.getloadavg()))
         with open(args.json, "w") as f:
