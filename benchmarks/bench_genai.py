@@ -1,7 +1,7 @@
 """Generation speed against ONNX Runtime GenAI: its model builder's graphs as the anchor rows.
 
     python benchmarks/bench_genai.py [--model llama-32m] [--expert code] [--prompt-len 128] [--new-tokens 32]
-                                     [--rounds 7] [--threads 2] [--seed 0] [--json OUT.json]
+                                     [--rounds 7] [--threads 2] [--seed 0] [--wait-quiet S] [--json OUT.json]
 
 What a user deploys instead of X-LoRA on a CPU: the base model exported by ONNX Runtime GenAI's model builder
 (`python -m onnxruntime_genai.models.builder -i BASE -o OUT -p fp32|int4 -e cpu`) and one LoRA served through
@@ -53,7 +53,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_generate import CACHE, ROOT, Run, machine, prepare, runtime_engine, timings  # noqa: E402
+from bench_generate import CACHE, ROOT, Run, machine, prepare, runtime_engine, timings, wait_quiet  # noqa: E402
 
 GENAI_ROOT = os.path.join(CACHE, "genai")
 LORA_WEIGHT = re.compile(r"\.lora_([AB])\.MatMul\.weight$")
@@ -151,7 +151,7 @@ def make_adapter_model(model_path: str, adapter_path: str) -> int:
     return len(params)
 
 
-def genai_engine(folder: str, adapter_file: str | None = None):
+def genai_engine(folder: str, adapter_file: str | None = None) -> Callable[..., Run]:
     """A GenAI generator per call (the adapter activated when given): `run(prompt, n, logits=None) -> Run`; with a
     list `logits`, each step's (vocab,) logits are appended to it.
 
@@ -189,7 +189,7 @@ def genai_engine(folder: str, adapter_file: str | None = None):
 
 
 # ----------------------------------------------------------------------------------------------- project base
-def base_engine(graph: str, base_graph: str, threads: int):
+def base_engine(graph: str, base_graph: str, threads: int) -> Callable[..., Run]:
     """The project's plain base graph in the runtime's cache manager, the X-LoRA graph's own session released (only
     the base graph's session stays open): `run(prompt, n, logits=None) -> Run`, as `genai_engine`."""
     from xlora_runtime import XLoraSession
@@ -223,7 +223,7 @@ def base_engine(graph: str, base_graph: str, threads: int):
     return run
 
 
-def alone_engine(graph: str, base_graph: str, threads: int):
+def alone_engine(graph: str, base_graph: str, threads: int) -> tuple[Callable[..., Run], Callable[[], None]]:
     """`base_engine` in a child process of its own (this script with --worker); this process blocks while it runs.
     Returns (run, close)."""
     child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", graph, base_graph, str(threads)],
@@ -270,6 +270,8 @@ def compare(a: Callable, b: Callable, prompt: list[int], n: int) -> dict:
 
 
 def bench(args: argparse.Namespace, say: Callable[[str], None]) -> dict:
+    """Build what is missing, run the checks, then the timed rounds; returns the checks, each engine's medians,
+    best and per-round ratios (`vs ANCHOR`), the load averages and the greedy tokens."""
     from bench_quantize import quantize_graph_files
 
     flavours = {a: prepare(args.model, say, a) for a in ("onnx", "gqa")}
@@ -317,10 +319,11 @@ def bench(args: argparse.Namespace, say: Callable[[str], None]) -> dict:
     samples: dict[str, list[dict]] = {e: [] for e in engines}
     for _ in range(args.rounds):
         for engine, run in engines.items():
+            quiet = wait_quiet(args.wait_quiet) if args.wait_quiet else None
             result = run(prompt, n)
             if result[0] != first[engine][0]:
                 raise SystemExit(f"{engine}: greedy tokens changed between runs")
-            samples[engine].append(timings(result))
+            samples[engine].append(dict(timings(result), others_cpus_before=quiet))
     load_after = os.getloadavg()
     for close in closers:
         close()
@@ -330,12 +333,14 @@ def bench(args: argparse.Namespace, say: Callable[[str], None]) -> dict:
     rows = {}
     for engine, values in samples.items():
         row = {"prefill_ms": statistics.median(v["prefill_ms"] for v in values),
-               "decode_tok_s": statistics.median(v["decode_tok_s"] for v in values), "runs": values}
+               "decode_tok_s": statistics.median(v["decode_tok_s"] for v in values),
+               "best_decode_tok_s": max(v["decode_tok_s"] for v in values), "runs": values}
         for anchor, applies in anchors.items():
             if applies(engine):
                 per_round = [v["decode_tok_s"] / a["decode_tok_s"] for v, a in zip(values, samples[anchor])]
+                best = max(v["decode_tok_s"] for v in values) / max(a["decode_tok_s"] for a in samples[anchor])
                 row[f"vs {anchor}"] = {"median": statistics.median(per_round), "min": min(per_round),
-                                       "max": max(per_round), "rounds": per_round}
+                                       "max": max(per_round), "best": best, "rounds": per_round}
         rows[engine] = row
     tokens = {e: first[e][0] for e in engines}
     return {"model": args.model, "expert": args.expert, "checks": checks, "engines": rows,
@@ -343,15 +348,17 @@ def bench(args: argparse.Namespace, say: Callable[[str], None]) -> dict:
 
 
 def table(result: dict) -> str:
+    """A markdown table of `bench`'s result: one row per engine, its ratios to the anchors that apply to it."""
     anchors = ("genai fp32", "genai fp32 + lora", "genai int4")
-    lines = ["| engine | decode tok/s | prefill ms | " + " | ".join(f"x {a}" for a in anchors) + " |",
-             "|---|---:|---:|" + "---:|" * len(anchors)]
+    lines = ["| engine | decode tok/s | best | prefill ms | " + " | ".join(f"x {a}" for a in anchors) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(anchors)]
     for engine, row in result["engines"].items():
         cells = []
         for anchor in anchors:
             r = row.get(f"vs {anchor}")
-            cells.append(f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})" if r else "")
-        lines.append(f"| {engine} | {row['decode_tok_s']:.1f} | {row['prefill_ms']:.1f} | " + " | ".join(cells) + " |")
+            cells.append(f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}; best {r['best']:.2f})" if r else "")
+        lines.append(f"| {engine} | {row['decode_tok_s']:.1f} | {row['best_decode_tok_s']:.1f} | "
+                     f"{row['prefill_ms']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -366,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="timed round-robin rounds, after one warm-up")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every engine")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="S",
+                        help="before each timed run, wait up to S seconds until other processes use < 0.25 CPUs "
+                             "(bench_generate's --wait-quiet; default 0: do not wait)")
     parser.add_argument("--json", help="write the results (with machine info and every run) here")
     args = parser.parse_args(argv)
     if args.new_tokens < 2 or args.rounds < 1 or args.prompt_len < 1:
@@ -383,8 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}, batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} greedy tokens, {args.threads} "
           f"threads; {info['cpu_count']} CPUs ({info['cpu']}); onnxruntime {info['onnxruntime']}, onnxruntime-genai "
           f"{og.__version__}; 1-min load average {load[0][0]:.2f} before the rounds, {load[1][0]:.2f} after")
-    print(f"medians of {args.rounds} rounds; x ANCHOR: decode tok/s over the anchor's in the same round, median "
-          f"(range over the rounds)")
+    print(f"medians of {args.rounds} rounds (best: the fastest round); x ANCHOR: decode tok/s over the anchor's in "
+          f"the same round, median (range over the rounds; best: the fastest round's over the anchor's fastest)")
     print(table(result))
     for name, check in result["checks"].items():
         print(f"{name}: same greedy tokens {check['same_tokens']} ({check['steps_equal']}/{args.new_tokens} steps), "
