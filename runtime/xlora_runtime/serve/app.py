@@ -113,6 +113,7 @@ class Server:
             raise XLoraError(f"session cache {config.session_cache_mb} MB: expected a number >= 0")
         if config.max_body_mb is not None and not config.max_body_mb > 0:
             raise XLoraError(f"max body {config.max_body_mb} MB: expected a number > 0")
+        _one_heap()  # before the session's and the parse threads start
         self.config = config
         self.session = XLoraSession(config.graph, provider=config.provider, threads=config.threads,
                                     device=config.device, low_memory=config.low_memory)
@@ -291,9 +292,18 @@ def _parse_body(raw: bytes, parse: Callable[[Any], ParsedRequest]) -> ParsedRequ
     return parse(body)
 
 
+def _one_heap() -> None:
+    """glibc: threads started from now on allocate from the main heap (`mallopt(M_ARENA_MAX, 1)`), whose free top
+    `malloc_trim` gives back; a thread's own arena keeps its top (a parse thread kept 20 MB after a refused 10 MB
+    prompt). Python threads allocate under the interpreter lock anyway, so one heap adds little contention."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
+
+
 def _trim_memory() -> None:
     """Give freed heap memory back to the system (glibc), after a large body: the process's size stays that of
-    its work, not of the largest request it ever refused."""
+    its work, not of the largest request it ever refused. Scheduled with `call_soon` by the handler, so that it
+    runs once the handler has returned and its body, parsed objects and exception are freed."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -305,7 +315,7 @@ async def _generate(server: Server, request: Request, parse: Callable[[Any], Par
     try:
         raw = await _read_body(request, server.max_body_bytes)
     except _TooLargeError as e:
-        _trim_memory()
+        asyncio.get_running_loop().call_soon(_trim_memory)
         return _error(413, str(e), code="body_too_large")
     except _DisconnectedError:
         log.warning("%s: the client disconnected while sending its request", request.url.path)
@@ -317,7 +327,7 @@ async def _generate(server: Server, request: Request, parse: Callable[[Any], Par
         finally:
             del raw
             if large:
-                _trim_memory()
+                asyncio.get_running_loop().call_soon(_trim_memory)
         parsed.decode = server.decode if server.session.tokenizer is not None else None
         if parsed.model is not None and parsed.model != server.name:
             raise _NotFoundError(f"model '{parsed.model}' is not served here (this server serves '{server.name}')")
@@ -375,15 +385,22 @@ async def _collect(request: Request, handles: list[RequestHandle]) -> list[list[
 
 async def _stream(server: Server, parsed: ParsedRequest, handles: list[RequestHandle]) -> AsyncIterator[str]:
     """The server-sent events of a streamed answer, `[DONE]` last; a graph that fails ends it with an error
-    event. A client gone (the generator closed early) cancels what still runs."""
+    event. A client gone (the generator closed early) cancels what still runs, with one log line."""
+    ended = False
     try:
         async with contextlib.aclosing(stream_chunks(parsed, server.name, server.info, handles)) as chunks:
             async for chunk in chunks:
                 yield sse(chunk)
+        ended = True
         yield sse("[DONE]")
     except XLoraError as e:
+        ended = True
         yield sse(error_body(str(e), "server_error"))
     finally:
+        if not ended:
+            path = "/v1/completions" if parsed.kind == "completion" else "/v1/chat/completions"
+            log.warning("%s: the client disconnected from its stream; its %d sequence(s) cancelled", path,
+                        len(handles))
         for h in handles:
             if h.finish_reason is None:
                 h.cancel()
