@@ -295,9 +295,15 @@ def _parse_body(raw: bytes, parse: Callable[[Any], ParsedRequest]) -> ParsedRequ
 def _one_heap() -> None:
     """glibc: threads started from now on allocate from the main heap (`mallopt(M_ARENA_MAX, 1)`), whose free top
     `malloc_trim` gives back; a thread's own arena keeps its top (a parse thread kept 20 MB after a refused 10 MB
-    prompt). Python threads allocate under the interpreter lock anyway, so one heap adds little contention."""
+    prompt). Python threads allocate under the interpreter lock anyway, so one heap adds little contention.
+    Blocks of 1 MiB and more are mapped on their own (`M_MMAP_THRESHOLD`, fixed): a request body's buffers go back
+    to the system when they are freed, whenever that is (an exception's traceback can keep them until the next
+    garbage collection); glibc's default threshold grows with the largest block freed, and so does the free memory
+    it keeps (a refused 10 MB prompt left 20 MB in the heap)."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 1)  # M_ARENA_MAX
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 def _trim_memory() -> None:
