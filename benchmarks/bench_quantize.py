@@ -52,7 +52,7 @@ def quantize_graph_files(float_graph: str, variant: str, block_size: int, out_ro
     folder = os.path.join(out_root, f"{stem}-{variant}")
     out = os.path.join(folder, os.path.basename(float_graph))
     mode = variant.removesuffix("+head")
-    options = QuantizeOptions(mode, block_size=block_size, lm_head=variant.endswith("+head"))
+    options = QuantizeOptions(mode, block_size=block_size, lm_head=True if variant.endswith("+head") else None)
     floats = {"main": float_graph, "frozen": C.frozen_path(float_graph)}
     key = {"options": dataclasses.asdict(options), "float": {k: os.path.getmtime(p) for k, p in floats.items()}}
     stamp_path = os.path.join(folder, "stamp.json")
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=["int8", "int4"], choices=["int8", "int4"])
     parser.add_argument("--block-size", type=int, default=32, help="int4 block size")
     parser.add_argument("--quantize-lm-head", action="store_true", help="also measure each mode with lm_head "
-                        "quantized (variants MODE+head)")
+                        "quantized (variants MODE+head; plain MODE: the export's default, lm_head quantized in int4)")
     parser.add_argument("--granular-only", action="store_true", help="time the granular graphs only (a large model: "
                         "each frozen engine opens the main graph again)")
     parser.add_argument("--prompt-len", type=int, default=128)

@@ -23,6 +23,7 @@ from xlora_export.export import ExportOptions, export
 from xlora_export.quantize import QuantizeOptions
 from xlora_runtime import Generator, XLoraError, XLoraSession
 from xlora_runtime.format import contract as C
+from xlora_runtime.format.record import GraphInfo
 
 EXPORTS = tempfile.mkdtemp(prefix="xlora-test-quantized-")
 atexit.register(shutil.rmtree, EXPORTS, True)
@@ -105,23 +106,27 @@ def test_external_tensor_table_reads_what_onnx_reads(mode):
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_only_the_base_projections_are_quantized(mode):
+    """The decoder blocks' Linear weights, and lm_head by default in int4 only; the classifier, the LoRA A/B
+    matrices and the embedding table stay float."""
     path, report = exported(mode)
-    expected = _base_linear_weights()
+    head = {"int8": set(), "int4": {"model.lm_head.weight"}}[mode]  # the recipe's lm_head is untied
+    expected = _base_linear_weights() | head
+    float_parts = ("lora_", "classifier", "embed_tokens") + (() if head else ("lm_head",))
     suffix = {"int8": "_quantized", "int4": "_Q4"}[mode]
     for graph in (path, C.frozen_path(path)):
         proto = _graph(graph)
         initializers = {i.name: i for i in proto.graph.initializer}
         quantized = {name.removesuffix(suffix).removesuffix(".T") for name in initializers if name.endswith(suffix)}
-        assert quantized == expected if graph == path else quantized <= expected
-        for name, init in initializers.items():  # the weights of the classifier, LoRA A/B, lm_head, embedding: float
+        assert quantized == expected if graph == path else head <= quantized <= expected
+        for name, init in initializers.items():  # the weights of the classifier, LoRA A/B, embedding: float
             weight = name.startswith(("model.", "internal_xlora_classifier."))  # not a folded constant ("/model/...")
-            if weight and any(part in name for part in ("lora_", "classifier", "lm_head", "embed_tokens")):
+            if weight and any(part in name for part in float_parts) and not name.endswith(suffix):
                 assert init.data_type == TensorProto.FLOAT, name
         for node in proto.graph.node:
             if node.op_type == QUANTIZED_OPS[mode]:
                 weight = node.input[1].removesuffix(suffix).removesuffix(".T")
                 assert weight in expected
-            if node.op_type == "MatMul" and any(p in node.input[1] for p in ("lora_", "classifier", "lm_head")):
+            if node.op_type == "MatMul" and any(p in node.input[1] for p in float_parts):
                 assert initializers[node.input[1]].data_type == TensorProto.FLOAT
     assert report.quantization.quantized["main"] > report.quantization.quantized["frozen"] > 0
 
@@ -168,11 +173,28 @@ def test_report_measures_agreement_against_the_float_graph(mode, capsys):
     assert "top-1 tokens" in text and "top-1 experts" in text and "scalings max diff" in text
 
 
+def _head_op(path: str) -> tuple[str, bool]:
+    """The op that reads lm_head's weight in the graph at `path`, and the lm_head flag of its quantization record."""
+    ops = [n.op_type for n in _graph(path).graph.node if n.op_type in {"MatMul", *QUANTIZED_OPS.values()}
+           and n.input[1].startswith("model.lm_head")]
+    assert len(ops) == 1, ops
+    return ops[0], GraphInfo.read(path).quantization.lm_head
+
+
 def test_quantize_lm_head_and_block_size_through_the_cli(tmp_path, capsys):
+    """int4 quantizes lm_head unless --no-quantize-lm-head; int8 keeps it float unless --quantize-lm-head."""
+    for mode, flag, expected in (("int4", "--no-quantize-lm-head", ("MatMul", False)),
+                                 ("int8", "--quantize-lm-head", ("MatMulInteger", True))):
+        (tmp_path / mode).mkdir()
+        path = str(tmp_path / mode / "m.onnx")
+        assert cli.main([built(RECIPE), path, "--quantize", mode, flag, "--steps", "1", "--quiet"]) == 0
+        assert _head_op(path) == expected, (mode, flag)
+        shutil.rmtree(tmp_path / mode)
     out = str(tmp_path / "m.onnx")
-    code = cli.main([built(RECIPE), out, "--quantize", "int4", "--block-size", "16", "--quantize-lm-head"])
+    code = cli.main([built(RECIPE), out, "--quantize", "int4", "--block-size", "16"])
     stdout = capsys.readouterr().out
     assert code == 0 and "agreement with the float graph" in stdout and "MatMulNBits" in stdout
+    assert "classifier, LoRA A/B kept float" in stdout and _head_op(out) == ("MatMulNBits", True)
     proto = _graph(out)
     heads = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("model.lm_head")]
     assert len(heads) == 1 and {a.name: a.i for a in heads[0].attribute}["block_size"] == 16
@@ -195,8 +217,8 @@ def test_broken_quantized_graph_fails_and_leaves_nothing(tmp_path, capsys, monke
 
     def negated_scales(path, options, work):
         proto, n = original(path, options, work)
-        for init in proto.graph.initializer:
-            if init.name.endswith("_scales"):
+        for init in proto.graph.initializer:  # the decoder's projections (negating lm_head too partly cancels out)
+            if init.name.endswith("_scales") and not init.name.startswith("model.lm_head"):
                 init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
         return proto, n
 

@@ -10,7 +10,7 @@ quantized in both graphs, and the quantized graphs are measured against the floa
                  per call (MatMulInteger; ONNX Runtime fuses it into DynamicQuantizeMatMul)
            int4: MatMulNBitsQuantizer                        weight-only, blockwise along K, com.microsoft
                                                              MatMulNBits (accuracy level 4: int8 compute)
-         the classifier, the LoRA A/B matrices and lm_head stay float (lm_head: --quantize-lm-head)
+         lm_head too in int4 (int8: with --quantize-lm-head); the classifier and the LoRA A/B matrices stay float
       -> the weights written through one WeightStore: main and frozen graph share OUT.onnx.data again
       -> agreement with the float graphs (`measure_agreement`), float/ removed, renamed into place by export
 
@@ -59,6 +59,10 @@ BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations: 1.5x the decode of level 0 (fp32; best of 9
 # runs on llama-32m, 137 against 91 tok/s), the same agreement
 INT8_PER_CHANNEL = True  # one scale per output column: better agreement than one per tensor, same speed
+# lm_head quantized by default (--[no-]quantize-lm-head overrides). int4: on tiny-llama-trained the same
+# teacher-forced top-1 tokens and experts as a float lm_head, and llama-32m decodes 10-20% faster
+# (benchmarks/README.md); int8: float, as before (not measured again).
+LM_HEAD_DEFAULT = {"int4": True, "int8": False}
 AGREEMENT_STEPS = 24  # teacher-forced decode steps after the prefill
 # A quantized graph whose logits differ from the float graph's by this fraction of their size (centred, median
 # over positions) is broken: unrelated logits of the same size differ by sqrt(2). Correct int4 graphs measured up
@@ -85,8 +89,13 @@ class QuantizeOptions:
 
     mode: str = "int4"  # one of MODES
     block_size: int = BLOCK_SIZE  # int4: weights per scale along K, a power of two >= 16
-    lm_head: bool = False  # also quantize lm_head (a tied embedding then keeps its float table for the lookup)
+    lm_head: bool | None = None  # also quantize lm_head (a tied embedding then keeps its float table for the
+    # lookup); None: the mode's default, `LM_HEAD_DEFAULT`
     min_agreement: float = 0.0  # fail the export when a graph's top-1 token agreement is below this fraction
+
+    def __post_init__(self) -> None:
+        if self.lm_head is None:
+            self.lm_head = LM_HEAD_DEFAULT.get(self.mode, False)
 
     def check(self, dtype: str) -> None:
         """Refuse what cannot be exported, before the float export runs.
