@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
@@ -109,3 +110,12 @@ def exported(name: str) -> str:
     path = os.path.join(folder, f"{name}.onnx")
     export(built(name), path, ExportOptions(frozen_scalings=True, validate=False))
     return path
+
+
+def edit_json(path: str, **changes) -> None:
+    """Overwrite some top-level fields of a JSON file (a checkpoint's config, say) in place."""
+    with open(path) as f:
+        record = json.load(f)
+    record.update(changes)
+    with open(path, "w") as f:
+        json.dump(record, f)

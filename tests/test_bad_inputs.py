@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 from safetensors.torch import load_file, save_file
 
 import xlora_export
-from helpers import built, load_base
+from helpers import built, edit_json, load_base
 from xlora_export import cli, parity
 from xlora_export.errors import XLoraError
 from xlora_export.export import ExportOptions, export
@@ -46,14 +46,6 @@ def ckpt(tmp_path):
 
 def _load(folder) -> None:
     xlora_export.from_pretrained(str(folder), load_base(RECIPE))
-
-
-def _edit_json(path, **changes) -> None:
-    with open(path) as f:
-        record = json.load(f)
-    record.update(changes)
-    with open(path, "w") as f:
-        json.dump(record, f)
 
 
 def _edit_tensors(path, edit) -> None:
@@ -85,7 +77,7 @@ def test_expert_without_adapter_config(ckpt):
     ({"lora_bias": True}, "sets lora_bias=True, which is not supported"),
 ])
 def test_expert_adapter_config_refused(ckpt, changes, says):
-    _edit_json(ckpt / "beta" / "adapter_config.json", **changes)
+    edit_json(ckpt / "beta" / "adapter_config.json", **changes)
     with pytest.raises(XLoraError) as excinfo:
         _load(ckpt)
     assert _message(excinfo) == f"expert 'beta': {ckpt / 'beta' / 'adapter_config.json'} {says}"
@@ -141,7 +133,7 @@ def test_expert_weights_refused(ckpt, case):
 
 
 def test_checkpoint_without_base_model_id(ckpt):
-    _edit_json(ckpt / "xlora_config.json", base_model_id=None)
+    edit_json(ckpt / "xlora_config.json", base_model_id=None)
     with pytest.raises(XLoraError) as excinfo:
         xlora_export.xlora_utils.load_model(str(ckpt))
     assert _message(excinfo) == f"{ckpt}: the checkpoint names no base_model_id; pass base_model=PATH"
@@ -162,7 +154,7 @@ def test_unwritable_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_dynamic_rope_is_refused(ckpt, tmp_path, capsys):
-    _edit_json(ckpt / "base" / "config.json",
+    edit_json(ckpt / "base" / "config.json",
                rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     out = tmp_path / "m.onnx"
     capsys.readouterr()
@@ -407,8 +399,8 @@ def test_expert_without_weights(ckpt):
 
 def test_parity_graph_of_another_checkpoint(ckpt, lonely_graph, capsys):
     """The same experts in another order: the checkpoint loads, but it is not what the graph was exported from."""
-    _edit_json(ckpt / "xlora_config.json", adapters=["beta", "alpha", "gamma"])
-    _edit_json(ckpt / "xlora_ordering.json", adapters={"beta": 0, "alpha": 1, "gamma": 2})
+    edit_json(ckpt / "xlora_config.json", adapters=["beta", "alpha", "gamma"])
+    edit_json(ckpt / "xlora_ordering.json", adapters={"beta": 0, "alpha": 1, "gamma": 2})
     capsys.readouterr()
     assert parity.main([str(ckpt), lonely_graph]) == 1
     assert capsys.readouterr().err == (f"xlora-parity: error: {lonely_graph} was not exported from {ckpt}: expert "

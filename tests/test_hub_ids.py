@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import xlora_export
-from helpers import built, expert_paths, load_base, make_xlora, peft_oracle
+from helpers import built, edit_json, expert_paths, load_base, make_xlora, peft_oracle
 from xlora_export import XLoraError, cli, hub
 from xlora_export.checkpoints import read_checkpoint
 from xlora_export.xlora_utils import load_base_model, load_model
@@ -56,14 +56,6 @@ def _peft_checkpoint(folder) -> str:
     save_file({PEFT_PREFIX + k: v.detach().contiguous() for k, v in clf.state_dict().items()},
               str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     return str(folder)
-
-
-def _edit(path, **changes) -> None:
-    with open(path) as f:
-        record = json.load(f)
-    record.update(changes)
-    with open(path, "w") as f:
-        json.dump(record, f)
 
 
 def _logits(model) -> torch.Tensor:
@@ -133,7 +125,7 @@ def test_peft_checkpoint_with_a_hub_base_equals_the_local_base(cache, tmp_path):
     ckpt = _peft_checkpoint(tmp_path / "peft")
     local = _logits(load_model(ckpt, base_model=_base_folder())[0])
     _publish(cache, "org/tiny-base", _base_folder())
-    _edit(os.path.join(ckpt, "adapter_config.json"), base_model_name_or_path="org/tiny-base")
+    edit_json(os.path.join(ckpt, "adapter_config.json"), base_model_name_or_path="org/tiny-base")
     model, tokenizer = load_model(ckpt)
     assert torch.equal(_logits(model), local)
     # the tokenizer was found in the base model's snapshot (the PEFT checkpoint has none)
@@ -143,7 +135,7 @@ def test_peft_checkpoint_with_a_hub_base_equals_the_local_base(cache, tmp_path):
 def test_xlora_export_of_a_hub_checkpoint_with_a_hub_base(cache, tmp_path, capsys):
     ckpt = _peft_checkpoint(tmp_path / "peft")
     _publish(cache, "org/tiny-base", _base_folder())
-    _edit(os.path.join(ckpt, "adapter_config.json"), base_model_name_or_path="org/tiny-base")
+    edit_json(os.path.join(ckpt, "adapter_config.json"), base_model_name_or_path="org/tiny-base")
     _publish(cache, "lab/x-lora-peft", ckpt)
     out = tmp_path / "m.onnx"
     assert cli.main(["lab/x-lora-peft", str(out), "--no-validate"]) == 0, capsys.readouterr().err
@@ -169,11 +161,11 @@ def test_peft_experts_given_as_hub_ids(cache, tmp_path):
     for path in adapters.values():  # the experts' folders are gone: only the cache has them
         shutil.move(path, path + ".moved")
     try:
-        _edit(config, adapters=hub_ids)
+        edit_json(config, adapters=hub_ids)
         assert torch.equal(_logits(xlora_export.from_pretrained(ckpt, load_base(RECIPE))), local)
         # load_model too, and with the base by Hub id as well
         _publish(cache, "org/tiny-base", _base_folder())
-        _edit(config, base_model_name_or_path="org/tiny-base")
+        edit_json(config, base_model_name_or_path="org/tiny-base")
         assert torch.equal(_logits(load_model(ckpt)[0]), local)
     finally:
         for path in adapters.values():
@@ -232,7 +224,7 @@ def _says_what_to_do(message: str, text: str, repo: str, cache, command: str) ->
 
 def test_a_missing_base_is_one_line_naming_the_id_the_cache_and_the_command(cache, tmp_path):
     ckpt = _peft_checkpoint(tmp_path / "peft")
-    _edit(os.path.join(ckpt, "adapter_config.json"), base_model_name_or_path="org/absent-base")
+    edit_json(os.path.join(ckpt, "adapter_config.json"), base_model_name_or_path="org/absent-base")
     with pytest.raises(XLoraError) as excinfo:
         load_model(ckpt)
     message = _one_line(excinfo)
@@ -242,7 +234,7 @@ def test_a_missing_base_is_one_line_naming_the_id_the_cache_and_the_command(cach
 
 def test_a_missing_expert_or_checkpoint_is_one_line(cache, tmp_path):
     ckpt = _original_with_hub_ids(cache, tmp_path / "orig")
-    _edit(os.path.join(ckpt, "xlora_config.json"),
+    edit_json(os.path.join(ckpt, "xlora_config.json"),
           adapters={"alpha": "org/lora-alpha", "beta": "org/lora-beta@v9", "gamma": "org/lora-gamma"})
     with pytest.raises(XLoraError) as excinfo:
         load_model(ckpt)
@@ -257,7 +249,7 @@ def test_a_missing_expert_or_checkpoint_is_one_line(cache, tmp_path):
 
 def test_a_missing_base_on_the_command_line_is_one_line(cache, tmp_path, capsys):
     ckpt = _peft_checkpoint(tmp_path / "peft")
-    _edit(os.path.join(ckpt, "adapter_config.json"), base_model_name_or_path="org/absent-base")
+    edit_json(os.path.join(ckpt, "adapter_config.json"), base_model_name_or_path="org/absent-base")
     out = tmp_path / "m.onnx"
     capsys.readouterr()
     assert cli.main([ckpt, str(out)]) == 1
@@ -318,7 +310,7 @@ def test_online_a_missing_id_is_downloaded_without_pickles_beside_safetensors(ca
 # ----------------------------------------------------------------------------- (e) --base-model overrides
 def test_base_model_option_overrides_a_hub_id(cache, tmp_path, capsys):
     ckpt = _peft_checkpoint(tmp_path / "peft")
-    _edit(os.path.join(ckpt, "adapter_config.json"), base_model_name_or_path="org/absent-base")
+    edit_json(os.path.join(ckpt, "adapter_config.json"), base_model_name_or_path="org/absent-base")
     out = tmp_path / "m.onnx"
     assert cli.main([ckpt, str(out), "--no-validate", "--base-model", _base_folder()]) == 0, capsys.readouterr().err
     assert out.is_file()
@@ -343,10 +335,10 @@ def test_a_revision_other_than_main(cache, tmp_path):
     _publish(cache, "org/tiny-base", _other_base(tmp_path / "other"), COMMIT_MAIN, "main")
     _publish(cache, "org/tiny-base", _base_folder(), COMMIT_V2, "v2")
     config = os.path.join(ckpt, "adapter_config.json")
-    _edit(config, base_model_name_or_path="org/tiny-base")
+    edit_json(config, base_model_name_or_path="org/tiny-base")
     assert not torch.equal(_logits(load_model(ckpt)[0]), local)  # main: the other base
     for base, revision in (("org/tiny-base@v2", None), (f"org/tiny-base@{COMMIT_V2}", None), ("org/tiny-base", "v2")):
-        _edit(config, base_model_name_or_path=base, revision=revision)  # `revision`: PEFT's key
+        edit_json(config, base_model_name_or_path=base, revision=revision)  # `revision`: PEFT's key
         checkpoint = read_checkpoint(ckpt)
         assert checkpoint.base_folder().endswith(COMMIT_V2), (base, revision)
         assert torch.equal(_logits(load_model(checkpoint)[0]), local)
@@ -355,14 +347,14 @@ def test_a_revision_other_than_main(cache, tmp_path):
 def test_a_revision_for_a_local_base_is_ignored_and_two_revisions_are_refused(cache, tmp_path):
     ckpt = _peft_checkpoint(tmp_path / "peft")
     config = os.path.join(ckpt, "adapter_config.json")
-    _edit(config, base_model_name_or_path=_base_folder(), revision="v2")
+    edit_json(config, base_model_name_or_path=_base_folder(), revision="v2")
     assert read_checkpoint(ckpt).base_folder() == _base_folder()
-    _edit(config, base_model_name_or_path="org/tiny-base@v1", revision="v2")
+    edit_json(config, base_model_name_or_path="org/tiny-base@v1", revision="v2")
     with pytest.raises(XLoraError) as excinfo:
         read_checkpoint(ckpt)
     assert _one_line(excinfo) == (f"{config}: base_model_name_or_path 'org/tiny-base@v1' names revision 'v1', but "
                                   f"field 'revision' is 'v2'; expected one revision")
-    _edit(config, base_model_name_or_path="org/tiny-base", revision=3)
+    edit_json(config, base_model_name_or_path="org/tiny-base", revision=3)
     with pytest.raises(XLoraError) as excinfo:
         read_checkpoint(ckpt)
     assert _one_line(excinfo) == (f"{config}: field 'revision' is 3; expected a branch, tag or commit hash, or "

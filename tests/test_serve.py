@@ -497,6 +497,20 @@ def test_queue_overflow_is_429_with_retry_after(small_server):
     assert small_server.client.post("/v1/completions", json=dict(body, stream=False, max_tokens=2)).status_code == 200
 
 
+def post_and_hang_up(server: ServerProcess, body: dict) -> None:
+    """POST `body` to /v1/completions over a raw socket and close it once the request's rows are decoding (the
+    batch-size gauge above 0): a non-streamed client that disconnects."""
+    host, port = server.url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        deadline = time.monotonic() + 30
+        while server.metric("xlora_batch_size") == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+
 def _wait_for_free_caches(server: ServerProcess, cancelled_before: float) -> None:
     deadline = time.monotonic() + 30
     while True:
@@ -519,15 +533,7 @@ def test_a_client_that_disconnects_frees_its_caches(server):
         assert server.metric("xlora_kv_cache_bytes") > 0
     _wait_for_free_caches(server, cancelled)
     cancelled = server.metric("xlora_requests_cancelled_total")
-    host, port = server.url.removeprefix("http://").split(":")
-    payload = json.dumps(dict(body, prompt=[[5, 17, 99]] * 16)).encode()  # 16 rows: long enough to be cut
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-        deadline = time.monotonic() + 30
-        while server.metric("xlora_batch_size") == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+    post_and_hang_up(server, dict(body, prompt=[[5, 17, 99]] * 16))  # 16 rows: long enough to be cut
     _wait_for_free_caches(server, cancelled)
 
 

@@ -9,13 +9,12 @@ body, not a slow one.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
 import httpx
 import pytest
-from test_serve import ServerProcess, chat_graph, complete, solo, sse, tokens
+from test_serve import ServerProcess, chat_graph, complete, post_and_hang_up, solo, sse, tokens
 
 CAPACITY = 4  # --max-batch 2 --max-queue 2
 
@@ -219,16 +218,8 @@ def test_bookkeeping_fields_are_ignored_and_unsupported_ones_named(server):
 def test_a_client_that_disconnects_leaves_one_log_line():
     s = ServerProcess(chat_graph(), "--max-batch", "4")
     try:
-        host, port = s.url.removeprefix("http://").split(":")
-        payload = json.dumps(dict(prompt=[5, 17, 99], max_tokens=250, temperature=0, ignore_eos=True)).encode()
         for _ in range(2):
-            with socket.create_connection((host, int(port)), timeout=10) as sock:
-                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-                deadline = time.monotonic() + 30
-                while s.metric("xlora_batch_size") == 0:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.01)
+            post_and_hang_up(s, dict(prompt=[5, 17, 99], max_tokens=250, temperature=0, ignore_eos=True))
             deadline = time.monotonic() + 30
             while s.metric("xlora_batch_size") > 0:
                 assert time.monotonic() < deadline
