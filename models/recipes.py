@@ -4,6 +4,7 @@
     python -m models.recipes --all           # every recipe built in seconds (one per family, the trained, the 32M)
     python -m models.recipes xlora-demo      # the trained demo (models/demo.py; minutes): models/built/xlora-demo
     python -m models.recipes tinyllama-1.1b  # TinyLlama-1.1B's shape, 4.4 GB (the export benchmark's; a minute or two)
+    python -m models.recipes mistral-7b-xlora  # Mistral-7B, nine experts, 15.3 GB in fp16 (models/large.py)
 
 A built checkpoint folder holds (this project's format):
     base/                 the base causal LM (transformers) and its tokenizer (made with `tokenizers`)
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from models.demo import DemoRecipe, build_demo
+from models.large import LargeRecipe, build_large
+from models.related import RelatedRecipe, build_related
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "built")
 
@@ -193,16 +196,20 @@ def build_expert(base_dir: str, spec: ExpertSpec, out_dir: str, seed: int) -> st
     return out_dir
 
 
-def build(recipe: Recipe | DemoRecipe, out_dir: str) -> str:
+def build(recipe: Recipe | DemoRecipe | LargeRecipe, out_dir: str) -> str:
     """Build the whole checkpoint folder (see the module docstring; a `DemoRecipe` is trained by
-    `models/demo.py`); returns it."""
+    `models/demo.py`, a `LargeRecipe` written in fp16 by `models/large.py`); returns it."""
     from transformers import AutoModelForCausalLM
 
     import xlora_export as xlora
     from xlora_export.experts import follow_umask
 
+    if isinstance(recipe, RelatedRecipe):
+        return build_related(recipe, out_dir)
     if isinstance(recipe, DemoRecipe):
         return build_demo(recipe, out_dir)
+    if isinstance(recipe, LargeRecipe):
+        return build_large(recipe, out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     base_dir = build_base(recipe, os.path.join(out_dir, "base"))
     staging = os.path.join(out_dir, ".experts")
@@ -268,9 +275,12 @@ RECIPES = {
     # minutes on a CPU). Its build is committed as models/xlora-demo (`python -m models.recipes xlora-demo --out
     # models` rebuilds it there).
     "xlora-demo": DemoRecipe(),
+    # The demo's tasks on a base pretrained on their answered lines too, experts fine-tuned from it (models/related.py,
+    # minutes): the base model's next token is usually X-LoRA's, as for experts adapting a trained base.
+    "xlora-related": RelatedRecipe(),
 }
 # Minutes or gigabytes to build: only when named (the demo's build is committed as models/xlora-demo).
-SLOW_RECIPES = ("tinyllama-1.1b", "xlora-demo")
+SLOW_RECIPES = ("tinyllama-1.1b", "xlora-demo", "xlora-related")
 # The families the parity tests cover, one recipe each (hidden cases add other sizes and configurations).
 FAMILY_RECIPES = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3")
 DEFAULT = "tiny-llama"

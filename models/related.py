@@ -1,0 +1,108 @@
+"""A trained X-LoRA model whose experts adapt a base that already knows their kind of text (`xlora-related`).
+
+    python -m models.recipes xlora-related    # models/built/xlora-related (about 8 minutes, one thread)
+
+The demo's base (models/demo.py) never reads a task's answer: only its experts know the tasks, so the base model's
+next token rarely equals X-LoRA's. A deployed X-LoRA model is usually the other case: LoRA experts fine-tuned from a
+pretrained model on text that model has seen the like of. This recipe builds that case from the demo's pieces
+(tasks, tokenizer, the experts' and the classifier's training): its base is pretrained on the demo's base corpus
+mixed with the tasks' answered lines (`answered_share` of the examples, every token trained), so it already answers
+most questions; the experts are then fine-tuned from it on their tasks and the classifier routes them, as in the
+demo. What it is for: measuring how often the base model's prediction (X-LoRA's scaling pass) drafts X-LoRA's own
+next token (benchmarks/bench_speculative.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from models.demo import (
+    TASKS,
+    DemoRecipe,
+    Example,
+    base_example,
+    build_tokenizer,
+    deterministic,
+    mixture_example,
+    train,
+    train_classifier,
+    train_experts,
+)
+
+
+@dataclass
+class RelatedRecipe(DemoRecipe):
+    """The demo's sizes, a base that reads the tasks' answers too, shorter expert and classifier training (the
+    experts start from a base that knows most of their text)."""
+
+    base_steps: int = 800
+    answered_share: float = 0.5  # share of the base corpus that is answered task lines (the demo's base: none)
+    expert_steps: int = 800
+    classifier_steps: int = 500
+
+
+def related_example(rng: random.Random, answered_share: float) -> Example:
+    """One example of the base's corpus: with probability `answered_share` an example of the tasks' mixture with
+    its answers (every segment trained), else one of the demo's base corpus."""
+    if rng.random() < answered_share:
+        return [(text, True, None) for text, _, _ in mixture_example(rng)]
+    return base_example(rng)
+
+
+def train_related_base(recipe: RelatedRecipe, base_dir: str, log: Callable[[str], None]) -> float:
+    """Tokenizer and base model in `base_dir` (the demo's shape and tokenizer, `related_example`'s corpus); returns
+    the last training loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    vocab = max(recipe.vocab, build_tokenizer(base_dir, recipe.vocab))
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    config = LlamaConfig(hidden_size=recipe.hidden, num_hidden_layers=recipe.layers,
+                         num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads,
+                         intermediate_size=recipe.intermediate, vocab_size=vocab,
+                         max_position_embeddings=recipe.max_positions, tie_word_embeddings=False,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(recipe.seed)
+    base = AutoModelForCausalLM.from_config(config)
+    losses = train(base, tokenizer, lambda rng: related_example(rng, recipe.answered_share), recipe.base_steps,
+                   recipe.base_lr, recipe.batch, recipe.seed, log, "base")
+    base.save_pretrained(base_dir)
+    return losses[-1]
+
+
+def build_related(recipe: RelatedRecipe, out_dir: str, log: Callable[[str], None] = print) -> str:
+    """Train the whole checkpoint into `out_dir` (replaced); returns it. `out_dir/related.json` records the recipe,
+    the last training losses and the time taken."""
+    from xlora_export.experts import follow_umask
+
+    start = time.perf_counter()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    base_dir, staging = os.path.join(out_dir, "base"), os.path.join(out_dir, ".experts")
+    losses = {}
+    with deterministic(recipe.threads):
+        losses["base"] = train_related_base(recipe, base_dir, log)
+        losses["experts"] = train_experts(recipe, base_dir, staging, log)
+        adapters = {task: os.path.join(staging, task) for task in TASKS}
+        losses["classifier"] = train_classifier(recipe, base_dir, adapters, out_dir, log)
+    shutil.rmtree(staging)
+    for task in TASKS:  # the experts name their base relative to themselves, not by this machine's path
+        path = os.path.join(out_dir, task, "adapter_config.json")
+        with open(path) as f:
+            adapter = json.load(f)
+        adapter["base_model_name_or_path"] = "../base"
+        with open(path, "w") as f:
+            json.dump(adapter, f, indent=2)
+    record = {"recipe": asdict(recipe), "last_losses": {k: round(v, 4) for k, v in losses.items()},
+              "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__}
+    with open(os.path.join(out_dir, "related.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    follow_umask(out_dir)
+    log(f"built {out_dir} in {record['seconds']} s")
+    return out_dir
