@@ -278,9 +278,12 @@ RECIPES = {
     # The demo's tasks on a base pretrained on their answered lines too, experts fine-tuned from it (models/related.py,
     # minutes): the base model's next token is usually X-LoRA's, as for experts adapting a trained base.
     "xlora-related": RelatedRecipe(),
+    # Mistral-7B's shape (zephyr-7b-beta's, the original X-LoRA model) with nine rank-16 experts on every projection
+    # and the original classifier (depth 8, width 2048): 15.3 GB in fp16, written by models/large.py; benchmarks only.
+    "mistral-7b-xlora": LargeRecipe(),
 }
 # Minutes or gigabytes to build: only when named (the demo's build is committed as models/xlora-demo).
-SLOW_RECIPES = ("tinyllama-1.1b", "xlora-demo", "xlora-related")
+SLOW_RECIPES = ("tinyllama-1.1b", "xlora-demo", "xlora-related", "mistral-7b-xlora")
 # The families the parity tests cover, one recipe each (hidden cases add other sizes and configurations).
 FAMILY_RECIPES = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3")
 DEFAULT = "tiny-llama"
