@@ -485,6 +485,56 @@ def test_engine_backend_step_logic(stand_in_engine):
     assert session.cache_bytes == 0
 
 
+@pytest.mark.parametrize("provider", ["tensorrt", "cuda"])
+def test_a_provider_that_does_not_load_is_an_error(monkeypatch, provider):
+    """ONNX Runtime skips an execution provider it cannot load (a CPU build here, missing CUDA or TensorRT
+    libraries on a GPU machine) with a warning and runs the graph on the next one: the session refuses that, so
+    `--provider tensorrt` never runs on the CPU unnoticed (and a GPU parity check cannot pass on the CPU)."""
+    available = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: [*available, "TensorrtExecutionProvider", "CUDAExecutionProvider"])
+    wanted = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]
+    path = exported("tiny-llama")
+    with pytest.raises(XLoraError) as info:
+        XLoraSession(path, provider=provider)
+    assert str(info.value) == (f"{path}: the session runs on CPUExecutionProvider, not {wanted} as asked: ONNX "
+                               f"Runtime could not load {wanted} (its warning above says why)")
+    assert XLoraSession(path, provider="cpu").provider == "cpu"  # what the session got is what was asked
+
+
+def test_engine_steps_reuse_device_buffers(stand_in_engine):
+    """Decode steps take their presents and inputs from the backend's pool: a step allocates (cudaMalloc) only
+    when a cache grows into the next power-of-two size, never frees (cudaFree synchronizes the device) but the
+    buffers of classes the caches have left behind; the tokens stay the reference's."""
+    memory, engine = stand_in_engine.memory, stand_in_engine.engines[stand_in_engine.source]
+    malloc, free = memory.malloc, memory.free
+    calls = []  # (engine run during which it happened, "malloc" or "free", bytes)
+
+    def counting_malloc(nbytes: int) -> int:
+        calls.append((len(engine.runs), "malloc", nbytes))
+        return malloc(nbytes)
+
+    def counting_free(ptr: int) -> None:
+        calls.append((len(engine.runs), "free", len(memory.buffers[ptr])))
+        free(ptr)
+
+    memory.malloc, memory.free = counting_malloc, counting_free
+    reference = Generator(XLoraSession(stand_in_engine.source, threads=1))
+    gen = Generator(XLoraSession(stand_in_engine.path))
+    steps = 40
+    got = gen.generate(list(PROMPTS), max_new_tokens=steps, stop_token_ids=[])
+    assert [r.tokens for r in got] == [r.tokens for r in reference.generate(list(PROMPTS), max_new_tokens=steps,
+                                                                            stop_token_ids=[])]
+    assert len(engine.runs) == steps  # one prefill, then a decode step per token but the last
+    decode = [c for c in calls if 2 <= c[0] < steps]  # during the decode steps after the first
+    allocating = {run for run, kind, _ in decode if kind == "malloc"}
+    # a batch of 3, 2 kv heads of 16 float32: 384 bytes per position; 9..47 positions cross 4096, 8192, 16384
+    assert len(allocating) <= 2 * 3, sorted(allocating)
+    assert all(size & (size - 1) == 0 for _, _, size in calls)  # size classes only
+    assert {kind for _, kind, _ in decode} == {"malloc", "free"}  # the left-behind classes were freed
+    del got, gen
+
+
 # --------------------------------------------------------------------------------------------- on a real GPU
 @pytest.mark.skipif(_have_tensorrt_and_gpu() is not None, reason=f"needs TensorRT and a GPU: "
                                                                  f"{_have_tensorrt_and_gpu()}")

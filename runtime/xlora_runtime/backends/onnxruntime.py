@@ -32,7 +32,7 @@ from ..threads import check_threads
 from . import Backend, Graph, window
 from .dtypes import HOST_DTYPES, from_float32, to_float32
 
-__all__ = ["OrtBackend", "OrtGraph", "make_backend", "open_graph", "provider_options"]
+__all__ = ["OrtBackend", "OrtGraph", "check_provider", "make_backend", "open_graph", "provider_options"]
 
 EXECUTION_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                        "tensorrt": "TensorrtExecutionProvider"}
@@ -114,11 +114,27 @@ def open_graph(path: str, provider: str = "cpu", threads: int | None = None, lea
         options.add_initializer(name, value)
     if providers is None:
         providers = provider_options(provider, None)
-    try:
-        return ort.InferenceSession(path, options, providers=providers)
+    try:  # no fallback: a provider that fails to load is an error, never a quiet run on the next one
+        session = ort.InferenceSession(path, options, providers=providers, enable_fallback=0)
     except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
         reason = str(e).splitlines()[0][:200]
         raise XLoraError(f"{path}: ONNX Runtime cannot load it ({reason})") from None
+    check_provider(session, providers, path)
+    return session
+
+
+def check_provider(session: ort.InferenceSession, providers: list, path: str) -> None:
+    """Raise unless the session got the execution provider asked for first: ONNX Runtime skips a provider whose
+    libraries do not load (TensorRT's, CUDA's) with a warning, and the next one in the list runs the graph.
+
+    Raises:
+        XLoraError: naming the provider asked for and the one the session got.
+    """
+    wanted = providers[0][0] if isinstance(providers[0], (tuple, list)) else providers[0]
+    got = session.get_providers()
+    if not got or got[0] != wanted:
+        raise XLoraError(f"{path}: the session runs on {got[0] if got else 'no provider'}, not {wanted} as asked: "
+                         f"ONNX Runtime could not load {wanted} (its warning above says why)")
 
 
 class OrtGraph(Graph):

@@ -2,8 +2,14 @@
 
     step: input shapes -> profile (prefill: past 0; decode: one new token) -> that profile's execution context
           -> set_input_shape for every input, output shapes from TensorRT (checked against the contract)
-          -> device buffers: host inputs copied in, pasts as they are, presents allocated
+          -> device buffers: host inputs copied in, pasts as they are, presents taken from the pool
           -> execute_async_v3 on the context's stream -> logits and scalings copied out
+
+Device buffers come from one pool per backend (`BufferPool`), by size class (powers of two bytes): a tensor that
+goes gives its buffer back, and the next step's tensor of that class takes it. A decode step's presents are one
+position longer than its pasts, so they take the buffers the previous step's pasts gave back: no cudaMalloc or
+cudaFree per step (cudaFree synchronizes the device), one new buffer when a cache crosses a power of two (as the
+CPU path's capacity doubles); buffers idle for `BufferPool.IDLE_STEPS` steps are freed.
 
 Each profile has its own execution context (TensorRT lets one context own a profile at a time), created on first
 use with memory for that profile only, and its own lock and stream: a prefill and decode steps of other
@@ -14,6 +20,7 @@ TensorRT); `make_backend` imports TensorRT.
 
 from __future__ import annotations
 
+import collections
 import threading
 from typing import Any
 
@@ -26,9 +33,90 @@ from ..format.sidecar import Shapes, read_sidecar
 from ..profiles import select_profile
 from . import Backend, Graph, cuda, window
 from .cuda import DeviceTensor
-from .dtypes import from_float32, to_float32
+from .dtypes import HOST_DTYPES, from_float32, to_float32
 
-__all__ = ["EngineIO", "TrtBackend", "TrtGraph", "make_backend"]
+__all__ = ["BufferPool", "EngineIO", "PooledTensor", "TrtBackend", "TrtGraph", "make_backend"]
+
+_MIN_CLASS = 4096  # bytes of the smallest size class
+
+
+class BufferPool:
+    """Device buffers by size class (a power of two bytes, at least `_MIN_CLASS`): `take` reuses a free buffer of
+    the class or allocates one; `give` puts it back; `tick` (once per step) frees buffers idle for `IDLE_STEPS`
+    steps, so the classes a growing cache has left behind do not stay allocated."""
+
+    IDLE_STEPS = 4
+
+    def __init__(self) -> None:
+        self._free: dict[int, collections.deque[tuple[int, int]]] = collections.defaultdict(collections.deque)
+        self._lock = threading.RLock()  # a tensor may go (and give) while this thread holds it
+        self._step = 0
+
+    @staticmethod
+    def size_class(nbytes: int) -> int:
+        """The bytes of the buffer that holds `nbytes`."""
+        return max(_MIN_CLASS, 1 << (nbytes - 1).bit_length())
+
+    def take(self, nbytes: int) -> tuple[int, int]:
+        """(device address, size class) of a buffer of at least `nbytes` bytes."""
+        size = self.size_class(nbytes)
+        with self._lock:
+            if self._free[size]:
+                return self._free[size].pop()[0], size
+        return cuda.wrapper().malloc(size), size
+
+    def give(self, ptr: int, size: int) -> None:
+        """Put a buffer back (its tensor went)."""
+        with self._lock:
+            self._free[size].append((ptr, self._step))
+
+    def tick(self) -> None:
+        """One step went by: free the buffers no step has taken for `IDLE_STEPS` steps."""
+        with self._lock:
+            self._step += 1
+            stale = []
+            for queue in self._free.values():
+                while queue and queue[0][1] <= self._step - self.IDLE_STEPS:
+                    stale.append(queue.popleft()[0])
+        for ptr in stale:
+            cuda.wrapper().free(ptr)
+
+    def __del__(self) -> None:
+        try:
+            for queue in self._free.values():
+                for ptr, _ in queue:
+                    cuda.wrapper().free(ptr)
+        except Exception:  # interpreter shutdown: the CUDA library may already be gone
+            pass
+
+
+class PooledTensor(DeviceTensor):
+    """A `DeviceTensor` whose buffer comes from a `BufferPool` and goes back to it when the tensor goes."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str, pool: BufferPool) -> None:
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = dtype
+        self.nbytes = int(np.prod(self.shape)) * HOST_DTYPES.get(dtype, np.dtype(dtype)).itemsize
+        self._owned = False  # DeviceTensor's own free never runs: the buffer goes back to the pool
+        self._pool: BufferPool | None = None
+        if self.nbytes:
+            self.ptr, self._size = pool.take(self.nbytes)
+            self._pool = pool
+        else:
+            self.ptr = self._empty_address()
+
+    @classmethod
+    def copy_of(cls, array: np.ndarray, dtype: str, pool: BufferPool) -> PooledTensor:
+        """A device copy of a host array already in `dtype`'s host layout (bf16: uint16 bits)."""
+        host = np.ascontiguousarray(array)
+        tensor = cls(host.shape, dtype, pool)
+        cuda.copy_bytes(tensor.ptr, host.ctypes.data, tensor.nbytes, "HostToDevice")
+        return tensor
+
+    def __del__(self) -> None:
+        if getattr(self, "_pool", None) is not None:
+            self._pool.give(self.ptr, self._size)
+            self._pool = None
 
 
 class EngineIO:
@@ -131,7 +219,7 @@ class TrtGraph(Graph):
                     alive.append(value)
                     address = value.ctypes.data
                 else:
-                    alive.append(DeviceTensor.from_host(value, self.dtypes[name]))
+                    alive.append(PooledTensor.copy_of(value, self.dtypes[name], self.backend.pool))
                     address = alive[-1].ptr
                 context.set_tensor_address(name, address)
             for name, tensor in pasts.items():
@@ -144,11 +232,13 @@ class TrtGraph(Graph):
                 if shape != expected[name]:
                     raise XLoraError(f"{self.path}: the engine computes {name} as {shape}, the graph contract "
                                      f"{expected[name]}")
-                outputs[name] = DeviceTensor(shape, self.dtypes[name])
+                outputs[name] = PooledTensor(shape, self.dtypes[name], self.backend.pool)
                 context.set_tensor_address(name, outputs[name].ptr)
             if not context.execute_async_v3(slot.stream):
                 raise XLoraError(f"{self.path}: TensorRT failed to run a step (its log above says why)")
             cuda.wrapper().stream_synchronize(slot.stream)
+        del alive
+        self.backend.pool.tick()
         host = {name: to_float32(outputs[name].to_host(), self.dtypes[name])
                 for name in (C.LOGITS, C.SCALINGS) if name in outputs}
         return host, {name: tensor for name, tensor in outputs.items() if name not in host}
@@ -173,6 +263,7 @@ class TrtBackend(Backend):
         self.trt = trt
         self.device = device  # None: the current GPU; else made current before every CUDA call of a step
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.pool = BufferPool()
         self._dtypes = {getattr(trt.DataType, key): name for key, name in (
             ("FLOAT", "float32"), ("HALF", "float16"), ("BF16", "bfloat16"), ("INT64", "int64"),
             ("INT32", "int32")) if hasattr(trt.DataType, key)}
@@ -200,17 +291,17 @@ class TrtBackend(Backend):
 
     def empty(self, shape: tuple[int, ...], dtype: str) -> DeviceTensor:
         self.on_device()
-        return DeviceTensor(shape, dtype)
+        return PooledTensor(shape, dtype, self.pool)
 
     def gather(self, tensor: DeviceTensor, rows: np.ndarray) -> DeviceTensor:
         self.on_device()
-        out = DeviceTensor((len(rows), *tensor.shape[1:]), tensor.dtype)
+        out = PooledTensor((len(rows), *tensor.shape[1:]), tensor.dtype, self.pool)
         cuda.copy_rows(out.ptr, tensor.ptr, rows, tensor.nbytes // tensor.shape[0] if tensor.shape[0] else 0)
         return out
 
     def concat(self, tensors: list[DeviceTensor]) -> DeviceTensor:
         self.on_device()
-        out = DeviceTensor((sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), tensors[0].dtype)
+        out = PooledTensor((sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), tensors[0].dtype, self.pool)
         offset = 0
         for tensor in tensors:
             cuda.copy_bytes(out.ptr + offset, tensor.ptr, tensor.nbytes)
@@ -219,7 +310,7 @@ class TrtBackend(Backend):
 
     def positions(self, tensor: DeviceTensor, start: int, stop: int) -> DeviceTensor:
         self.on_device()
-        return DeviceTensor.from_host(window(tensor.to_host(), start, stop), tensor.dtype)
+        return PooledTensor.copy_of(window(tensor.to_host(), start, stop), tensor.dtype, self.pool)
 
     def nbytes(self, tensor: DeviceTensor) -> int:
         return tensor.nbytes
