@@ -16,6 +16,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 import xlora_export as xlora
+import xlora_export.int4 as int4
 import xlora_export.quantize as quantize
 from helpers import built
 from xlora_export import cli, parity
@@ -221,16 +222,13 @@ def test_no_validate_says_agreement_was_not_measured(tmp_path):
 
 # ----------------------------------------------------------------------------------------- failures
 def test_broken_quantized_graph_fails_and_leaves_nothing(tmp_path, capsys, monkeypatch):
-    original = quantize.quantize_graph
+    original = int4.Quantized.put
 
-    def negated_scales(path, options, work):
-        proto, n = original(path, options, work)
-        for init in proto.graph.initializer:  # the decoder's projections (negating lm_head too partly cancels out)
-            if init.name.endswith("_scales") and not init.name.startswith("model.lm_head"):
-                init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
-        return proto, n
+    def negated_scales(self, name, value):  # the decoder's projections (negating lm_head too partly cancels out)
+        negate = name.endswith("_scales") and not name.startswith("model.lm_head") and name not in self.done
+        return original(self, name, -value if negate else value)
 
-    monkeypatch.setattr(quantize, "quantize_graph", negated_scales)
+    monkeypatch.setattr(int4.Quantized, "put", negated_scales)
     argv = [built(RECIPE), str(tmp_path / "m.onnx"), "--quantize", "int4", "--frozen-scalings", "--steps", "1"]
     code = cli.main(argv)
     err = capsys.readouterr().err
@@ -270,20 +268,17 @@ def test_bad_quantize_options_are_usage_errors(args, message, tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
-def test_refusals_before_the_export(tmp_path, capsys, monkeypatch):
-    code = cli.main([built(RECIPE), str(tmp_path / "m.onnx"), "--quantize", "int4", "--dtype", "fp16"])
-    err = capsys.readouterr().err
-    assert code == 1 and "--quantize int4 needs --dtype fp32" in err and err.count("\n") == 1
+def test_refusals_before_the_export(tmp_path, capsys):
+    for mode, dtype, message in (("int4", "bf16", "--quantize int4 needs --dtype fp32 or fp16"),
+                                 ("int8", "fp16", "--quantize int8 needs --dtype fp32")):
+        code = cli.main([built(RECIPE), str(tmp_path / "m.onnx"), "--quantize", mode, "--dtype", dtype])
+        err = capsys.readouterr().err
+        assert code == 1 and message in err and err.count("\n") == 1
     for options, message in ((QuantizeOptions("int3"), "--quantize 'int3': expected one of int8, int4"),
                              (QuantizeOptions(block_size=48), "--block-size 48: expected a power of two"),
                              (QuantizeOptions(min_agreement=2.0), "--min-agreement 2.0: expected a fraction")):
         with pytest.raises(xlora.XLoraError, match=message.replace("(", r"\(")):
             export(built(RECIPE), str(tmp_path / "m.onnx"), ExportOptions(quantize=options))
-    real = quantize.importlib.util.find_spec
-    monkeypatch.setattr(quantize.importlib.util, "find_spec", lambda name: None if name == "onnx_ir" else real(name))
-    code = cli.main([built(RECIPE), str(tmp_path / "m.onnx"), "--quantize", "int4"])
-    err = capsys.readouterr().err
-    assert code == 1 and "--quantize int4 needs the onnx-ir package" in err and err.count("\n") == 1
     assert os.listdir(tmp_path) == []
 
 

@@ -8,8 +8,9 @@ quantized in both graphs, and the quantized graphs are measured against the floa
       -> per graph, the MatMuls reading `model.model.layers.<i>.<...>.weight[.T]`:
            int8: onnxruntime.quantization.quantize_dynamic   int8 weights (per column), activations quantized
                  per call (MatMulInteger; ONNX Runtime fuses it into DynamicQuantizeMatMul)
-           int4: MatMulNBitsQuantizer                        weight-only, blockwise along K, com.microsoft
-                                                             MatMulNBits (accuracy level 4: int8 compute)
+           int4: int4.quantize_int4                          weight-only, blockwise along K, com.microsoft
+                 (ONNX Runtime's MatMulNBitsQuantizer's result,   MatMulNBits (accuracy level 4: int8 compute);
+                 one weight at a time from the external data)     fp32 or fp16 graphs
          lm_head too in int4 (int8: with --quantize-lm-head); the classifier and the LoRA A/B matrices stay float
       -> the weights written through one WeightStore: main and frozen graph share OUT.onnx.data again
       -> agreement with the float graphs (`measure_agreement`), float/ removed, renamed into place by export
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import logging
 import os
 import re
@@ -45,12 +45,13 @@ from xlora_runtime.format.record import GraphInfo, Quantization
 from xlora_runtime.session import open_graph
 
 from .errors import XLoraError
-from .onnx_passes import WeightStore
+from .int4 import Quantized, quantize_int4
+from .onnx_passes import WeightStore, fp16_weights_per_use
 from .trt_check import check_tensorrt, op_counts
 from .validate import validation_prompts
 
 __all__ = ["MODES", "Agreement", "QuantizeOptions", "QuantizeReport", "measure_agreement", "quantize_export",
-           "quantize_files", "quantize_graph", "quantized_matmuls"]
+           "quantize_files", "quantize_int8", "quantized_matmuls"]
 
 MODES = ("int8", "int4")
 # int4 default block: the best agreement of 32/64/128 on tiny-llama-trained (95.4/94.7/94.4% top-1 tokens);
@@ -103,7 +104,7 @@ class QuantizeOptions:
         """Refuse what cannot be exported, before the float export runs.
 
         Raises:
-            XLoraError: unknown mode, bad block size or threshold, a float dtype other than fp32, onnx_ir missing.
+            XLoraError: unknown mode, bad block size or threshold, a float dtype other than fp32 (int4: or fp16).
         """
         if self.mode not in MODES:
             raise XLoraError(f"--quantize {self.mode!r}: expected one of {', '.join(MODES)}")
@@ -111,12 +112,12 @@ class QuantizeOptions:
             raise XLoraError(f"--block-size {self.block_size}: expected a power of two, at least 16")
         if not 0 <= self.min_agreement <= 1:
             raise XLoraError(f"--min-agreement {self.min_agreement}: expected a fraction in 0..1")
-        if dtype != "fp32":
-            raise XLoraError(f"--quantize {self.mode} needs --dtype fp32 (the quantized graph keeps fp32 activations "
+        if self.mode == "int4" and dtype not in ("fp32", "fp16"):
+            raise XLoraError(f"--quantize int4 needs --dtype fp32 or fp16 (the quantized graph keeps the float graph's "
+                             f"activations and LoRA terms, and is measured against it on the CPU), got --dtype {dtype}")
+        if self.mode == "int8" and dtype != "fp32":
+            raise XLoraError(f"--quantize int8 needs --dtype fp32 (the quantized graph keeps fp32 activations "
                              f"and float LoRA terms), got --dtype {dtype}")
-        if self.mode == "int4" and importlib.util.find_spec("onnx_ir") is None:
-            raise XLoraError("--quantize int4 needs the onnx-ir package, which ONNX Runtime's int4 quantizer imports "
-                             "without declaring it (xlora-export depends on it): pip install onnx-ir")
 
 
 @dataclass
@@ -186,26 +187,16 @@ def _quiet() -> Iterator[None]:
         logging.disable(before)
 
 
-def quantize_graph(path: str, options: QuantizeOptions, work: str) -> tuple[onnx.ModelProto, int]:
-    """The float graph at `path`, quantized in memory (weights loaded), and the number of MatMuls quantized.
-    Peak memory: the float weights once plus the quantized ones. int8: quantize_dynamic writes a shape-inferred
-    copy of the graph (not of its weights) beside `path` for a moment.
+def quantize_int8(path: str, options: QuantizeOptions, work: str) -> tuple[onnx.ModelProto, int]:
+    """The float graph at `path`, quantized to int8 in memory (weights loaded), and the number of MatMuls
+    quantized. Peak memory: the float weights once plus the quantized ones; quantize_dynamic writes a
+    shape-inferred copy of the graph (not of its weights) beside `path` for a moment.
 
     Args:
         work: an empty scratch folder (quantize_dynamic writes its result as a file).
     """
-    structure = onnx.load(path, load_external_data=False)
-    chosen = quantized_matmuls(structure, options.lm_head)
+    chosen = quantized_matmuls(onnx.load(path, load_external_data=False), options.lm_head)
     with _quiet():
-        if options.mode == "int4":
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-            others = [n.name for n in structure.graph.node if n.op_type == "MatMul" and n.name not in set(chosen)]
-            quantizer = MatMulNBitsQuantizer(onnx.load(path), bits=4, block_size=options.block_size,
-                                             is_symmetric=False, accuracy_level=INT4_ACCURACY_LEVEL,
-                                             nodes_to_exclude=others)
-            quantizer.process()
-            return quantizer.model.model, len(chosen)
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         result = os.path.join(work, "int8.onnx")
@@ -270,19 +261,29 @@ def quantize_files(floats: dict[str, str], outputs: dict[str, str], options: Qua
     report = QuantizeReport(options, float_bytes=sum(os.path.getsize(p) for p in [*floats.values()]
                                                      + ([data] if external else [])))
     store = WeightStore(outputs["main"] + ".data" if external else None)
-    digests: dict[str, bytes] = {}
+    shared, digests = Quantized(store), {}
     try:
         for kind, path in outputs.items():
             _say(progress, f"quantizing the {kind} graph ({options.mode})")
-            weights = {i.name for i in onnx.load(floats[kind], load_external_data=False).graph.initializer
-                       if i.data_location == onnx.TensorProto.EXTERNAL}
-            work = tempfile.mkdtemp(prefix=".quantize-", dir=os.path.dirname(path))
-            try:
-                proto, report.quantized[kind] = quantize_graph(floats[kind], options, work)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
+            structure = onnx.load(floats[kind], load_external_data=False)
+            if options.mode == "int4":  # one weight at a time, straight into the store
+                chosen = quantized_matmuls(structure, options.lm_head)
+                proto = quantize_int4(floats[kind], chosen, options.block_size, INT4_ACCURACY_LEVEL, shared)
+                report.quantized[kind] = len(chosen)
+            else:
+                weights = {i.name for i in structure.graph.initializer
+                           if i.data_location == onnx.TensorProto.EXTERNAL}
+                work = tempfile.mkdtemp(prefix=".quantize-", dir=os.path.dirname(path))
+                try:
+                    proto, report.quantized[kind] = quantize_int8(floats[kind], options, work)
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+            del structure
             _record(proto, options, floats[kind])
-            _write(proto, path, store, weights, digests)
+            if options.mode == "int4":
+                onnx.save_model(proto, path)
+            else:
+                _write(proto, path, store, weights, digests)
             del proto
     finally:
         store.close()
@@ -360,7 +361,14 @@ def _decode(path: str, info: GraphInfo, prompts: list[list[int]], frozen: bool, 
     graph's own greedy tokens), the graph's presents as the next pasts. A float graph (no `forced` tokens) runs
     lean (its weights held once); a quantized one as the runtime runs it (its fused kernels are what it ships)."""
     lean = forced is None
-    session = open_graph(path, lean=lean)
+    per_use = os.path.join(os.path.dirname(path), ".agreement." + os.path.basename(path))
+    if lean and info.dtype == "fp16":  # the CPU provider's fp32 copies of fp16 weights, one at a time (as validation)
+        fp16_weights_per_use(path, per_use)
+    try:
+        session = open_graph(per_use if os.path.isfile(per_use) else path, lean=lean)
+    finally:
+        if os.path.isfile(per_use):
+            os.remove(per_use)
     n, b = info.num_layers, len(prompts)
     width = max(map(len, prompts))
     ids = np.zeros((b, width), np.int64)
@@ -370,20 +378,21 @@ def _decode(path: str, info: GraphInfo, prompts: list[list[int]], frozen: bool, 
     pasts = C.past_names(n) + ([] if frozen else C.past_names(n, scaling=True))
     presents = C.present_names(n) + ([] if frozen else C.present_names(n, scaling=True))
     shape = (b, info.kv_heads, 0, info.head_dim)
-    feed = {name: np.zeros(shape, np.float32) for name in pasts}
+    dtype = np.dtype(info.cache_dtype)  # float32 or float16
+    feed = {name: np.zeros(shape, dtype) for name in pasts}
     feed[C.TOP_K] = np.array(info.default_top_k, np.int64)
     if frozen:
-        feed[C.SCALINGS] = fixed
+        feed[C.SCALINGS] = fixed.astype(dtype)
     run, real = _Run([], [], [], []), mask.astype(bool)
     for step in range(AGREEMENT_STEPS + 1):
         positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)[:, -ids.shape[1]:]
         feed.update({C.INPUT_IDS: ids, C.ATTENTION_MASK: mask, C.POSITION_IDS: positions})
         outs = dict(zip(C.output_names(n, frozen), session.run(None, feed)))
-        logits = outs[C.LOGITS]  # (b, s', V): s' may be fewer than s (last-position logits)
+        logits = outs[C.LOGITS].astype(np.float32)  # (b, s', V): s' may be fewer than s (last-position logits)
         run.real.append(real[:, real.shape[1] - logits.shape[1]:])
         kept = logits[run.real[-1]]
         run.logits.append(kept - kept.mean(-1, keepdims=True))
-        run.scalings.append(None if frozen else outs[C.SCALINGS][:, -logits.shape[1]:])
+        run.scalings.append(None if frozen else outs[C.SCALINGS][:, -logits.shape[1]:].astype(np.float32))
         run.fed.append(forced[step] if forced is not None else logits[:, -1].argmax(-1))
         ids, real = run.fed[-1][:, None], np.ones((b, 1), bool)
         mask = np.concatenate([mask, np.ones((b, 1), np.int64)], 1)

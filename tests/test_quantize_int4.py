@@ -1,0 +1,126 @@
+"""int4 quantization one weight at a time (xlora_export/int4.py): ONNX Runtime's own quantizer's graph, byte for
+byte, from the external data; fp16 graphs; the weights read once."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from helpers import built
+from xlora_export import int4
+from xlora_export.export import ExportOptions, export
+from xlora_export.onnx_passes import WeightStore
+from xlora_export.quantize import QuantizeOptions, quantize_files
+
+K, N, BLOCK = 80, 48, 32  # K not a whole number of blocks: padded with zeros
+
+
+def _graph(folder: str, dtype: type) -> str:
+    """A graph of three MatMuls: W1 read twice, W2 once, W3 left float; weights in an external-data file."""
+    rng = np.random.default_rng(0)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    weights = {name: rng.standard_normal((K, N)).astype(dtype) for name in ("W1", "W2")}
+    weights["W3"] = rng.standard_normal((N, N)).astype(dtype)
+    nodes = [helper.make_node("MatMul", ["A", "W1"], ["Y1"], name="m1"),
+             helper.make_node("MatMul", ["Y1", "W3"], ["Y3"], name="m3"),
+             helper.make_node("Relu", ["A"], ["R"], name="relu"),
+             helper.make_node("MatMul", ["R", "W1"], ["Y2"], name="m2"),
+             helper.make_node("MatMul", ["R", "W2"], ["Y4"], name="m4")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", elem, ["m", K])],
+                              [helper.make_tensor_value_info(y, elem, ["m", N]) for y in ("Y2", "Y3", "Y4")])
+    store = WeightStore(os.path.join(folder, "f.onnx.data"))
+    import torch
+
+    graph.initializer.extend(store.tensor(name, torch.from_numpy(value)) for name, value in weights.items())
+    store.close()
+    path = os.path.join(folder, "f.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _onnxruntime_quantizer(path: str, nodes: list[str]) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    proto = onnx.load(path)
+    others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in nodes]
+    logging.disable(logging.WARNING)
+    try:
+        quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=BLOCK, is_symmetric=False, accuracy_level=4,
+                                         nodes_to_exclude=others)
+        quantizer.process()
+    finally:
+        logging.disable(logging.NOTSET)
+    return quantizer.model.model
+
+
+def _values(proto: onnx.ModelProto, folder: str) -> dict[str, np.ndarray]:
+    onnx.load_external_data_for_model(proto, folder)
+    return {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_the_graph_onnxruntime_quantizer_writes(tmp_path, dtype):
+    """Same nodes (names, inputs, attributes), same tensors (names, dtypes, shapes, bytes) and opsets as
+    MatMulNBitsQuantizer's; fp16: a second use of a weight under names of its own (same bytes in the file)."""
+    (tmp_path / "q").mkdir()
+    path = _graph(str(tmp_path), dtype)
+    chosen = ["m1", "m2", "m4"]
+    store = WeightStore(str(tmp_path / "q" / "q.onnx.data"))
+    out = int4.Quantized(store)
+    mine = int4.quantize_int4(path, chosen, BLOCK, 4, out)
+    store.close()
+    onnx.save(mine, str(tmp_path / "q" / "q.onnx"))
+    reference = _onnxruntime_quantizer(path, chosen)
+    mine = onnx.load(str(tmp_path / "q" / "q.onnx"), load_external_data=False)
+    assert [(o.domain, o.version) for o in mine.opset_import] == [(o.domain, o.version) for o in reference.opset_import]
+    aliases = {}
+    if dtype == np.float16:
+        second = next(n for n in mine.graph.node if n.name == "m2_Q4")
+        assert list(second.input[1:]) == ["W1.use2_Q4", "W1.use2_scales", "W1.use2_zero_points"]
+        aliases = {f"W1.use2{s}": f"W1{s}" for s in ("_Q4", "_scales", "_zero_points")}
+        for node in mine.graph.node:
+            node.input[:] = [aliases.get(name, name) for name in node.input]
+    assert [n.SerializeToString() for n in mine.graph.node] == [n.SerializeToString() for n in reference.graph.node]
+    ours, theirs = _values(mine, str(tmp_path / "q")), _values(reference, str(tmp_path))
+    assert set(ours) == set(theirs) | set(aliases) and len(theirs) == 7  # W1, W2 as 3 tensors each, W3 float
+    for name, value in ours.items():
+        expected = theirs[aliases.get(name, name)]
+        assert value.dtype == expected.dtype and value.shape == expected.shape, name
+        assert value.tobytes() == expected.tobytes(), name
+
+
+def test_each_weight_is_read_once(tmp_path, monkeypatch):
+    """One graph after another into one store: a weight both graphs read is read (and quantized) once."""
+    path = _graph(str(tmp_path), np.float32)
+    read = []
+    original = int4._read
+    monkeypatch.setattr(int4, "_read", lambda init, folder: read.append(init.name) or original(init, folder))
+    store = WeightStore(str(tmp_path / "q.onnx.data"))
+    out = int4.Quantized(store)
+    for nodes in (["m1", "m2", "m4"], ["m4"]):
+        int4.quantize_int4(path, nodes, BLOCK, 4, out)
+    store.close()
+    assert sorted(read) == ["W1", "W1", "W2", "W3"]  # W1: quantized once, then read as float by the second graph
+
+
+def test_fp16_export_quantizes_and_agrees(tmp_path):
+    """An fp16 export quantized (`--dtype fp16 --quantize int4`): fp16 scales, both graphs measured against the
+    float fp16 graphs (the main graph's scaling and real passes share the weights, which ONNX Runtime's fp16
+    kernel gets wrong unless each reads them under its own names)."""
+    floats = {"main": str(tmp_path / "f.onnx"), "frozen": str(tmp_path / "f.frozen.onnx")}
+    export(built("tiny-llama-trained"), floats["main"], ExportOptions(dtype="fp16", frozen_scalings=True,
+                                                                       validate=False))
+    (tmp_path / "q").mkdir()
+    path = str(tmp_path / "q" / "m.onnx")
+    report = quantize_files(floats, {"main": path, "frozen": str(tmp_path / "q" / "m.frozen.onnx")},
+                            QuantizeOptions("int4"), validate=True)
+    agreement = report.agreement
+    assert agreement["main"].tokens >= 0.85 and agreement["main"].experts >= 0.85
+    assert agreement["frozen"].tokens >= 0.85 and agreement["main"].logits_error < 0.2
+    scales = [i for i in onnx.load(path, load_external_data=False).graph.initializer if i.name.endswith("_scales")]
+    assert scales and {i.data_type for i in scales} == {TensorProto.FLOAT16}
