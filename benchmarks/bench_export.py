@@ -1,12 +1,15 @@
-"""Export benchmark: time, peak memory and files of `xlora-export` per recipe and dtype.
+"""Export benchmark: time, peak memory and files of `xlora-export` per recipe and dtype, and per stage.
 
     python benchmarks/bench_export.py                                   # tiny-llama and llama-32m, fp32
     python benchmarks/bench_export.py --models tinyllama-1.1b --dtypes fp32 fp16 --json out.json
+    python benchmarks/bench_export.py --models mistral-7b-xlora --dtypes fp16 --cache /big/disk   # 15 GB + 31 GB
 
-Each recipe is built into `benchmarks/.cache/NAME` (once; the 1.1B recipe takes about 1.5 min and 4.4 GB),
-then exported with both graphs (`--frozen-scalings`, validated) by the `xlora-export` command in a child
-process, whose peak resident memory the kernel reports (`ru_maxrss` of the reaped child). Printed: a table
-and, with `--json`, every figure with the machine's.
+Each recipe is built into `CACHE/NAME` (once; default `benchmarks/.cache`; the 1.1B recipe takes about 1.5 min
+and 4.4 GB, the 7B one about 3 min and 15.3 GB), then exported with both graphs (`--frozen-scalings`, validated)
+by the `xlora-export` command in a child process, whose peak resident memory the kernel reports (`ru_maxrss` of
+the reaped child). Each stage the export announces (loading, tracing, eager references, validation, ...) gets
+its seconds and the peak of the child's resident memory sampled every 50 ms while it ran. Printed: tables and,
+with `--json`, every figure with the machine's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import platform
 import re
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,12 +29,12 @@ CACHE = os.path.join(ROOT, "benchmarks", ".cache")
 sys.path.insert(0, ROOT)
 
 
-def build(name: str) -> str:
-    """The recipe's checkpoint folder, built once."""
+def build(name: str, cache: str = CACHE) -> str:
+    """The recipe's checkpoint folder in `cache`, built once."""
     from models.recipes import RECIPES
     from models.recipes import build as build_recipe
 
-    folder = os.path.join(CACHE, name)
+    folder = os.path.join(cache, name)
     if not os.path.isfile(os.path.join(folder, "xlora_config.json")):
         print(f"building {name} ...", flush=True)
         build_recipe(RECIPES[name], folder)
@@ -56,20 +60,81 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def export_once(folder: str, dtype: str, out: str) -> dict:
-    """Run `xlora-export` in a child; its wall time, peak RSS (the child's own `ru_maxrss`), stages and files."""
+def _rss(pid: int) -> int:
+    """Resident bytes of process `pid` now (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class _StageWatch:
+    """The child's progress lines as stages: each one's start (the child's own clock), wall seconds and the peak
+    of its RSS, sampled every `period` seconds by a thread while the parent reads the lines."""
+
+    def __init__(self, pid: int, period: float = 0.05) -> None:
+        self.pid, self.period = pid, period
+        self.stages: list[dict] = [{"stage": "start-up", "start_s": 0.0, "peak_rss_bytes": 0}]
+        self._t0 = time.perf_counter()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.period):
+            stage = self.stages[-1]
+            stage["peak_rss_bytes"] = max(stage["peak_rss_bytes"], _rss(self.pid))
+
+    def line(self, text: str) -> None:
+        m = re.match(r"\[\s*([\d.]+)s\] (.*)", text)
+        if m:
+            self._close(time.perf_counter())
+            self.stages.append({"stage": m.group(2).strip(), "start_s": float(m.group(1)), "peak_rss_bytes": 0,
+                                "_t": time.perf_counter()})
+
+    def _close(self, now: float) -> None:
+        last = self.stages[-1]
+        last["seconds"] = now - last.pop("_t", self._t0)
+
+    def finish(self) -> list[dict]:
+        self._done.set()
+        self._thread.join()
+        self._close(time.perf_counter())
+        return self.stages
+
+
+def _child_env() -> dict[str, str]:
+    """The child's environment: torch's OpenMP threads sleep between parallel regions (OMP_WAIT_POLICY=PASSIVE
+    unless set). On a shared 2-core machine spinning threads wait for each other's time slices: an eager fp16
+    forward of a 1.3 GB model took 5.5 s spinning, 0.9 s passive, at a load average of 7."""
+    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
+def export_once(folder: str, dtype: str, out: str, extra: list[str] | None = None) -> dict:
+    """Run `xlora-export` in a child; its wall time, peak RSS (the child's own `ru_maxrss`), stages (seconds and
+    sampled peak RSS each) and files."""
     log_path = out + ".log"
     with open(log_path, "w") as log:
         t0 = time.perf_counter()
         child = subprocess.Popen([sys.executable, "-m", "xlora_export.cli", folder, out, "--dtype", dtype,
-                                  "--frozen-scalings", "--force"], stdout=log, stderr=subprocess.STDOUT)
+                                  "--frozen-scalings", "--force", *(extra or [])], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, bufsize=1, env=_child_env())
+        watch = _StageWatch(child.pid)
+        for text in child.stdout:
+            log.write(text)
+            log.flush()
+            watch.line(text)
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - t0
+        stages = watch.finish()
     with open(log_path) as log:
         text = log.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"xlora-export failed: {text.strip().splitlines()[-1]}")
-    stages = {m.group(2): float(m.group(1)) for m in re.finditer(r"\[\s*([\d.]+)s\] ([\w-]+)", text)}
     parity = [line for line in text.splitlines() if line.startswith("parity")]
     stem = os.path.basename(out)[:-len(".onnx")] + "."
     files = {f: os.path.getsize(os.path.join(os.path.dirname(out), f)) for f in os.listdir(os.path.dirname(out))
@@ -82,19 +147,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["tiny-llama", "llama-32m"], help="recipes of models/recipes.py")
     parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "fp16"])
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="export with --quantize too")
+    parser.add_argument("--cache", default=CACHE, help="where checkpoints and exports go (default benchmarks/.cache)")
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args(argv)
-    os.makedirs(CACHE, exist_ok=True)
+    os.makedirs(args.cache, exist_ok=True)
     rows = []
     for name in args.models:
-        folder = build(name)
+        folder = build(name, args.cache)
         for dtype in args.dtypes:
-            out = os.path.join(CACHE, f"{name}-{dtype}.onnx")
-            print(f"exporting {name} ({dtype}) ...", flush=True)
-            result = export_once(folder, dtype, out)
+            tag = f"-{args.quantize}" if args.quantize else ""
+            out = os.path.join(args.cache, f"{name}-{dtype}{tag}.onnx")
+            print(f"exporting {name} ({dtype}{', ' + args.quantize if args.quantize else ''}) ...", flush=True)
+            result = export_once(folder, dtype, out, ["--quantize", args.quantize] if args.quantize else None)
             weights = weight_bytes(folder, dtype)
             on_disk = sum(size for f, size in result["files"].items() if not f.endswith(".json"))
-            rows.append({"model": name, "dtype": dtype, "weight_bytes": weights, **result,
+            rows.append({"model": name, "dtype": dtype, "quantize": args.quantize, "weight_bytes": weights, **result,
                          "rss_x_weights": result["peak_rss_bytes"] / weights,
                          "disk_x_weights": on_disk / weights})
     print()
@@ -103,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['model']} | {r['dtype']} | {r['weight_bytes'] / 1e9:.2f} GB | {r['seconds']:.0f} | "
               f"{r['peak_rss_bytes'] / 1e9:.2f} GB | {r['rss_x_weights']:.2f}x | {r['disk_x_weights']:.2f}x |")
+    for r in rows:
+        print(f"\n{r['model']} {r['dtype']}: stages (seconds, peak RSS sampled every 50 ms, / weights)")
+        print("| stage | starts at s | seconds | peak RSS | / weights |")
+        print("|---|---|---|---|---|")
+        for st in r["stages"]:
+            print(f"| {st['stage'][:90]} | {st['start_s']:.1f} | {st['seconds']:.1f} | "
+                  f"{st['peak_rss_bytes'] / 1e9:.2f} GB | {st['peak_rss_bytes'] / r['weight_bytes']:.2f}x |")
     for r in rows:
         for line in r["parity"]:
             print(f"{r['model']} {r['dtype']}: {line}")
