@@ -143,11 +143,61 @@ def export_once(folder: str, dtype: str, out: str, extra: list[str] | None = Non
             "files": files}
 
 
+_QUANTIZE_CHILD = r"""
+import os, shutil, sys, time
+from xlora_export.quantize import QuantizeOptions, quantize_files
+from xlora_runtime.format import contract as C
+float_main, out_main, mode = sys.argv[1:4]
+start = time.perf_counter()
+def progress(message):
+    print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
+floats = {"main": float_main, "frozen": C.frozen_path(float_main)}
+outputs = {"main": out_main, "frozen": C.frozen_path(out_main)}
+shutil.copyfile(C.tokenizer_path(float_main), C.tokenizer_path(out_main))
+report = quantize_files(floats, outputs, QuantizeOptions(mode), True, progress)
+progress("done")
+print("\n".join(report.lines()))
+"""
+
+
+def quantize_once(float_graph: str, mode: str) -> dict:
+    """Quantize an earlier float export (`float_graph`, with its frozen graph) in a child, as `--quantize` does
+    after the export's validation (`quantize.quantize_files`: both graphs, one weights file, the agreement with
+    the float graphs measured), into a folder beside it named after the mode, under the same file names; wall
+    time, peak RSS, stages and files as `export_once`."""
+    folder = os.path.join(os.path.dirname(float_graph), os.path.basename(float_graph)[:-len(".onnx")] + "-" + mode)
+    os.makedirs(folder, exist_ok=True)
+    out = os.path.join(folder, os.path.basename(float_graph))
+    with open(out + ".log", "w") as log:
+        t0 = time.perf_counter()
+        child = subprocess.Popen([sys.executable, "-c", _QUANTIZE_CHILD, float_graph, out, mode],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                 env=_child_env())
+        watch = _StageWatch(child.pid)
+        lines = []
+        for text in child.stdout:
+            log.write(text)
+            log.flush()
+            watch.line(text)
+            lines.append(text.rstrip())
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - t0
+        stages = watch.finish()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"quantization failed: {lines[-1] if lines else status}")
+    files = {f: os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if not f.endswith(".log")}
+    return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024, "stages": stages,
+            "parity": [line for line in lines if not line.startswith("[")], "files": files}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["tiny-llama", "llama-32m"], help="recipes of models/recipes.py")
     parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "fp16"])
     parser.add_argument("--quantize", choices=["int8", "int4"], help="export with --quantize too")
+    parser.add_argument("--reuse-float", action="store_true", help="with --quantize: quantize the float export an "
+                        "earlier run left in the cache (the quantization stage alone, in its own process) instead of "
+                        "exporting again")
     parser.add_argument("--cache", default=CACHE, help="where checkpoints and exports go (default benchmarks/.cache)")
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args(argv)
@@ -157,9 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         folder = build(name, args.cache)
         for dtype in args.dtypes:
             tag = f"-{args.quantize}" if args.quantize else ""
-            out = os.path.join(args.cache, f"{name}-{dtype}{tag}.onnx")
-            print(f"exporting {name} ({dtype}{', ' + args.quantize if args.quantize else ''}) ...", flush=True)
-            result = export_once(folder, dtype, out, ["--quantize", args.quantize] if args.quantize else None)
+            if args.quantize and args.reuse_float:
+                print(f"quantizing the {name} {dtype} export ({args.quantize}) ...", flush=True)
+                result = quantize_once(os.path.join(args.cache, f"{name}-{dtype}.onnx"), args.quantize)
+            else:
+                out = os.path.join(args.cache, f"{name}-{dtype}{tag}.onnx")
+                print(f"exporting {name} ({dtype}{', ' + args.quantize if args.quantize else ''}) ...", flush=True)
+                result = export_once(folder, dtype, out, ["--quantize", args.quantize] if args.quantize else None)
             weights = weight_bytes(folder, dtype)
             on_disk = sum(size for f, size in result["files"].items() if not f.endswith(".json"))
             rows.append({"model": name, "dtype": dtype, "quantize": args.quantize, "weight_bytes": weights, **result,
