@@ -39,7 +39,15 @@ from .model import xLoRAModel
 from .onnx_passes import WeightStore, attach_weights, fold_constants, fp16_weights_per_use
 from .quantize import QuantizeOptions, QuantizeReport, quantize_export
 from .trt_check import Finding, check_tensorrt, op_counts
-from .validate import EagerReference, ParityResult, compare_with_reference, eager_reference, size_factor, tolerance
+from .validate import (
+    EagerReference,
+    ParityResult,
+    compare_with_reference,
+    eager_reference,
+    frozen_scalings,
+    size_factor,
+    tolerance,
+)
 from .xlora_utils import load_model
 
 __all__ = ["DTYPES", "ExportOptions", "ExportReport", "export"]
@@ -264,8 +272,9 @@ def _eager_references(model: xLoRAModel, kinds: list[str], options: ExportOption
     _say(progress, f"running the eager model for validation (batch 2, left padding; top_k={configured}: prefill + "
                    f"{options.validation_steps} decode steps, other top_k in 0..{top_ks[-1]}: prefill + 1; "
                    f"{' and '.join(kinds)} graph)")
+    fixed = frozen_scalings(model) if "frozen" in kinds else None  # the same for every top_k: one forward
     return {kind: [eager_reference(model, k, options.validation_steps if k == configured else 1,
-                                   frozen=kind == "frozen") for k in top_ks] for kind in kinds}
+                                   frozen=kind == "frozen", fixed=fixed) for k in top_ks] for kind in kinds}
 
 
 def _validate(references: dict[str, list[EagerReference]], spec: DecoderSpec, hidden_size: int,

@@ -32,7 +32,7 @@ from .generation import left_pad
 from .model import xLoRAModel
 
 __all__ = ["TOLERANCES", "EagerReference", "ParityResult", "compare_with_eager", "compare_with_reference",
-           "eager_reference", "tolerance", "validation_prompts"]
+           "eager_reference", "frozen_scalings", "tolerance", "validation_prompts"]
 
 # Absolute floors of the max abs difference between a graph and the eager model of the same dtype.
 TOLERANCES = {"fp32": {C.LOGITS: 1e-4, C.SCALINGS: 1e-5}, "fp16": {C.LOGITS: 5e-2, C.SCALINGS: 1e-2}}
@@ -112,8 +112,18 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
+def frozen_scalings(model: xLoRAModel, prompts: list[list[int]] | tuple[list[int], ...] | None = None
+                    ) -> torch.Tensor:
+    """(b, L, n): the scalings of each prompt's last token (the frozen graph's `scalings` input of a reference;
+    the same for every `top_k`, so a caller checking several computes them once)."""
+    ids, mask = left_pad(list(prompts or validation_prompts(model.config.vocab_size)))
+    with torch.no_grad():
+        return model(ids, attention_mask=mask, use_cache=False).scalings[:, -1]
+
+
 def eager_reference(model: xLoRAModel, top_k: int = 0, steps: int = 8, frozen: bool = False,
-                    prompts: list[list[int]] | tuple[list[int], ...] | None = None) -> EagerReference:
+                    prompts: list[list[int]] | tuple[list[int], ...] | None = None,
+                    fixed: torch.Tensor | None = None) -> EagerReference:
     """Run the eager model's greedy decoding and keep what a graph must reproduce.
 
     Args:
@@ -122,12 +132,13 @@ def eager_reference(model: xLoRAModel, top_k: int = 0, steps: int = 8, frozen: b
         steps: decode steps after the prefill.
         frozen: reference for the frozen graph: scalings fixed to those of each prompt's last token.
         prompts: token ids (default `validation_prompts` of the model's vocabulary: batch 2, left padded).
+        fixed: with `frozen`, `frozen_scalings(model, prompts)` when the caller has them (else computed here).
     """
     ids, mask = left_pad(list(prompts or validation_prompts(model.config.vocab_size)))
-    fixed = None
-    if frozen:
-        with torch.no_grad():
-            fixed = model(ids, attention_mask=mask, use_cache=False).scalings[:, -1]  # (b, L, n)
+    if frozen and fixed is None:
+        fixed = frozen_scalings(model, prompts)
+    elif not frozen:
+        fixed = None
     real, out = mask.bool().numpy(), []
     for step in model.decode(ids, mask, steps + 1, expert_top_k=top_k, scalings=fixed):
         feed = {C.INPUT_IDS: step.input_ids.numpy(), C.ATTENTION_MASK: step.attention_mask.numpy(),
