@@ -147,30 +147,31 @@ _QUANTIZE_CHILD = r"""
 import os, shutil, sys, time
 from xlora_export.quantize import QuantizeOptions, quantize_files
 from xlora_runtime.format import contract as C
-float_main, out_main, mode = sys.argv[1:4]
+float_main, out_main, mode, agreement = sys.argv[1:5]
 start = time.perf_counter()
 def progress(message):
     print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
 floats = {"main": float_main, "frozen": C.frozen_path(float_main)}
 outputs = {"main": out_main, "frozen": C.frozen_path(out_main)}
 shutil.copyfile(C.tokenizer_path(float_main), C.tokenizer_path(out_main))
-report = quantize_files(floats, outputs, QuantizeOptions(mode), True, progress)
+report = quantize_files(floats, outputs, QuantizeOptions(mode), agreement == "1", progress)
 progress("done")
 print("\n".join(report.lines()))
 """
 
 
-def quantize_once(float_graph: str, mode: str) -> dict:
+def quantize_once(float_graph: str, mode: str, agreement: bool = True) -> dict:
     """Quantize an earlier float export (`float_graph`, with its frozen graph) in a child, as `--quantize` does
     after the export's validation (`quantize.quantize_files`: both graphs, one weights file, the agreement with
-    the float graphs measured), into a folder beside it named after the mode, under the same file names; wall
-    time, peak RSS, stages and files as `export_once`."""
+    the float graphs measured unless not `agreement`), into a folder beside it named after the mode, under the same
+    file names; wall time, peak RSS, stages and files as `export_once`."""
     folder = os.path.join(os.path.dirname(float_graph), os.path.basename(float_graph)[:-len(".onnx")] + "-" + mode)
     os.makedirs(folder, exist_ok=True)
     out = os.path.join(folder, os.path.basename(float_graph))
     with open(out + ".log", "w") as log:
         t0 = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-c", _QUANTIZE_CHILD, float_graph, out, mode],
+        child = subprocess.Popen([sys.executable, "-c", _QUANTIZE_CHILD, float_graph, out, mode,
+                                  "1" if agreement else "0"],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                  env=_child_env())
         watch = _StageWatch(child.pid)
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse-float", action="store_true", help="with --quantize: quantize the float export an "
                         "earlier run left in the cache (the quantization stage alone, in its own process) instead of "
                         "exporting again")
+    parser.add_argument("--no-agreement", action="store_true", help="with --reuse-float: skip the quantized graphs' "
+                        "agreement runs (four decodes of 25 steps, two of them on the float graphs)")
     parser.add_argument("--cache", default=CACHE, help="where checkpoints and exports go (default benchmarks/.cache)")
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args(argv)
@@ -209,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             tag = f"-{args.quantize}" if args.quantize else ""
             if args.quantize and args.reuse_float:
                 print(f"quantizing the {name} {dtype} export ({args.quantize}) ...", flush=True)
-                result = quantize_once(os.path.join(args.cache, f"{name}-{dtype}.onnx"), args.quantize)
+                result = quantize_once(os.path.join(args.cache, f"{name}-{dtype}.onnx"), args.quantize,
+                                       not args.no_agreement)
             else:
                 out = os.path.join(args.cache, f"{name}-{dtype}{tag}.onnx")
                 print(f"exporting {name} ({dtype}{', ' + args.quantize if args.quantize else ''}) ...", flush=True)
