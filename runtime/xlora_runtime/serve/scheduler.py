@@ -237,6 +237,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._outbox: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)  # this step's tokens
+        self._forgotten: list[str] = []  # sessions whose stored caches the engine frees at its next iteration
 
     # ------------------------------------------------------------------------------------------- callers' side
     @property
@@ -266,6 +267,13 @@ class Scheduler:
             self.session.frozen  # noqa: B018 - opens OUT.frozen.onnx, or raises the clear error
         if spec.stop and self.session.tokenizer is None:
             raise XLoraError("stop: stop strings need the tokenizer, and none travelled with this export")
+
+    def forget(self, session_id: str) -> None:
+        """Free a session's stored caches (its conversation ended); the engine thread does it before its next step
+        (a request of the session still running stores its caches again when it finishes)."""
+        with self._cond:
+            self._forgotten.append(session_id)
+            self._cond.notify()
 
     def submit(self, specs: list[RequestSpec], loop: asyncio.AbstractEventLoop | None = None) -> list[RequestHandle]:
         """Queue requests (all or none); their tokens arrive on the handles, in `loop`.
@@ -334,10 +342,11 @@ class Scheduler:
         try:
             while True:
                 with self._cond:
-                    while not self._stopping and not self._waiting and not self._running:
+                    while not self._stopping and not self._waiting and not self._running and not self._forgotten:
                         self._cond.wait()
                     if self._stopping:
                         return
+                    forgotten, self._forgotten = self._forgotten, []
                     admitted = []
                     while self._waiting and len(self._running) + len(admitted) < self.max_batch:
                         seq = self._waiting.popleft()
@@ -347,6 +356,10 @@ class Scheduler:
                             admitted.append(seq)
                     for seq in admitted:
                         self._running[seq.id] = seq
+                for session_id in forgotten:
+                    entry = self.sessions.take(session_id)
+                    if entry is not None:
+                        entry[2].release()
                 try:
                     if admitted:
                         self._prefill(admitted)

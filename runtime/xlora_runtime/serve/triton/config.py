@@ -27,7 +27,7 @@ from ...format.sidecar import Shapes
 from ...profiles import ProfileLimits, input_dims, profile_shapes
 from .graph import MASK_SEQUENCE, START, STATE_BATCH, STATE_SEQUENCE
 
-__all__ = ["check_state_pairs", "model_config", "served_profiles"]
+__all__ = ["check_state_pairs", "conversation_config", "engine_config", "model_config", "served_profiles"]
 
 # ONNX element type -> Triton data type
 TRITON_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 7: "TYPE_INT64", 6: "TYPE_INT32", 9: "TYPE_BOOL"}
@@ -114,3 +114,41 @@ def served_profiles(info: GraphInfo, limits: ProfileLimits) -> list[Shapes]:
     first = {C.BATCH: b, C.SEQUENCE: s, MASK_SEQUENCE: s, STATE_BATCH: (1, 1, 1), STATE_SEQUENCE: (1, 1, 1)}
     decode = {C.BATCH: b, C.SEQUENCE: (1, 1, 1), MASK_SEQUENCE: t, STATE_BATCH: b, STATE_SEQUENCE: t}
     return [profile_shapes(dims, first), profile_shapes(dims, decode)]
+
+
+def _tensors(kind: str, tensors: dict[str, tuple[str, list[int]]], optional: bool) -> list[str]:
+    flag = " optional: true" if optional else ""
+    return [f"{kind} [", ",\n".join(f'  {{ name: "{t}" data_type: {d} dims: {_dims(s)}{flag} }}'
+                                    for t, (d, s) in tensors.items()), "]"]
+
+
+def _parameters(values: dict[str, str]) -> list[str]:
+    entries = (f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items())
+    return ["parameters [", ",\n".join(entries), "]"]
+
+
+def engine_config(name: str, inputs: dict[str, tuple[str, list[int]]], outputs: dict[str, tuple[str, list[int]]],
+                  parameters: dict[str, str]) -> str:
+    """config.pbtxt of the python-backend engine model (`python_model.EngineModel`): decoupled, every input
+    optional, no sequence batcher (so Triton's generate endpoints, which carry no sequence id, reach it)."""
+    lines = [f'name: "{name}"', 'backend: "python"', "max_batch_size: 0",
+             "model_transaction_policy { decoupled: true }",
+             *_tensors("input", inputs, True), *_tensors("output", outputs, False),
+             "instance_group [ { kind: KIND_CPU count: 1 } ]", *_parameters(parameters)]
+    return "\n".join(lines) + "\n"
+
+
+def conversation_config(name: str, engine: str, inputs: dict[str, tuple[str, list[int]]],
+                        outputs: dict[str, tuple[str, list[int]]], max_sequences: int, idle_seconds: int) -> str:
+    """config.pbtxt of the python-backend conversation model (`python_model.ConversationModel`): a sequence
+    batcher (`oldest`, so sequences do not hold an instance between their requests) whose START and END controls
+    the model relays to `engine`."""
+    controls = ", ".join(f'{{ name: "{n}" control [ {{ kind: CONTROL_SEQUENCE_{n} int32_false_true: [ 0, 1 ] }} ] }}'
+                         for n in ("START", "END"))
+    lines = [f'name: "{name}"', 'backend: "python"', "max_batch_size: 0",
+             "model_transaction_policy { decoupled: true }",
+             *_tensors("input", inputs, True), *_tensors("output", outputs, False),
+             "sequence_batching {", f"  max_sequence_idle_microseconds: {idle_seconds * 1_000_000}",
+             f"  oldest {{ max_candidate_sequences: {max_sequences} }}", f"  control_input [ {controls} ]", "}",
+             "instance_group [ { kind: KIND_CPU count: 1 } ]", *_parameters({"engine": engine})]
+    return "\n".join(lines) + "\n"
