@@ -194,7 +194,3 @@ def _command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`xlora-triton`; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
     return run("xlora-triton", build_parser, _command, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
