@@ -474,7 +474,7 @@ def test_one_negated_expert_fails_validation(tmp_path, capsys, monkeypatch):
     original = WeightStore.tensor
 
     def negating_tensor(self, name, value):
-        wrong = "layers.0.self_attn.k_proj.lora_B" in name  # only beta targets k_proj
+        wrong = "layers.0.self_attn.o_proj.lora_B" in name  # only beta targets o_proj
         return original(self, name, -value if wrong else value)
 
     monkeypatch.setattr(WeightStore, "tensor", negating_tensor)

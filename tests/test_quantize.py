@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import shutil
 import tempfile
 from functools import cache
@@ -54,10 +55,16 @@ def _graph(path: str) -> onnx.ModelProto:
 
 def _base_linear_weights() -> set[str]:
     """The initializer names (without `.T`) that should be quantized, from the eager model's modules: every
-    nn.Linear inside the decoder blocks that is no LoRA matrix."""
+    nn.Linear inside the decoder blocks that is no LoRA matrix, q/k/v and gate/up under the name of their packed
+    weight (`self_attn.q_proj+k_proj+v_proj.base_layer.weight`: the graphs hold them as one matrix)."""
     model = xlora.xlora_utils.load_model(built(RECIPE))[0]
-    return {f"{name}.weight" for name, module in model.model.model.layers.named_modules(prefix="model.model.layers")
-            if isinstance(module, torch.nn.Linear) and "lora_" not in name}
+    names = {f"{name}.weight" for name, module in model.model.model.layers.named_modules(prefix="model.model.layers")
+             if isinstance(module, torch.nn.Linear) and "lora_" not in name}
+    packed = ((r"self_attn\.[qkv]_proj\.", "self_attn.q_proj+k_proj+v_proj."),
+              (r"mlp\.(gate|up)_proj\.", "mlp.gate_proj+up_proj."))
+    for pattern, name in packed:
+        names = {re.sub(pattern, name, n) for n in names}
+    return names
 
 
 # ----------------------------------------------------------------------------------------- graphs

@@ -9,6 +9,8 @@ is the function of the same name here, which emits the `com.microsoft` node in t
                             (2 nodes per layer and pass instead of 14)
     group_query_attention   q, k, v (b, s, heads * hd), past key and value (b, kv_heads, past, hd),
                             allowed (b, 1, 1, s, total) bool  ->  GroupQueryAttention, out and the presents
+    skip_rms_norm           h, delta (b, s, H), the norm weight  ->  SkipSimplifiedLayerNormalization: the
+                            residual add and the next RMSNorm in one node, as ONNX Runtime GenAI's graphs have it
 
 Everything besides the node reads only tensors that are the same in every layer of a pass (cos and sin, the
 mask), so ONNX Runtime's common-subexpression elimination keeps one copy of it per pass.
@@ -24,7 +26,7 @@ from xlora_runtime.format import contract as C
 
 from .architectures import DecoderSpec
 
-__all__ = ["group_query_attention", "rotary_embedding"]
+__all__ = ["group_query_attention", "rotary_embedding", "skip_rms_norm"]
 
 
 def rotary_embedding(g: Any, x: Any, cos: Any, sin: Any, spec: DecoderSpec, heads: int) -> Any:
@@ -92,3 +94,19 @@ def group_query_attention(g: Any, q: Any, k: Any, v: Any, past_key: Any, past_va
     key.setType(past_key.type())
     value.setType(past_value.type())
     return out, key, value
+
+
+def skip_rms_norm(g: Any, h: Any, delta: Any, weight: Any, epsilon: float) -> tuple[Any, Any]:
+    """The residual add and RMSNorm as ONNX Runtime's SkipSimplifiedLayerNormalization node.
+
+    Args:
+        g: the exporter's graph context; h, delta (b, s, H) and the norm's weight (H,): its values.
+        epsilon: the norm's epsilon.
+    Returns:
+        h + delta and its norm, each (b, s, H).
+    """
+    out, _, _, total = g.op(f"{C.ORT_DOMAIN}::SkipSimplifiedLayerNormalization", delta, h, weight,
+                            epsilon_f=epsilon, outputs=4)
+    out.setType(h.type())
+    total.setType(h.type())
+    return total, out

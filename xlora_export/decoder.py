@@ -33,9 +33,9 @@ from xlora_runtime.format import contract as C
 
 from . import contrib_ops
 from .architectures import DecoderSpec
-from .lora import ColumnGates, XLoraLinear, sibling_linears
+from .lora import ColumnGates, XLoraLinear, packed_linears, sibling_linears
 
-__all__ = ["KV", "GroupQueryAttention", "Masks", "attention_masks", "decoder_pass", "lm_logits"]
+__all__ = ["KV", "GroupQueryAttention", "Masks", "SkipRMSNorm", "attention_masks", "decoder_pass", "lm_logits"]
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (key, value), each (b, kv_heads, t, head_dim)
 Masks = dict[int | None, torch.Tensor]  # sliding window (None: full attention) -> allowed keys (b, 1, 1, s, t)
@@ -96,19 +96,28 @@ def _attention(attn: nn.Module, spec: DecoderSpec, x: torch.Tensor, cos: torch.T
                dims: tuple[int, int]) -> tuple[torch.Tensor, KV]:
     b, s = dims  # batch, new tokens (read once per pass: no Shape ops per layer in the graph)
     hd, heads, kvh = spec.head_dim, spec.num_heads, spec.kv_heads
+    exporting = torch.onnx.is_in_onnx_export()
+    qkv = None  # q, k, v side by side (b, s, (heads + 2 * kv_heads) * hd): one Linear in a graph
     if spec.fused_projections:
-        q, k, v = _proj(attn.qkv_proj, x, gates).split([heads * hd, kvh * hd, kvh * hd], dim=-1)
+        qkv = _proj(attn.qkv_proj, x, gates)
+    elif exporting:
+        qkv = packed_linears([attn.q_proj, attn.k_proj, attn.v_proj], x, gates)
+    if qkv is not None:
+        q, k, v = qkv.split([heads * hd, kvh * hd, kvh * hd], dim=-1)
     else:
         q, k, v = sibling_linears([attn.q_proj, attn.k_proj, attn.v_proj], x, gates)
-    q, k, v = q.view(b, s, heads, hd), k.view(b, s, kvh, hd), v.view(b, s, kvh, hd)  # (b, s, heads, hd)
     if spec.qk_norm:  # RMSNorm over head_dim, per head
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    if spec.attention_op == C.ATTENTION_GQA and past is not None and torch.onnx.is_in_onnx_export():
-        q = RotaryEmbedding.apply(q.reshape(b, s, heads * hd), cos, sin, spec, heads)
-        k = RotaryEmbedding.apply(k.reshape(b, s, kvh * hd), cos, sin, spec, kvh)
-        out, *present = GroupQueryAttention.apply(q, k, v.reshape(b, s, kvh * hd), past[0], past[1], allowed,
-                                                  attn.scaling, spec.attn_softcap, heads, kvh)
+        q = attn.q_norm(q.view(b, s, heads, hd)).reshape(b, s, heads * hd)
+        k = attn.k_norm(k.view(b, s, kvh, hd)).reshape(b, s, kvh * hd)
+    if spec.attention_op == C.ATTENTION_GQA and past is not None and exporting:
+        # RoPE stays its own node: GroupQueryAttention's own (`do_rotary`) numbers a first prompt's positions
+        # from 0 in every row, which left padding contradicts
+        q = RotaryEmbedding.apply(q, cos, sin, spec, heads)
+        k = RotaryEmbedding.apply(k, cos, sin, spec, kvh)
+        out, *present = GroupQueryAttention.apply(q, k, v, past[0], past[1], allowed, attn.scaling,
+                                                  spec.attn_softcap, heads, kvh)
         return _proj(attn.o_proj, out, gates), tuple(present)
+    q, k, v = q.view(b, s, heads, hd), k.view(b, s, kvh, hd), v.view(b, s, kvh, hd)  # (b, s, heads, hd)
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (b, s, 1, rotary_dim)
     q, k = _rope(q, cos, sin, spec), _rope(k, cos, sin, spec)
     out, present = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), past, allowed, attn.scaling,
@@ -179,11 +188,30 @@ class GroupQueryAttention(torch.autograd.Function):
     symbolic = staticmethod(contrib_ops.group_query_attention)
 
 
+class SkipRMSNorm(torch.autograd.Function):
+    """The residual add and the next RMSNorm: h + delta, and weight * x / rms(x) of it, both (b, s, H), for the
+    families whose norm is that plain RMSNorm (HF's Llama, Mistral, Qwen, Phi-3 modules). Used while tracing an
+    `--attention gqa` export, which writes it as ONNX Runtime's SkipSimplifiedLayerNormalization node
+    (`contrib_ops.skip_rms_norm`), as ONNX Runtime GenAI's graphs do; eager runs call the HF module."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+        h = h + delta
+        x = h.float()
+        return h, weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + epsilon)).to(h.dtype)
+
+    symbolic = staticmethod(contrib_ops.skip_rms_norm)
+
+
 def _mlp(mlp: nn.Module, spec: DecoderSpec, x: torch.Tensor, gates: ColumnGates | None) -> torch.Tensor:
     if spec.fused_projections:  # Phi-3: gate and up in one Linear, gate first
         gate, up = _proj(mlp.gate_up_proj, x, gates).chunk(2, dim=-1)
         return _proj(mlp.down_proj, up * mlp.activation_fn(gate), gates)
-    gate, up = sibling_linears([mlp.gate_proj, mlp.up_proj], x, gates)
+    if torch.onnx.is_in_onnx_export():  # one Linear in a graph
+        gate, up = packed_linears([mlp.gate_proj, mlp.up_proj], x, gates).chunk(2, dim=-1)
+    else:
+        gate, up = sibling_linears([mlp.gate_proj, mlp.up_proj], x, gates)
     act = mlp.act_fn(gate) * up
     return _proj(mlp.down_proj, act, gates)
 
@@ -218,15 +246,30 @@ def decoder_pass(lm: nn.Module, spec: DecoderSpec, input_ids: torch.Tensor, posi
     rope = _rotary(base, spec, h, position_ids)
     dims = (input_ids.shape[0], input_ids.shape[1])  # b, s
     presents = []
-    for i, block in enumerate(base.layers):
+    layers = list(base.layers)
+    x = layers[0].input_layernorm(h) if layers else h
+    for i, block in enumerate(layers):
         cos, sin = rope[spec.layer_types[i]]
-        a, kv = _attention(block.self_attn, spec, block.input_layernorm(h), cos, sin, masks[spec.windows[i]],
+        a, kv = _attention(block.self_attn, spec, x, cos, sin, masks[spec.windows[i]],
                            None if past is None else past[i], gates, dims)
-        h = h + (block.post_attention_layernorm(a) if spec.sandwich_norm else a)
         presents.append(kv)
-        m = _mlp(block.mlp, spec, getattr(block, spec.mlp_in_norm)(h), gates)
-        h = h + (block.post_feedforward_layernorm(m) if spec.sandwich_norm else m)
-    return base.norm(h), presents
+        h, y = _add_norm(h, block.post_attention_layernorm(a) if spec.sandwich_norm else a,
+                         getattr(block, spec.mlp_in_norm), spec)
+        m = _mlp(block.mlp, spec, y, gates)
+        h, x = _add_norm(h, block.post_feedforward_layernorm(m) if spec.sandwich_norm else m,
+                         layers[i + 1].input_layernorm if i + 1 < len(layers) else base.norm, spec)
+    return x if layers else base.norm(h), presents
+
+
+def _add_norm(h: torch.Tensor, delta: torch.Tensor, norm: nn.Module, spec: DecoderSpec) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """The residual stream h + delta and the next norm of it, each (b, s, H): one SkipRMSNorm node in an
+    `--attention gqa` export of a family whose norms are plain RMSNorms (weight * x / rms(x))."""
+    if (spec.attention_op == C.ATTENTION_GQA and not spec.sandwich_norm and torch.onnx.is_in_onnx_export()
+            and hasattr(norm, "variance_epsilon") and type(norm).__name__.endswith("RMSNorm")):
+        return SkipRMSNorm.apply(h, delta, norm.weight, float(norm.variance_epsilon))
+    h = h + delta
+    return h, norm(h)
 
 
 def lm_logits(lm: nn.Module, spec: DecoderSpec, hidden: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,14 @@ mistranslates. `column_gates` does it once per pass for all modules whose expert
 the same ranks and scales (usually all of them): one matmul for a non-layerwise
 classifier, whose gates are the same in every module, one batched matmul otherwise.
 Modules that read the same input (q/k/v, gate/up) share one down-projection
-(`sibling_linears`: their A_cat stacked), each keeping its own up-projection.
+(`sibling_linears`: their A_cat stacked), each keeping its own up-projection. An export goes one
+step further (`packed_linears`): the siblings' base weights stacked into one Linear and their
+up-projections into one block-diagonal matrix, so a group costs one base and one LoRA matmul pair:
+
+    y = x W_pack^T + ((x A_pack^T) * c) B_diag^T     W_pack = [W_q; W_k; W_v]   B_diag = diag(B_q, B_k, B_v)
+
+Exact too (the off-diagonal blocks add zeros); the stacked weights are expressions of the parameters that
+the exporter evaluates once and stores (`onnx_passes.attach_weights`), never copies held by the model.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from torch import nn
 
 from .experts import Expert
 
-__all__ = ["ColumnGates", "XLoraLinear", "column_gates", "sibling_linears"]
+__all__ = ["ColumnGates", "XLoraLinear", "column_gates", "packed_linears", "sibling_linears"]
 
 
 class XLoraLinear(nn.Module):
@@ -200,3 +207,43 @@ def sibling_linears(layers: list[nn.Module], x: torch.Tensor, gates: ColumnGates
     parts = (F.linear(x, a) * columns).split([layer.lora_A.shape[0] for layer in wrapped], -1)
     gated = dict(zip(map(id, wrapped), parts))
     return [layer.up(x, gated[id(layer)]) if isinstance(layer, XLoraLinear) else layer(x) for layer in layers]
+
+
+def _base(layer: nn.Module) -> nn.Linear:
+    return layer.base_layer if isinstance(layer, XLoraLinear) else layer
+
+
+def packed_linears(layers: list[nn.Module], x: torch.Tensor, gates: ColumnGates | None) -> torch.Tensor:
+    """Linears that read the same input as one: their outputs side by side, what `sibling_linears` gives
+    concatenated, up to rounding (see the module docstring). Meant for tracing, where the stacked weights
+    become single initializers; eagerly it would copy the weights on every call.
+
+    Args:
+        layers: `XLoraLinear`s or plain Linears, all reading `x`, in output order.
+        x: (b, s, in).
+        gates: every module's column gates (`column_gates`), or None (base layers only).
+    Returns:
+        (b, s, sum out_i).
+    """
+    bases = [_base(layer) for layer in layers]
+    weight = torch.cat([base.weight for base in bases])  # (sum out, in)
+    bias = None
+    if any(base.bias is not None for base in bases):
+        bias = torch.cat([base.bias if base.bias is not None else x.new_zeros(base.out_features) for base in bases])
+    y = F.linear(x, weight, bias)
+    wrapped = [layer for layer in layers if isinstance(layer, XLoraLinear)]
+    if gates is None or not wrapped:
+        return y
+    a = torch.cat([layer.lora_A for layer in wrapped])  # (sum R, in)
+    gated = F.linear(x, a) * gates.of([layer.module_index for layer in wrapped])  # (b, s, sum R)
+    total, start, rows = a.shape[0], 0, []
+    for layer in layers:  # row block of each output slice: its B between zero columns, or zeros
+        out = _base(layer).out_features
+        if not isinstance(layer, XLoraLinear):
+            rows.append(x.new_zeros(out, total))
+            continue
+        rank = layer.lora_A.shape[0]
+        blocks = [x.new_zeros(out, start), layer.lora_B, x.new_zeros(out, total - start - rank)]
+        rows.append(torch.cat([block for block in blocks if block.shape[1]], 1))
+        start += rank
+    return y + F.linear(gated, torch.cat(rows))  # B_diag (sum out, sum R)

@@ -10,6 +10,12 @@ subgraphs are folded with ONNX's reference evaluator:
     input E -> Gather(ids) ; E -> Transpose     becomes   Transpose(Gather(E.T, ids, axis=1), [1, 2, 0])
              (tied embedding: lookup and lm_head)           and E.T alone is stored
     input P -> anything else                    becomes   initializer P
+    Concat(W_q, W_k, W_v) -> Transpose -> MatMul  becomes  initializer <q_proj+k_proj+v_proj>.T -> MatMul
+
+The last line stands for every weight expression: a subgraph of layout ops (Concat, Transpose, Reshape, ...)
+that reads only weights and constants, as the decoder's packed projections trace
+(`lora.packed_linears`), is evaluated here, one result at a time, and stored under a name made of its
+weights' names, so that the main and the frozen graph share its bytes like any weight's.
 
 `fp16_weights_per_use` writes, for the exporter's own validation only, a variant of an fp16 graph in which
 every use of a weight reads it through its own Identity (see there).
@@ -20,6 +26,7 @@ graphs (the main and the frozen graph) reference with the same offsets: the weig
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import defaultdict
 
@@ -89,14 +96,29 @@ def attach_weights(proto: onnx.ModelProto, weights: dict[str, torch.Tensor], sto
     """
     graph = proto.graph
     rename = rename or {}
+    expressions = _weight_expressions(graph, weights)  # output name -> index of a node computing it from weights
     consumers: dict[str, list[int]] = defaultdict(list)  # input name -> indices of the nodes reading it
     for index, node in enumerate(graph.node):
+        if node.output[0] in expressions:
+            continue  # evaluated below: not a use of the weights it reads
         for name in node.input:
             consumers[name].append(index)
     replaced: dict[str, str] = {}  # a Transpose's output (or a weight input) -> the initializer it becomes
-    drop: set[int] = set()  # Transpose nodes folded into the initializers
+    drop: set[int] = {expressions[name] for name in expressions}  # nodes folded into the initializers
     gathers: dict[int, str] = {}  # Gather(E, ids) nodes -> the transposed table they read instead
     initializers = []
+    constants = {init.name: init for init in graph.initializer}
+    evaluated: dict[str, str] = {}  # an expression's form -> its initializer (both passes read each one)
+    for root in [name for name in expressions if consumers.get(name) or name in {o.name for o in graph.output}]:
+        form = _form(root, graph, expressions, constants)
+        if form not in evaluated:
+            stored, value = _evaluate_expression(root, graph, expressions, weights, constants, rename)
+            if stored in evaluated.values():
+                raise AssertionError(f"two weight expressions named {stored}")
+            initializers.append(store.tensor(stored, value))
+            evaluated[form] = stored
+            del value
+        replaced[root] = evaluated[form]
     for name, value in weights.items():
         users = consumers.get(name, [])
         if not users:
@@ -136,7 +158,104 @@ def attach_weights(proto: onnx.ModelProto, weights: dict[str, torch.Tensor], sto
     kept = [i for i in graph.input if i.name not in weights]
     del graph.input[:]
     graph.input.extend(kept)
+    if expressions:  # the constants that only expressions read (zero blocks, shapes) go with them
+        used = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
+        unused = [init for init in graph.initializer if init.name not in used]
+        for init in unused:
+            graph.initializer.remove(init)
     graph.initializer.extend(initializers)
+
+
+_EXPRESSION_OPS = ("Concat", "Transpose", "Identity", "Reshape", "Unsqueeze", "Squeeze")
+
+
+def _weight_expressions(graph: onnx.GraphProto, weights: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The layout nodes that compute from weights and constants only: output name -> node index. A Transpose of
+    a weight alone is left to `attach_weights`'s own rules (stored transposed, the tied lookup)."""
+    constants = {init.name for init in graph.initializer}
+    found: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        inputs = [name for name in node.input if name]
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _EXPRESSION_OPS or not inputs:
+            continue
+        if node.op_type == "Transpose" and inputs[0] in weights:
+            continue
+        if all(n in weights or n in found or n in constants for n in inputs) and any(
+                n in weights or n in found for n in inputs):
+            found[node.output[0]] = index
+    return found
+
+
+def _form(name: str, graph: onnx.GraphProto, expressions: dict[str, int], constants: dict[str, TensorProto]) -> str:
+    """A weight expression written out (ops, attributes, weights by name, constants by value): equal forms are
+    equal values."""
+    if name in constants:
+        data = numpy_helper.to_array(constants[name])
+        return f"const{list(data.shape)}{data.dtype}:{hashlib.sha256(data.tobytes()).hexdigest()}"
+    if name not in expressions:
+        return name  # a weight
+    node = graph.node[expressions[name]]
+    attributes = ",".join(f"{a.name}={helper.get_attribute_value(a)}" for a in node.attribute)
+    inputs = ",".join(_form(n, graph, expressions, constants) for n in node.input if n)
+    return f"{node.op_type}[{attributes}]({inputs})"
+
+
+def _evaluate_expression(root: str, graph: onnx.GraphProto, expressions: dict[str, int],
+                         weights: dict[str, torch.Tensor], constants: dict[str, TensorProto],
+                         rename: dict[str, str]) -> tuple[str, torch.Tensor]:
+    """The value of the weight expression `root` and the name it is stored under: its weights' stored names
+    joined (`a.q_proj.w`, `a.k_proj.w` -> `a.q_proj+k_proj.w`), `.T` appended where the last node transposes;
+    an expression of one weight gets its last op's name appended (`a.q_proj.w.reshape`)."""
+    leaves: list[str] = []
+
+    def value(name: str) -> torch.Tensor:
+        if name in weights:
+            if name not in leaves:
+                leaves.append(name)
+            return weights[name].detach()
+        if name in constants:
+            array = numpy_helper.to_array(constants[name])
+            if constants[name].data_type == TensorProto.BFLOAT16:  # numpy holds it as ml_dtypes' bfloat16
+                return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
+            return torch.from_numpy(array.copy())
+        node = graph.node[expressions[name]]
+        args = [value(n) for n in node.input if n]
+        op = node.op_type
+        if op == "Concat":
+            return torch.cat(args, _axis(node))
+        if op == "Transpose":
+            perm = _perm(node) or list(reversed(range(args[0].dim())))
+            return args[0].permute(perm).contiguous()
+        if op == "Identity":
+            return args[0]
+        if op == "Reshape":
+            shape = [d if d != 0 else args[0].shape[i] for i, d in enumerate(args[1].tolist())]
+            return args[0].reshape(shape)
+        if op == "Unsqueeze":
+            out = args[0]
+            for axis in sorted(a % (out.dim() + len(args[1])) for a in args[1].tolist()):
+                out = out.unsqueeze(axis)
+            return out
+        axes = args[1].tolist() if len(args) > 1 else [i for i, d in enumerate(args[0].shape) if d == 1]
+        return args[0].squeeze(tuple(axes))  # Squeeze
+
+    result = value(root)
+    names = [rename.get(n, n).split(".") for n in leaves]
+    prefix = 0
+    while all(len(p) > prefix + 1 for p in names) and len({tuple(p[:prefix + 1]) for p in names}) == 1:
+        prefix += 1
+    suffix = 0
+    while (all(len(p) > prefix + suffix + 1 for p in names)
+           and len({tuple(p[len(p) - suffix - 1:]) for p in names}) == 1):
+        suffix += 1
+    middle = "+".join(".".join(p[prefix:len(p) - suffix]) for p in names)
+    stored = ".".join([*names[0][:prefix], middle, *names[0][len(names[0]) - suffix:]])
+    op = graph.node[expressions[root]].op_type
+    if len(names) == 1:  # one weight reshaped or the like: a name of its own beside the weight's
+        stored += f".{op.lower()}"
+    elif op == "Transpose":
+        stored += ".T"
+    return stored, result
 
 
 def fold_constants(proto: onnx.ModelProto) -> int:
