@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -212,6 +213,35 @@ def test_served_profiles_hold_tritons_first_request_and_decode_steps(repository)
             feeds.update({C.TOP_K: np.array([0], np.int64), START: np.array([1 - index], np.int32)})
             logits = served.run([C.LOGITS], feeds)[0]
             assert logits.shape == (feeds[C.INPUT_IDS].shape[0], 1, record.vocab_size), (index, corner)
+
+
+def test_python_repository(tmp_path):
+    """--backend python: the export as it is under its own names, the engine model (decoupled, no sequence
+    batcher, the provider and threads as parameters) and the conversation model relaying to it, both parsed with
+    Triton's schema; model.py imports the runtime's classes."""
+    path = exported("tiny-llama")
+    written = write_repository(path, str(tmp_path), name="m", backend="python", threads=2, provider="cpu",
+                               engine_limits={"max_batch": 8})
+    assert sorted(os.path.relpath(p, tmp_path) for p in written) == sorted([
+        "m/1/tiny-llama.onnx", "m/1/tiny-llama.onnx.data", "m/1/tiny-llama.frozen.onnx",
+        "m/1/tiny-llama.tokenizer.json", "m/1/model.py", "m/config.pbtxt", "m_sequence/1/model.py",
+        "m_sequence/config.pbtxt", "m/tokenizer.json"])
+    engine = _parse((tmp_path / "m" / "config.pbtxt").read_text())
+    assert (engine.backend, engine.model_transaction_policy.decoupled, engine.HasField("sequence_batching")) == \
+        ("python", True, False)
+    assert {k: v.string_value for k, v in engine.parameters.items()} == {
+        "graph": "tiny-llama.onnx", "provider": "cpu", "max_batch": "8", "threads": "2"}
+    assert all(i.optional for i in engine.input) and {"text_input", "input_ids", "session_id"} <= \
+        {i.name for i in engine.input}
+    relay = _parse((tmp_path / "m_sequence" / "config.pbtxt").read_text())
+    assert relay.parameters["engine"].string_value == "m" and relay.sequence_batching.oldest.max_candidate_sequences
+    assert [c.name for c in relay.sequence_batching.control_input] == ["START", "END"]
+    assert "session_id" not in {i.name for i in relay.input}
+    assert "EngineModel as TritonPythonModel" in (tmp_path / "m" / "1" / "model.py").read_text()
+    assert "ConversationModel as TritonPythonModel" in (tmp_path / "m_sequence" / "1" / "model.py").read_text()
+    with pytest.raises(XLoraError, match=r"m_sequence already exists"):
+        shutil.rmtree(tmp_path / "m")
+        write_repository(path, str(tmp_path), name="m", backend="python")
 
 
 def test_xlora_triton_command(tmp_path, capsys):
