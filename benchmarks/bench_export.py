@@ -145,9 +145,12 @@ def export_once(folder: str, dtype: str, out: str, extra: list[str] | None = Non
 
 _QUANTIZE_CHILD = r"""
 import os, shutil, sys, time
+from xlora_export import quantize
 from xlora_export.quantize import QuantizeOptions, quantize_files
 from xlora_runtime.format import contract as C
-float_main, out_main, mode, agreement = sys.argv[1:5]
+float_main, out_main, mode, agreement, steps = sys.argv[1:6]
+if steps != "0":
+    quantize.AGREEMENT_STEPS = int(steps)
 start = time.perf_counter()
 def progress(message):
     print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
@@ -160,18 +163,19 @@ print("\n".join(report.lines()))
 """
 
 
-def quantize_once(float_graph: str, mode: str, agreement: bool = True) -> dict:
+def quantize_once(float_graph: str, mode: str, agreement: bool = True, steps: int = 0) -> dict:
     """Quantize an earlier float export (`float_graph`, with its frozen graph) in a child, as `--quantize` does
     after the export's validation (`quantize.quantize_files`: both graphs, one weights file, the agreement with
-    the float graphs measured unless not `agreement`), into a folder beside it named after the mode, under the same
-    file names; wall time, peak RSS, stages and files as `export_once`."""
+    the float graphs measured unless not `agreement`, over `steps` decode steps instead of the exporter's when
+    given), into a folder beside it named after the mode, under the same file names; wall time, peak RSS, stages
+    and files as `export_once`."""
     folder = os.path.join(os.path.dirname(float_graph), os.path.basename(float_graph)[:-len(".onnx")] + "-" + mode)
     os.makedirs(folder, exist_ok=True)
     out = os.path.join(folder, os.path.basename(float_graph))
     with open(out + ".log", "w") as log:
         t0 = time.perf_counter()
         child = subprocess.Popen([sys.executable, "-c", _QUANTIZE_CHILD, float_graph, out, mode,
-                                  "1" if agreement else "0"],
+                                  "1" if agreement else "0", str(steps)],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                  env=_child_env())
         watch = _StageWatch(child.pid)
@@ -201,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                         "exporting again")
     parser.add_argument("--no-agreement", action="store_true", help="with --reuse-float: skip the quantized graphs' "
                         "agreement runs (four decodes of 25 steps, two of them on the float graphs)")
+    parser.add_argument("--agreement-steps", type=int, default=0, metavar="N", help="with --reuse-float: decode "
+                        "steps of the agreement runs (default: the exporter's)")
     parser.add_argument("--cache", default=CACHE, help="where checkpoints and exports go (default benchmarks/.cache)")
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args(argv)
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.quantize and args.reuse_float:
                 print(f"quantizing the {name} {dtype} export ({args.quantize}) ...", flush=True)
                 result = quantize_once(os.path.join(args.cache, f"{name}-{dtype}.onnx"), args.quantize,
-                                       not args.no_agreement)
+                                       not args.no_agreement, args.agreement_steps)
             else:
                 out = os.path.join(args.cache, f"{name}-{dtype}{tag}.onnx")
                 print(f"exporting {name} ({dtype}{', ' + args.quantize if args.quantize else ''}) ...", flush=True)
