@@ -195,8 +195,8 @@ def test_the_server_stops_by_its_pid_and_leaves_no_shared_memory(server):
 
 def test_the_onnxruntime_repository_passes_the_servers_config_checks(python_env, tmp_path):
     """Without its backend (not in the wheel), the server still parses the onnxruntime repository's config and
-    checks its sequence batcher's controls and states (--disable-auto-complete-config): it fails on the missing
-    backend only."""
+    checks its sequence batcher's controls (--disable-auto-complete-config): it fails on the missing backend only
+    (a START control without its values fails earlier, on the config)."""
     write_repository(exported("tiny-llama"), str(tmp_path), name="graph", gpu=False)
     s = TritonServer(str(tmp_path), python_env, "--disable-auto-complete-config", ready=False)
     try:
