@@ -265,6 +265,8 @@ def test_min_agreement_fails_the_export(tmp_path, capsys, monkeypatch):
     (["--quantize", "int8", "--block-size", "32"], "--block-size applies to --quantize int4 only"),
     (["--block-size", "32"], "--block-size needs --quantize (int8 or int4)"),
     (["--quantize-lm-head"], "--quantize-lm-head needs --quantize (int8 or int4)"),
+    (["--quantize-embedding"], "--quantize-embedding needs --quantize (int8 or int4)"),
+    (["--quantize", "int8", "--quantize-embedding"], "--quantize-embedding applies to --quantize int4 only"),
     (["--min-agreement", "0.9"], "--min-agreement needs --quantize (int8 or int4)"),
     (["--quantize", "int8", "--min-agreement", "1.5"], "argument --min-agreement: expected a fraction in 0..1"),
 ])

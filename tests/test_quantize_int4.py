@@ -124,3 +124,54 @@ def test_fp16_export_quantizes_and_agrees(tmp_path):
     assert agreement["frozen"].tokens >= 0.85 and agreement["main"].logits_error < 0.2
     scales = [i for i in onnx.load(path, load_external_data=False).graph.initializer if i.name.endswith("_scales")]
     assert scales and {i.data_type for i in scales} == {TensorProto.FLOAT16}
+
+
+def _dequantized_rows(proto: onnx.ModelProto, folder: str, node: onnx.NodeProto) -> np.ndarray:
+    """The table a GatherBlockQuantized node reads, dequantized with numpy: (V, H) = (q - zero point) * scale."""
+    values = _values(proto, folder)
+    data, scales, zero_points = (values[name] for name in (node.input[0], node.input[2], node.input[3]))
+    block = next(a.i for a in node.attribute if a.name == "block_size")
+    vocab, blocks = scales.shape
+    q = np.stack([data & 15, data >> 4], -1).reshape(vocab, blocks, block).astype(np.float32)
+    zero = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(vocab, -1)[:, :blocks].astype(np.float32)
+    return ((q - zero[..., None]) * scales.astype(np.float32)[..., None]).reshape(vocab, blocks * block)
+
+
+@pytest.mark.parametrize("recipe", ["tiny-llama-trained", "tiny-qwen3"])  # untied; tied (lm_head's blocks)
+def test_embedding_lookup_reads_the_int4_rows(tmp_path, recipe):
+    """--quantize-embedding: the lookup is one GatherBlockQuantized whose output equals a float Gather of the
+    table dequantized with numpy (logits of the frozen graph, prefill and decode); a tied table is stored once,
+    in lm_head's int4 blocks (no float copy left)."""
+    from xlora_export import quantize
+    from xlora_runtime.format.record import GraphInfo
+
+    floats = {"main": str(tmp_path / "f.onnx"), "frozen": str(tmp_path / "f.frozen.onnx")}
+    export(built(recipe), floats["main"], ExportOptions(frozen_scalings=True, validate=False))
+    (tmp_path / "q").mkdir()
+    out = {"main": str(tmp_path / "q" / "m.onnx"), "frozen": str(tmp_path / "q" / "m.frozen.onnx")}
+    report = quantize_files(floats, out, QuantizeOptions("int4", embedding=True), validate=False)
+    assert report.lookups == {"main": 1, "frozen": 1} and "1 embedding lookup of the main graph" in report.lines()[0]
+    proto = onnx.load(out["frozen"], load_external_data=False)
+    lookup = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(lookup) == 1 and not [n for n in proto.graph.node if n.op_type == "Gather"
+                                     and n.input[0].startswith("model.model.embed_tokens")]
+    external = {i.name: {e.key: e.value for e in i.external_data} for i in proto.graph.initializer
+                if i.data_location == TensorProto.EXTERNAL}
+    assert not [name for name in external if name.startswith("model.model.embed_tokens.weight") and "_" not in
+                name.rsplit(".", 1)[-1]]  # no float table
+    if recipe == "tiny-qwen3":  # the lookup's rows are lm_head's blocks: the same bytes in the file
+        head = next(n for n in proto.graph.node if n.op_type == "MatMulNBits" and "embed_tokens" in n.input[1])
+        assert external[lookup[0].input[0]] == external[head.input[1]]
+    table = _dequantized_rows(onnx.load(out["frozen"], load_external_data=False), str(tmp_path / "q"), lookup[0])
+    reference = onnx.load(out["frozen"], load_external_data=False)
+    node = next(n for n in reference.graph.node if n.op_type == "GatherBlockQuantized")
+    node.CopyFrom(helper.make_node("Gather", ["dequantized_table", node.input[1]], list(node.output), axis=0))
+    reference.graph.initializer.append(numpy_helper.from_array(table, "dequantized_table"))
+    onnx.save(reference, str(tmp_path / "q" / "reference.onnx"))
+    info = GraphInfo.read(out["main"])
+    prompts = [[5, 9, 11, 3, 7], [4, 4, 8]]
+    fixed = np.full((2, info.n_modules, info.n_experts), 1 / info.n_experts, np.float32)
+    runs = [quantize._decode(path, info, prompts, True, None, fixed)
+            for path in (out["frozen"], str(tmp_path / "q" / "reference.onnx"))]
+    for got, expected in zip(*(r.logits for r in runs)):
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)

@@ -10,7 +10,11 @@ blocks included) whatever the model's size:
            K, N, bits 4, block_size, accuracy_level; W_Q4 (N, K/block, block/2) uint8, W_scales (N, K/block) in W's
            float type, W_zero_points (N, ceil(K/block / 2)) uint8: ONNX Runtime's own `quantize_matmul_4bits`
            (K padded to whole blocks with zeros, asymmetric), what its quantizer computes
-      -> every other external tensor copied as it is (LoRA A/B, classifier, norms, embedding)
+      -> optionally the embedding lookup:  GatherBlockQuantized(E.rows_Q4, ids, E.rows_scales, E.rows_zero_points)
+           gather_axis 0, quantize_axis 1, bits 4: the table's blocks as those of the MatMul weight E.T, the packed
+           rows viewed as (V, H/2) (the same bytes in the file); a tied table (lm_head reads E.T, the lookup
+           Gather(E.T, axis 1) then Transpose) reads lm_head's blocks, and no float table is left
+      -> every other external tensor copied as it is (LoRA A/B, classifier, norms, a float embedding)
       -> the float weights no node reads any more dropped; the com.microsoft opset (version 1) imported
 
 All tensors go through one `WeightStore`: the main and the frozen graph quantized into the same store share
@@ -51,12 +55,14 @@ class Quantized:
     store: WeightStore
     done: dict[str, TensorProto] = field(default_factory=dict)
 
-    def alias(self, name: str, alias: str) -> TensorProto:
-        """The tensor written as `name`, under the name `alias` (the same bytes)."""
+    def alias(self, name: str, alias: str, dims: tuple[int, ...] | None = None) -> TensorProto:
+        """The tensor written as `name`, under the name `alias` (the same bytes; `dims`: viewed in that shape)."""
         if alias not in self.done:
             self.done[alias] = TensorProto()
             self.done[alias].CopyFrom(self.done[name])
             self.done[alias].name = alias
+            if dims is not None:
+                self.done[alias].dims[:] = dims
         return self.done[alias]
 
     def put(self, name: str, value: np.ndarray | torch.Tensor) -> TensorProto:
@@ -101,53 +107,79 @@ def _read(init: TensorProto, folder: str) -> torch.Tensor:
     return torch.from_numpy(raw).view(_TORCH_DTYPES[init.data_type]).reshape(tuple(init.dims))
 
 
-def quantize_int4(path: str, nodes: list[str], block_size: int, accuracy_level: int, out: Quantized) -> \
-        onnx.ModelProto:
-    """The graph at `path` with the MatMuls named in `nodes` replaced by MatMulNBits (module docstring), every
-    external tensor written through `out`; peak memory about one weight and its quantized blocks.
+def quantize_int4(path: str, nodes: list[str], block_size: int, accuracy_level: int, out: Quantized,
+                  lookups: list[str] = ()) -> onnx.ModelProto:
+    """The graph at `path` with the MatMuls named in `nodes` replaced by MatMulNBits and the embedding lookups
+    named in `lookups` by GatherBlockQuantized (module docstring), every external tensor written through `out`;
+    peak memory about one weight and its quantized blocks.
 
     Args:
         nodes: MatMul node names whose input B is a 2-D initializer.
         block_size: weights per scale along K, a power of two >= 16.
         accuracy_level: MatMulNBits' `accuracy_level` (0: the attribute left out, as ONNX Runtime does).
+        lookups: `quantized_lookups`' Gather nodes (a table (V, H), or a tied one stored (H, V) and read through
+            Gather(axis 1) and Transpose([1, 2, 0])), H a whole number of blocks.
     """
     proto = onnx.load(path, load_external_data=False)
     graph, folder = proto.graph, os.path.dirname(os.path.abspath(path))
     initializers = {init.name: init for init in graph.initializer}
-    chosen = set(nodes)
-    uses: dict[str, int] = {}  # weight -> MatMulNBits reading it so far
-    new_nodes, added = [], []
-    for node in graph.node:
-        if node.name not in chosen:
-            new_nodes.append(node)
-            continue
-        name = node.input[1]
-        weight = initializers[name]
-        assert node.op_type == "MatMul" and len(weight.dims) == 2, f"{node.name}: not a MatMul with a 2-D weight"
-        rows, cols = weight.dims
-        q_name, s_name, z_name = f"{name}_Q4", f"{name}_scales", f"{name}_zero_points"
-        if q_name not in out.done:
-            value = _read(weight, folder)
+    chosen, tables = set(nodes), set(lookups)
+    uses: dict[str, int] = {}  # weight -> quantized nodes reading it so far
+
+    def blocks(name: str, as_rows: bool) -> tuple[str, str, str]:
+        """The names of `name`'s blocks as a MatMul weight (K, N) (`as_rows`: stored (N, K), a lookup table),
+        quantized and written on first use; a second use in an fp16 graph under names of its own."""
+        q, s, z = f"{name}_Q4", f"{name}_scales", f"{name}_zero_points"
+        if q not in out.done:
+            value = _read(initializers[name], folder)
+            value = value.t() if as_rows else value
             if value.dtype == torch.bfloat16:  # as ONNX Runtime does: blocks of the fp32 values, bf16 scales
-                packed, scales, zero_points = quantize_blocks(value.float().numpy(), block_size)
+                packed, scales, zero_points = quantize_blocks(value.float().contiguous().numpy(), block_size)
                 scales = torch.from_numpy(scales).bfloat16()
             else:
-                packed, scales, zero_points = quantize_blocks(value.numpy(), block_size)
+                packed, scales, zero_points = quantize_blocks(value.contiguous().numpy(), block_size)
             del value
-            out.put(q_name, packed)
-            out.put(s_name, scales)
-            out.put(z_name, zero_points)
+            out.put(q, packed)
+            out.put(s, scales)
+            out.put(z, zero_points)
         uses[name] = uses.get(name, 0) + 1
-        if uses[name] > 1 and weight.data_type == TensorProto.FLOAT16:  # see the module docstring
+        if uses[name] > 1 and initializers[name].data_type == TensorProto.FLOAT16:  # see the module docstring
             stem = f"{name}.use{uses[name]}"
-            q_name, s_name, z_name = (out.alias(n, f"{stem}{suffix}").name for n, suffix in
-                                      ((q_name, "_Q4"), (s_name, "_scales"), (z_name, "_zero_points")))
-        added += [out.done[q_name], out.done[s_name], out.done[z_name]]
-        attributes = {"K": rows, "N": cols, "bits": 4, "block_size": block_size}
-        if accuracy_level:
-            attributes["accuracy_level"] = accuracy_level
-        new_nodes.append(helper.make_node("MatMulNBits", [node.input[0], q_name, s_name, z_name], [node.output[0]],
-                                          name=f"{node.name}_Q4", domain="com.microsoft", **attributes))
+            q, s, z = (out.alias(n, f"{stem}{suffix}").name for n, suffix in
+                       ((q, "_Q4"), (s, "_scales"), (z, "_zero_points")))
+        return q, s, z
+
+    transposes = {n.input[0]: n for n in graph.node if n.op_type == "Transpose"}
+    dropped: set[str] = set()  # the tied lookups' Transposes
+    new_nodes, added = [], []
+    for node in graph.node:
+        if node.name in chosen:
+            name = node.input[1]
+            rows, cols = initializers[name].dims
+            assert node.op_type == "MatMul" and len(initializers[name].dims) == 2, f"{node.name}: not a 2-D MatMul"
+            inputs = blocks(name, False)
+            added += [out.done[t] for t in inputs]
+            attributes = {"K": rows, "N": cols, "bits": 4, "block_size": block_size}
+            if accuracy_level:
+                attributes["accuracy_level"] = accuracy_level
+            new_nodes.append(helper.make_node("MatMulNBits", [node.input[0], *inputs], [node.output[0]],
+                                              name=f"{node.name}_Q4", domain="com.microsoft", **attributes))
+        elif node.name in tables:
+            name, tied = node.input[0], _axis(node) == 1
+            vocab, hidden = reversed(initializers[name].dims) if tied else initializers[name].dims
+            q, s, z = blocks(name, not tied)
+            q = out.alias(q, f"{name}.rows_Q4", (vocab, hidden // 2)).name  # (V, H/block, block/2) as (V, H/2)
+            s, z = (out.alias(t, f"{name}.rows{suffix}").name for t, suffix in ((s, "_scales"), (z, "_zero_points")))
+            added += [out.done[t] for t in (q, s, z)]
+            output = node.output[0]
+            if tied:  # Gather(E.T, ids, axis=1) -> (H, b, s), Transpose -> (b, s, H): one lookup of rows
+                dropped.add(transposes[output].name)
+                output = transposes[output].output[0]
+            new_nodes.append(helper.make_node("GatherBlockQuantized", [q, node.input[1], s, z], [output],
+                                              name=f"{node.name}_Q4", domain="com.microsoft", bits=4,
+                                              block_size=block_size, gather_axis=0, quantize_axis=1))
+        elif node.name not in dropped:
+            new_nodes.append(node)
     used = {name for node in new_nodes for name in node.input} | {o.name for o in graph.output}
     kept = []
     for init in [*graph.initializer, *added]:
@@ -167,6 +199,10 @@ def quantize_int4(path: str, nodes: list[str], block_size: int, accuracy_level: 
     else:
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return proto
+
+
+def _axis(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 0)
 
 
 def _unique(tensors: list[TensorProto]) -> list[TensorProto]:
