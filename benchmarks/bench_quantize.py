@@ -1,7 +1,7 @@
 """Quantized graphs on a CPU: decode speed, sizes and agreement of int8 and int4 graphs against the float ones.
 
     python benchmarks/bench_quantize.py [--models llama-32m] [--agreement-models tiny-llama-trained]
-                                        [--graphs FLOAT.onnx ...] [--modes int8 int4] [--block-size 32]
+                                        [--graphs FLOAT.onnx ...] [--no-timing] [--modes int8 int4] [--block-size 32]
                                         [--prompt-len 128] [--new-tokens 32] [--runs 5] [--threads 2]
                                         [--profile STEPS] [--wait-quiet S] [--out DIR] [--json OUT.json]
 
@@ -9,7 +9,8 @@ Float graphs: a recipe's export by bench_generate.prepare (benchmarks/.cache/NAM
 an existing float export given with --graphs (read only). Each is quantized by `xlora_export.quantize.quantize_files`
 (what `xlora-export --quantize` runs after the float export) into OUT/NAME-MODE/NAME.onnx, reused while the float
 graph and the options are unchanged, with its agreement against the float graph (teacher-forced top-1 tokens,
-logits error, scalings, top-1 experts; see quantize.py).
+logits error, scalings, top-1 experts; see quantize.py). The process's peak resident set (VmHWM, reset before
+each stage) is measured while quantizing and while measuring the agreement, against the float weights' file.
 
 Speed (--models and --graphs): greedy generation of one random prompt (fixed seed, batch 1, no stop tokens) through
 the runtime (`xlora_runtime.Generator`, IO binding), scalings per token (granular) and frozen, for the float graph
@@ -68,16 +69,41 @@ def quantize_graph_files(float_graph: str, variant: str, block_size: int, out_ro
         with open(tokenizer, "rb") as src, open(C.tokenizer_path(out), "wb") as dst:
             dst.write(src.read())
     say(f"{stem}: quantizing ({variant}) and measuring the agreement with the float graph")
+    peaks: dict[str, int] = {}  # stage -> peak resident set
+    seconds: dict[str, float] = {}
+
+    def stage(message: str) -> None:  # quantize_files' progress: the agreement stage ends the quantizing one
+        if message.startswith("measuring"):
+            peaks["quantize"], seconds["quantize"] = peak_rss(reset=True), time.perf_counter() - t0
+        say(f"{stem}: {message}")
+
+    peak_rss(reset=True)
     t0 = time.perf_counter()
-    report = quantize_files(floats, {"main": out, "frozen": C.frozen_path(out)}, options, validate=True)
-    stamp = {"key": key, "graph": out, "quantize_s": time.perf_counter() - t0, "float_bytes": report.float_bytes,
-             "bytes": report.bytes, "quantized_matmuls": report.quantized, "prompts": report.prompts,
-             "agreement": {k: dataclasses.asdict(v) for k, v in report.agreement.items()}}
+    report = quantize_files(floats, {"main": out, "frozen": C.frozen_path(out)}, options, validate=True,
+                            progress=stage)
+    peaks["agreement"] = peak_rss()
+    data = float_graph + ".data"
+    stamp = {"key": key, "graph": out, "quantize_s": time.perf_counter() - t0,
+             "quantize_only_s": seconds.get("quantize"), "float_bytes": report.float_bytes,
+             "float_weights_bytes": os.path.getsize(data) if os.path.isfile(data) else None,
+             "peak_rss_bytes": peaks, "bytes": report.bytes, "quantized_matmuls": report.quantized,
+             "prompts": report.prompts, "agreement": {k: dataclasses.asdict(v) for k, v in report.agreement.items()}}
     with open(stamp_path, "w") as f:
         json.dump(stamp, f, indent=1)
     say(f"{stem}: {variant} in {stamp['quantize_s']:.1f} s, {report.float_bytes / 1e6:.1f} MB -> "
         f"{report.bytes / 1e6:.1f} MB")
     return stamp
+
+
+def peak_rss(reset: bool = False) -> int:
+    """This process's peak resident set in bytes (VmHWM) since the last reset; `reset` starts a new peak from the
+    current resident set (Linux: /proc/self/clear_refs)."""
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    if reset:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    return peak
 
 
 # ----------------------------------------------------------------------------------------------- profile
@@ -187,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="recipes whose agreement only is measured")
     parser.add_argument("--graphs", nargs="*", default=[], help="existing float exports (with OUT.frozen.onnx) to "
                         "time and measure, read only")
+    parser.add_argument("--no-timing", action="store_true", help="quantize and measure only (no generation timed)")
     parser.add_argument("--modes", nargs="+", default=["int8", "int4"], choices=["int8", "int4"])
     parser.add_argument("--block-size", type=int, default=32, help="int4 block size")
     parser.add_argument("--quantize-lm-head", action="store_true", help="also measure each mode with lm_head "
@@ -211,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sources = {name: prepare(name, say)["graph"] for name in args.models + args.agreement_models}
     sources.update({os.path.basename(g)[: -len(".onnx")]: os.path.abspath(g) for g in args.graphs})
-    timed = args.models + [os.path.basename(g)[: -len(".onnx")] for g in args.graphs]
+    timed = [] if args.no_timing else args.models + [os.path.basename(g)[: -len(".onnx")] for g in args.graphs]
     variants = args.modes + ([f"{m}+head" for m in args.modes] if args.quantize_lm_head else [])
     quantized = {(name, v): quantize_graph_files(graph, v, args.block_size, args.out, say)
                  for name, graph in sources.items() for v in variants}
@@ -236,16 +263,26 @@ def main(argv: list[str] | None = None) -> int:
                             "files MB", "same tokens")))
         print("x float: decode tok/s over the float graph's (same scalings mode); files: graph(s) + weights on disk; "
               "same tokens: free-running greedy tokens equal to the float graph's (diverge after one flip)")
-    rows = []
+    rows, memory = [], []
     for (name, mode), stamp in quantized.items():
         a, f = stamp["agreement"]["main"], stamp["agreement"].get("frozen")
         rows.append((name, mode, "", str(a["positions"]), f"{a['tokens']:.1%}", f"{a['logits_error']:.1%}",
                      f"{a['scalings_max_diff']:.3f}", f"{a['scalings_mean_diff']:.4f}", f"{a['experts']:.1%}",
                      f"{f['tokens']:.1%}" if f else "-", f"{stamp['float_bytes'] / 1e6:.1f}",
                      f"{stamp['bytes'] / 1e6:.1f}"))
+        weights, peaks = stamp.get("float_weights_bytes"), stamp.get("peak_rss_bytes") or {}
+        if weights and peaks:
+            memory.append((name, mode, "", f"{weights / 1e9:.2f}",
+                           *(f"{peaks[s] / 1e9:.2f} ({peaks[s] / weights:.2f}x)" if s in peaks else "-"
+                             for s in ("quantize", "agreement")), f"{stamp.get('quantize_only_s') or 0:.0f}",
+                           f"{stamp['quantize_s']:.0f}"))
     print("agreement with the float graph (teacher-forced; main graph, and frozen graph top-1 tokens):")
     print(render(rows, ("model", "mode", "", "positions", "top-1 tokens", "logits error", "scalings max",
                         "scalings mean", "top-1 experts", "frozen top-1", "float MB", "quantized MB")))
+    if memory:
+        print("peak resident set of this process (GB, and x the float weights' file), seconds:")
+        print(render(memory, ("model", "mode", "", "float weights GB", "quantizing", "agreement", "quantize s",
+                              "total s")))
     for result in speed:
         for graph, p in (result.get("profile") or {}).items():
             top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(p["ops_ms_per_token"].items())[:8])
