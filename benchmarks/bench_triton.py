@@ -1,18 +1,23 @@
 """The runtime served inside a real Triton Inference Server (`xlora-triton --backend python`) against
 `xlora-serve`, on the committed demo, in one run on one machine.
 
-    python benchmarks/bench_triton.py [--clients 1 8] [--max-tokens 64] [--requests 16] [--threads 2]
-                                      [--overhead 30] [--rounds 2] [--json OUT.json]
+    python benchmarks/bench_triton.py [--model demo|RECIPE] [--clients 1 8] [--max-tokens 64] [--requests 16]
+                                      [--threads 2] [--overhead 30] [--rounds 2] [--json OUT.json]
 
-Both servers serve the demo (models/xlora-demo exported once into benchmarks/.cache, as bench_serve.py's guidellm
-rows) with the same threads and a batch of 16; Triton is the `tritonserver` of the nvidia-pytriton wheel, in the
-venv tests/triton_server.py builds and caches, on 127.0.0.1. Every request is one of the demo's held-out
-questions (the same list for both servers), greedy, `ignore_eos`, exactly --max-tokens new tokens, streamed:
-Triton's `generate_stream` (server-sent events, one per token), xlora-serve's /v1/completions (one chunk per
-token). Rows:
+Both servers serve the same graph with the same threads and a batch of 16: the demo (models/xlora-demo exported
+once into benchmarks/.cache, as bench_serve.py's guidellm rows; a 5 MB model whose decode step takes about as long
+as streaming its token) or a recipe of models/recipes.py built and exported once (bench_generate.py's `prepare`;
+llama-32m: a model whose step dominates, as bench_serve.py's own rows). Triton is the `tritonserver` of the
+nvidia-pytriton wheel, in the venv tests/triton_server.py builds and caches, on 127.0.0.1. Every request (the same
+list for both servers) is one of the demo's held-out questions, or for a recipe random token ids (16 to 63, seed
+0, as bench_serve.py), greedy, `ignore_eos`, exactly --max-tokens new tokens, streamed: Triton's
+`generate_stream` (server-sent events, one per token), xlora-serve's /v1/completions (one chunk per token with
+`return_token_ids`). Rows:
 
     load C          C clients (asyncio + httpx) send --requests requests in all, back to back; output tokens/s
                     over the wall time, and its ratio to the same server's 1-client figure of the same round
+                    (the table: the median over the rounds of each, so a round that other jobs slowed down
+                    moves the ratio less than a ratio of medians would)
     overhead        one request at a time, one new token, not streamed (Triton's `generate`, xlora-serve's
                     /v1/completions), the two servers alternating request by request: the median latency of
                     each, and Triton's minus xlora-serve's (what Triton's HTTP front end, its scheduler and the
@@ -28,11 +33,13 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
 import httpx
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -42,12 +49,25 @@ from bench_serve import demo_graph, served  # noqa: E402
 from triton_server import TritonServer, server_env  # noqa: E402
 
 
-def prompts(count: int) -> list[str]:
-    """The demo's held-out questions as plain prompts, round-robin over its tasks."""
+def prompts(model: str, count: int) -> list[str] | list[list[int]]:
+    """The demo's held-out questions as plain prompts, round-robin over its tasks; for a recipe, token ids."""
+    if model != "demo":
+        rng = np.random.default_rng(0)
+        return [rng.integers(3, 300, int(rng.integers(16, 64))).tolist() for _ in range(count)]
     from models.demo import TASKS, eval_set, plain_prompt
 
     per_task = [[plain_prompt(q) for q, _ in eval_set(task, count, seed=3)] for task in TASKS]
     return [per_task[i % len(TASKS)][i // len(TASKS)] for i in range(count)]
+
+
+def graph_of(model: str, say) -> str:
+    """The graph served: the demo's export, or the recipe's (built and exported in a child process)."""
+    if model == "demo":
+        return demo_graph(say)
+    code = (f"import json, sys; sys.path.insert(0, {HERE!r}); from bench_generate import prepare; "
+            f"print(json.dumps(prepare({model!r}, lambda m: print(m, file=sys.stderr, flush=True))))")
+    prepared = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(prepared.stdout.strip().splitlines()[-1])["graph"]
 
 
 class Target:
@@ -81,16 +101,18 @@ class Target:
 
 
 def triton_target(http: str) -> Target:
-    def body(prompt: str, max_tokens: int, stream: bool) -> dict:
-        return {"text_input": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": stream}
+    def body(prompt: str | list[int], max_tokens: int, stream: bool) -> dict:
+        text = {"text_input": prompt} if isinstance(prompt, str) else {"input_ids": prompt}
+        return {**text, "max_tokens": max_tokens, "ignore_eos": True, "stream": stream}
 
     return Target("triton", f"http://{http}", "/v2/models/xlora/generate_stream", "/v2/models/xlora/generate", body)
 
 
 def serve_target(url: str) -> Target:
-    def body(prompt: str, max_tokens: int, stream: bool) -> dict:
-        return {"model": "xlora-demo", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
-                "temperature": 0, "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
+    def body(prompt: str | list[int], max_tokens: int, stream: bool) -> dict:
+        return {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
+                "stream": stream, "xlora": {"return_token_ids": True},
+                **({"stream_options": {"include_usage": True}} if stream else {})}
 
     return Target("xlora-serve", url, "/v1/completions", "/v1/completions", body)
 
@@ -115,6 +137,7 @@ async def load(target: Target, clients: int, questions: list[str], max_tokens: i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo", help="demo (default) or a recipe of models/recipes.py")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=16, help="requests per load row (default 16)")
@@ -129,15 +152,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from xlora_runtime.serve.triton import write_repository
 
-    graph = demo_graph(say)
+    graph = graph_of(args.model, say)
     python = server_env()
     repo = tempfile.mkdtemp(prefix="xlora-bench-triton-")
     write_repository(graph, repo, backend="python", threads=args.threads, engine_limits={"max_batch": 16})
-    questions = prompts(args.requests)
+    questions = prompts(args.model, args.requests)
     say(f"tritonserver (nvidia-pytriton) and xlora-serve, {args.threads} threads each")
     triton = TritonServer(repo, python)
     try:
-        with served(graph, args.threads, "--model-name", "xlora-demo") as url:
+        with served(graph, args.threads, "--model-name", "bench") as url:
             targets = [triton_target(triton.http), serve_target(url)]
             for target in targets:  # warm-up: sessions, pre-packed weights, connections
                 asyncio.run(load(target, 2, questions[:2], 4))
@@ -155,15 +178,17 @@ def main(argv: list[str] | None = None) -> int:
                         latencies[target.name].append(target.single(client, questions[i % len(questions)]))
     finally:
         triton.stop()
-    report = {"threads": args.threads, "max_tokens": args.max_tokens, "requests": args.requests, "load": {},
-              "overhead_ms": {}}
+    report = {"model": args.model, "threads": args.threads, "max_tokens": args.max_tokens,
+              "requests": args.requests, "load": {}, "overhead_ms": {}}
     print("\n| server | clients | output tok/s | x 1 client |\n|---|---:|---:|---:|")
     for name, by_clients in rows.items():
-        one = statistics.median(r["tokens_per_s"] for r in by_clients[min(args.clients)])
+        ones = by_clients[min(args.clients)]
         for clients, runs in by_clients.items():
             rate = statistics.median(r["tokens_per_s"] for r in runs)
-            report["load"].setdefault(name, {})[clients] = {"tokens_per_s": rate, "x_one": rate / one}
-            print(f"| {name} | {clients} | {rate:.1f} | {rate / one:.2f} |")
+            ratio = statistics.median(r["tokens_per_s"] / one["tokens_per_s"] for r, one in zip(runs, ones))
+            report["load"].setdefault(name, {})[clients] = {"tokens_per_s": rate, "x_one": ratio,
+                                                            "runs": [r["tokens_per_s"] for r in runs]}
+            print(f"| {name} | {clients} | {rate:.1f} | {ratio:.2f} |")
     print("\n| server | one-token request, median ms |\n|---|---:|")
     for name, values in latencies.items():
         report["overhead_ms"][name] = 1000 * statistics.median(values)

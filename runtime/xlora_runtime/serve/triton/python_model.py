@@ -160,29 +160,28 @@ class EngineModel:
         return spec, _scalar(request, "stream", bool, False), _scalar(request, "session_end", bool, False)
 
     async def _serve(self, request: Any) -> None:
+        """Answer one request; whatever goes wrong before its last response becomes an error response (a request
+        never stays without its final flag)."""
         pb = _pb()
         sender = request.get_response_sender()
         try:
             spec, stream, end = self._spec(request)
             [handle] = self.scheduler.submit([spec], asyncio.get_running_loop())
+            outs: list[TokenOut] = []
+            async for out in handle:
+                outs.append(out)
+                if stream and out.finish_reason is None:
+                    sender.send(self._response([out], None))
+            last = self._response(outs[-1:] if stream else outs, handle)
         except (XLoraError, QueueFullError) as e:
             sender.send(pb.InferenceResponse(error=pb.TritonError(str(e))),
                         flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
-        outs: list[TokenOut] = []
-        try:
-            async for out in handle:
-                outs.append(out)
-                if stream:
-                    last = out.finish_reason is not None
-                    sender.send(self._response([out], handle if last else None),
-                                flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0)
-        except XLoraError as e:
-            sender.send(pb.InferenceResponse(error=pb.TritonError(str(e))),
+        except Exception as e:  # a bug: said in one line to the client, and the server goes on
+            sender.send(pb.InferenceResponse(error=pb.TritonError(f"{type(e).__name__}: {e}")),
                         flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
-        if not stream:
-            sender.send(self._response(outs, handle), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        sender.send(last, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         if spec.session_id is not None:
             if end:
                 self.histories.pop(spec.session_id, None)
