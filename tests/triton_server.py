@@ -49,9 +49,12 @@ def server_env() -> str:
     building = tempfile.mkdtemp(prefix="triton-venv-building-", dir=cache)
     try:
         subprocess.run([sys.executable, "-m", "venv", building], check=True, capture_output=True)
-        result = subprocess.run([os.path.join(building, "bin", "python"), "-m", "pip", "install", "-q",
-                                 "--disable-pip-version-check", PYTRITON, "-e", os.path.join(ROOT, "runtime")],
-                                capture_output=True, text=True)
+        try:
+            result = subprocess.run([os.path.join(building, "bin", "python"), "-m", "pip", "install", "-q",
+                                     "--disable-pip-version-check", PYTRITON, "-e", os.path.join(ROOT, "runtime")],
+                                    capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"pip install {PYTRITON}: no answer in 900 s") from None
         if result.returncode != 0:
             raise RuntimeError(f"pip install {PYTRITON}: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
     except BaseException:
