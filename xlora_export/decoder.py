@@ -25,6 +25,9 @@ stay finite.
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,12 +81,24 @@ def _proj(layer: nn.Module, x: torch.Tensor, gates: ColumnGates | None) -> torch
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: DecoderSpec) -> torch.Tensor:
     """RoPE on the first `spec.rotary_dim` features of x (b, s, heads, head_dim); cos, sin (b, s, 1, rotary_dim).
 
-    The widths come from the config (constants in the graph, not Shape ops)."""
+    The widths come from the config (constants in the graph, not Shape ops). The rotation of the halves,
+    (x1, x2) -> (-x2, x1), is a product with a constant signed permutation: exact (one nonzero per column), and
+    one MatMul in a graph instead of two Slices, a Neg and a Concat."""
     rot, rest = (x, None) if spec.rotary_dim == spec.head_dim else x.split(
         [spec.rotary_dim, spec.head_dim - spec.rotary_dim], dim=-1)
-    half = spec.rotary_dim // 2
-    rot = rot * cos + torch.cat((-rot[..., half:], rot[..., :half]), dim=-1) * sin
+    rotation = torch.from_numpy(_half_rotation(spec.rotary_dim)).to(rot.dtype)  # a new tensor per call: a constant
+    rot = rot * cos + torch.matmul(rot, rotation) * sin                        # in every trace, shared by none
     return rot if rest is None else torch.cat((rot, rest), dim=-1)
+
+
+@functools.cache
+def _half_rotation(dim: int) -> np.ndarray:
+    """(dim, dim) float32 R with x R = cat(-x[dim/2:], x[:dim/2]) for x of `dim` features."""
+    half = dim // 2
+    r = np.zeros((dim, dim), np.float32)
+    r[np.arange(half) + half, np.arange(half)] = -1.0
+    r[np.arange(half), np.arange(half) + half] = 1.0
+    return r
 
 
 def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -206,14 +221,21 @@ class SkipRMSNorm(torch.autograd.Function):
 
 def _mlp(mlp: nn.Module, spec: DecoderSpec, x: torch.Tensor, gates: ColumnGates | None) -> torch.Tensor:
     if spec.fused_projections:  # Phi-3: gate and up in one Linear, gate first
-        gate, up = _proj(mlp.gate_up_proj, x, gates).chunk(2, dim=-1)
+        half = _width(mlp.gate_up_proj) // 2
+        gate, up = _proj(mlp.gate_up_proj, x, gates).split([half, half], dim=-1)
         return _proj(mlp.down_proj, up * mlp.activation_fn(gate), gates)
     if torch.onnx.is_in_onnx_export():  # one Linear in a graph
-        gate, up = packed_linears([mlp.gate_proj, mlp.up_proj], x, gates).chunk(2, dim=-1)
+        width = _width(mlp.gate_proj)  # a constant split: `chunk` would trace Shape/Div/Slice ops per layer
+        gate, up = packed_linears([mlp.gate_proj, mlp.up_proj], x, gates).split([width, width], dim=-1)
     else:
         gate, up = sibling_linears([mlp.gate_proj, mlp.up_proj], x, gates)
     act = mlp.act_fn(gate) * up
     return _proj(mlp.down_proj, act, gates)
+
+
+def _width(layer: nn.Module) -> int:
+    """The output features of a Linear, wrapped or not."""
+    return (layer.base_layer if isinstance(layer, XLoraLinear) else layer).out_features
 
 
 def _rotary(base: nn.Module, spec: DecoderSpec, h: torch.Tensor,
