@@ -45,7 +45,7 @@ def demo_graph() -> str:
     folder = os.path.join(BUILD_ROOT, "exports")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "xlora-demo-triton.onnx")
-    export(DEFAULT_MODEL, path, ExportOptions(validate=False))
+    export(DEFAULT_MODEL, path, ExportOptions(frozen_scalings=True, validate=False))
     return path
 
 
@@ -128,6 +128,20 @@ def test_eight_concurrent_streams_equal_their_solo_answers(server, oracle):
     assert len(results) == 8
     for prompt, events in results.items():
         assert [e["output_ids"] for e in events if "output_ids" in e] == oracle[prompt][1], prompt
+
+
+def test_frozen_scalings_equal_xlora_generates(server):
+    """freeze_scalings_after reaches the engine as xlora-generate's option: the same tokens and scalings, which
+    stop changing once frozen (the frozen graph), where the two-pass graph's keep moving."""
+    gen = Generator(XLoraSession(demo_graph(), threads=1))
+    options = {"max_new_tokens": 8, "stop_token_ids": []}
+    for prompt, frozen, free in zip(PROMPTS[2:4], gen.generate(PROMPTS[2:4], freeze_scalings_after=2, **options),
+                                    gen.generate(PROMPTS[2:4], **options)):
+        answer = _generate(server, {"text_input": prompt, "max_tokens": 8, "ignore_eos": True,
+                                    "return_scalings": True, "freeze_scalings_after": 2}).json()
+        scalings = np.array(answer["scalings"], np.float32).reshape(frozen.scalings.shape)
+        assert answer["output_ids"] == frozen.tokens and np.abs(scalings - frozen.scalings).max() <= 1e-5
+        assert np.array_equal(scalings[-1], scalings[-2]) and not np.array_equal(free.scalings[-1], free.scalings[-2])
 
 
 def _grpc_turn(client, text: str, sequence_id: int, start: bool, end: bool) -> dict:
