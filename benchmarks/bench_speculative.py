@@ -27,7 +27,7 @@ with C(b) the frozen graph's decode call of b rows, a_c the top-c acceptance, o 
    answers through the runtime (two passes, exact), on held-out plain and chat prompts of each task; along them the
    plain base graph (`bench_generate.export_base_graph`: exactly the scaling pass with value 0) teacher-forced;
    top-1..4 acceptance = how often X-LoRA's token is among the base's c largest logits. Two lengths: answers (up to
-   eos) and --continue tokens with no stop token.
+   eos) and --continue-tokens tokens with no stop token.
 3. The estimate per round from 1 and 2 (every acceptance model against every cost model): decode tok/s of the
    scheme, x the Generator's two passes, x GenAI + LoRA, and the acceptance that 0.75x GenAI + LoRA needs.
 """
@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                         "extra: onnxruntime-genai)")
     parser.add_argument("--expert", default="code", help="the expert of --genai's og.Adapters row")
     parser.add_argument("--low-memory", action="store_true", help="open the timed graphs with low_memory (1.1B on a "
-                        "machine without twice its weights of memory)")
+                        "machine without twice its weights of memory); calls of 2+ rows then pack the weights every "
+                        "call, so their ratios measure the packing, not the rows")
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="S", help="bench_generate's --wait-quiet")
     parser.add_argument("--cache", default=bench_generate.CACHE, help="where recipes are built and exported "
                         "(default benchmarks/.cache)")
