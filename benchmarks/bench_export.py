@@ -2,10 +2,10 @@
 
     python benchmarks/bench_export.py                                   # tiny-llama and llama-32m, fp32
     python benchmarks/bench_export.py --models tinyllama-1.1b --dtypes fp32 fp16 --json out.json
-    python benchmarks/bench_export.py --models mistral-7b-xlora --dtypes fp16 --cache /big/disk   # 15 GB + 31 GB
+    python benchmarks/bench_export.py --models mistral-7b-xlora --dtypes fp16 --cache /big/disk   # 15 GB + 15 GB
 
 Each recipe is built into `CACHE/NAME` (once; default `benchmarks/.cache`; the 1.1B recipe takes about 1.5 min
-and 4.4 GB, the 7B one about 3 min and 15.3 GB), then exported with both graphs (`--frozen-scalings`, validated)
+and 4.4 GB, the 7B one about 1.5 min and 15.3 GB), then exported with both graphs (`--frozen-scalings`, validated)
 by the `xlora-export` command in a child process, whose peak resident memory the kernel reports (`ru_maxrss` of
 the reaped child). Each stage the export announces (loading, tracing, eager references, validation, ...) gets
 its seconds and the peak of the child's resident memory sampled every 50 ms while it ran. Printed: tables and,
