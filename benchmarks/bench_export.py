@@ -133,14 +133,13 @@ def export_once(folder: str, dtype: str, out: str, extra: list[str] | None = Non
         stages = watch.finish()
     with open(log_path) as log:
         text = log.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"xlora-export failed: {text.strip().splitlines()[-1]}")
+    failed = os.waitstatus_to_exitcode(status) != 0  # its stages are still reported (how far it got, at what cost)
     parity = [line for line in text.splitlines() if line.startswith("parity")]
     stem = os.path.basename(out)[:-len(".onnx")] + "."
     files = {f: os.path.getsize(os.path.join(os.path.dirname(out), f)) for f in os.listdir(os.path.dirname(out))
              if f.startswith(stem) and not f.endswith(".log")}
     return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024, "stages": stages, "parity": parity,
-            "files": files}
+            "files": files, "error": text.strip().splitlines()[-1] if failed else None}
 
 
 _QUANTIZE_CHILD = r"""
@@ -188,11 +187,11 @@ def quantize_once(float_graph: str, mode: str, agreement: bool = True, steps: in
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - t0
         stages = watch.finish()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"quantization failed: {lines[-1] if lines else status}")
+    failed = os.waitstatus_to_exitcode(status) != 0
     files = {f: os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if not f.endswith(".log")}
     return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024, "stages": stages,
-            "parity": [line for line in lines if not line.startswith("[")], "files": files}
+            "parity": [line for line in lines if not line.startswith("[")], "files": files,
+            "error": (lines[-1] if lines else str(status)) if failed else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,12 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         for line in r["parity"]:
             print(f"{r['model']} {r['dtype']}: {line}")
+        if r["error"]:
+            print(f"{r['model']} {r['dtype']}: FAILED: {r['error']}")
     if args.json:
         machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                    "load_avg": os.getloadavg()}
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "rows": rows}, f, indent=2)
-    return 0
+    return 1 if any(r["error"] for r in rows) else 0
 
 
 if __name__ == "__main__":
