@@ -114,12 +114,13 @@ def test_external_tensor_table_reads_what_onnx_reads(mode):
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_only_the_base_projections_are_quantized(mode):
-    """The decoder blocks' Linear weights, and lm_head by default in int4 only; the classifier, the LoRA A/B
-    matrices and the embedding table stay float."""
+    """The decoder blocks' Linear weights, and lm_head by default in int4 only; in int4 the classifier and the
+    LoRA A/B matrices in 8 bits, in int8 float; the embedding table stays float."""
     path, report = exported(mode)
     head = {"int8": set(), "int4": {"model.lm_head.weight"}}[mode]  # the recipe's lm_head is untied
     expected = _base_linear_weights() | head
-    float_parts = ("lora_", "classifier", "embed_tokens") + (() if head else ("lm_head",))
+    eight_bit = ("lora_", "classifier") if mode == "int4" else ()
+    float_parts = ("embed_tokens",) + (() if eight_bit else ("lora_", "classifier")) + (() if head else ("lm_head",))
     suffix = {"int8": "_quantized", "int4": "_Q4"}[mode]
     for graph in (path, C.frozen_path(path)):
         proto = _graph(graph)
@@ -131,11 +132,20 @@ def test_only_the_base_projections_are_quantized(mode):
             if weight and any(part in name for part in float_parts) and not name.endswith(suffix):
                 assert init.data_type == TensorProto.FLOAT, name
         for node in proto.graph.node:
-            if node.op_type == QUANTIZED_OPS[mode]:
+            bits = {a.name: a.i for a in node.attribute}.get("bits")
+            if node.op_type == QUANTIZED_OPS[mode] and bits != 8:
                 weight = node.input[1].removesuffix(suffix).removesuffix(".T")
                 assert weight in expected
             if node.op_type == "MatMul" and any(p in node.input[1] for p in float_parts):
                 assert initializers[node.input[1]].data_type == TensorProto.FLOAT
+            if node.op_type == "MatMul" and node.input[1].startswith(("model.", "internal_xlora_classifier.")):
+                assert any(p in node.input[1] for p in float_parts), node.input[1]  # a weight left float
+            if bits == 8:
+                assert any(p in node.input[1] for p in eight_bit) and node.input[1].endswith(".T_Q8"), node.input[1]
+        if eight_bit:  # every LoRA and classifier MatMul of the graph
+            assert sum(n.op_type == "MatMulNBits" and n.input[1].endswith("_Q8") for n in proto.graph.node) == sum(
+                n.op_type == "MatMul" and any(p in n.input[1] for p in eight_bit)
+                for n in _graph(exported(None)[0] if graph == path else C.frozen_path(exported(None)[0])).graph.node)
     assert report.quantization.quantized["main"] > report.quantization.quantized["frozen"] > 0
 
 
@@ -210,7 +220,7 @@ def test_quantize_lm_head_and_block_size_through_the_cli(tmp_path, capsys):
     code = cli.main([built(RECIPE), out, "--quantize", "int4", "--block-size", "16"])
     stdout = capsys.readouterr().out
     assert code == 0 and "agreement with the float graph" in stdout and "MatMulNBits" in stdout
-    assert "classifier, LoRA A/B kept float" in stdout and _head_op(out) == ("MatMulNBits", True)
+    assert "classifier and LoRA A/B in 8 bits; files" in stdout and _head_op(out) == ("MatMulNBits", True)
     proto = _graph(out)
     heads = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("model.lm_head")]
     assert len(heads) == 1 and {a.name: a.i for a in heads[0].attribute}["block_size"] == 16
@@ -267,6 +277,7 @@ def test_min_agreement_fails_the_export(tmp_path, capsys, monkeypatch):
     (["--quantize-lm-head"], "--quantize-lm-head needs --quantize (int8 or int4)"),
     (["--quantize-embedding"], "--quantize-embedding needs --quantize (int8 or int4)"),
     (["--quantize", "int8", "--quantize-embedding"], "--quantize-embedding applies to --quantize int4 only"),
+    (["--quantize", "int8", "--quantize-lora"], "--quantize-lora applies to --quantize int4 only"),
     (["--min-agreement", "0.9"], "--min-agreement needs --quantize (int8 or int4)"),
     (["--quantize", "int8", "--min-agreement", "1.5"], "argument --min-agreement: expected a fraction in 0..1"),
 ])

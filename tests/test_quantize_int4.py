@@ -43,14 +43,14 @@ def _graph(folder: str, dtype: type) -> str:
     return path
 
 
-def _onnxruntime_quantizer(path: str, nodes: list[str]) -> onnx.ModelProto:
+def _onnxruntime_quantizer(path: str, nodes: list[str], bits: int = 4) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     proto = onnx.load(path)
     others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in nodes]
     logging.disable(logging.WARNING)
     try:
-        quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=BLOCK, is_symmetric=False, accuracy_level=4,
+        quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=BLOCK, is_symmetric=False, accuracy_level=4,
                                          nodes_to_exclude=others)
         quantizer.process()
     finally:
@@ -92,6 +92,21 @@ def test_the_graph_onnxruntime_quantizer_writes(tmp_path, dtype):
         expected = theirs[aliases.get(name, name)]
         assert value.dtype == expected.dtype and value.shape == expected.shape, name
         assert value.tobytes() == expected.tobytes(), name
+
+
+def test_eight_bit_matmuls_are_what_onnxruntime_quantizer_writes(tmp_path):
+    """A MatMul chosen for 8 bits (the LoRA and classifier ones): ONNX Runtime's quantizer's node and tensors with
+    bits=8, byte for byte; K (48) padded to whole blocks."""
+    path = _graph(str(tmp_path), np.float32)
+    store = WeightStore(None)
+    mine = int4.quantize_int4(path, ["m1"], BLOCK, 4, int4.Quantized(store), eight_bit=["m3"])
+    reference = _onnxruntime_quantizer(path, ["m3"], bits=8)
+    node = next(n for n in mine.graph.node if n.name == "m3_Q8")
+    assert node.SerializeToString() == next(n for n in reference.graph.node if n.name == "m3_Q8").SerializeToString()
+    ours, theirs = _values(mine, str(tmp_path)), _values(reference, str(tmp_path))
+    for name in node.input[1:]:
+        assert ours[name].dtype == theirs[name].dtype and ours[name].tobytes() == theirs[name].tobytes(), name
+    assert ours["W3_Q8"].shape == (N, 2, BLOCK)
 
 
 def test_each_weight_is_read_once(tmp_path, monkeypatch):

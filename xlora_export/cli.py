@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "quantized and measured against it)")
     quant.add_argument("--quantize", choices=QUANTIZE, help="quantize the base model's projection MatMuls of both "
                        "graphs: int8 (dynamic: int8 weights, activations quantized per call) or int4 (weight-only, "
-                       "ONNX Runtime's MatMulNBits; fp32 or fp16 exports), and lm_head in int4; the classifier and "
-                       "LoRA A/B stay float")
+                       "ONNX Runtime's MatMulNBits; fp32 or fp16 exports), and lm_head in int4; in int4 the classifier "
+                       "and LoRA A/B in 8 bits, in int8 float")
     quant.add_argument("--block-size", type=_block_size, metavar="N", help="int4: weights per scale along the "
                        "input dimension, a power of two >= 16 (default 32)")
     quant.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, help="quantize lm_head too (a "
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--quantize-embedding", action="store_true", default=None, help="int4: the embedding "
                        "lookup too, through the table's int4 blocks (GatherBlockQuantized; a tied table: lm_head's "
                        "blocks, with lm_head quantized, and no float copy); default: float lookup")
+    quant.add_argument("--quantize-lora", action=argparse.BooleanOptionalAction, help="int4: the LoRA A/B and "
+                       "classifier MatMuls in 8 bits (MatMulNBits); default: yes in int4")
     quant.add_argument("--min-agreement", type=_fraction, metavar="X", help="fail when a quantized graph's "
                        "teacher-forced top-1 tokens agree with the float graph's at fewer than this fraction of the "
                        "positions, 0..1 (default 0: only a clearly broken graph fails, one whose logits are no "
@@ -154,13 +156,15 @@ def _check_quantize_options(parser: argparse.ArgumentParser, args: argparse.Name
     """The quantization options that mean nothing without --quantize (or with int8) are usage errors."""
     given = [name for name, value in (("--block-size", args.block_size), ("--quantize-lm-head", args.quantize_lm_head),
                                       ("--quantize-embedding", args.quantize_embedding),
+                                      ("--quantize-lora", args.quantize_lora),
                                       ("--min-agreement", args.min_agreement)) if value is not None]
     if given and not args.quantize:
         parser.error(f"{given[0]} needs --quantize (int8 or int4)")
     if args.block_size is not None and args.quantize != "int4":
         parser.error("--block-size applies to --quantize int4 only (int8 has one scale per column)")
-    if args.quantize_embedding and args.quantize != "int4":
-        parser.error("--quantize-embedding applies to --quantize int4 only")
+    for flag, value in (("--quantize-embedding", args.quantize_embedding), ("--quantize-lora", args.quantize_lora)):
+        if value and args.quantize != "int4":
+            parser.error(f"{flag} applies to --quantize int4 only")
 
 
 def _squash(values: list) -> list:
@@ -202,7 +206,8 @@ def _export(args: argparse.Namespace) -> int:
         if args.quantize:
             from .quantize import QuantizeOptions
 
-            quantize = QuantizeOptions(args.quantize, lm_head=args.quantize_lm_head, embedding=args.quantize_embedding)
+            quantize = QuantizeOptions(args.quantize, lm_head=args.quantize_lm_head, embedding=args.quantize_embedding,
+                                       lora=args.quantize_lora)
             quantize.block_size = args.block_size or quantize.block_size
             quantize.min_agreement = quantize.min_agreement if args.min_agreement is None else args.min_agreement
         options = ExportOptions(dtype=args.dtype, opset=args.opset, frozen_scalings=args.frozen_scalings,

@@ -10,6 +10,8 @@ blocks included) whatever the model's size:
            K, N, bits 4, block_size, accuracy_level; W_Q4 (N, K/block, block/2) uint8, W_scales (N, K/block) in W's
            float type, W_zero_points (N, ceil(K/block / 2)) uint8: ONNX Runtime's own `quantize_matmul_4bits`
            (K padded to whole blocks with zeros, asymmetric), what its quantizer computes
+      -> optionally other MatMuls in 8 bits: MatMulNBits bits 8 (`W_Q8` (N, K/block, block), zero points
+           (N, K/block)): ONNX Runtime's `quantize_matmul_8bits`
       -> optionally the embedding lookup:  GatherBlockQuantized(E.rows_Q4, ids, E.rows_scales, E.rows_zero_points)
            gather_axis 0, quantize_axis 1, bits 4: the table's blocks as those of the MatMul weight E.T, the packed
            rows viewed as (V, H/2) (the same bytes in the file); a tied table (lm_head reads E.T, the lookup
@@ -76,23 +78,25 @@ class Quantized:
         return self.done[name]
 
 
-def quantize_blocks(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_blocks(weight: np.ndarray, block_size: int, bits: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A MatMul weight (K, N) in fp32 or fp16, quantized as ONNX Runtime's MatMulNBitsQuantizer quantizes it.
 
     Returns:
         packed (N, K/block, block/2) uint8 (two 4-bit values a byte, low nibble first), scales (N, K/block) in the
         weight's dtype, zero points (N, ceil(K/block / 2)) uint8; K/block rounded up.
     """
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     rows, cols = weight.shape
     blocks = -(-rows // block_size)
     if blocks * block_size != rows:
         weight = np.pad(weight, ((0, blocks * block_size - rows), (0, 0)))
-    packed = np.zeros((cols, blocks, block_size // 2), np.uint8)
-    zero_points = np.zeros((cols, (blocks + 1) // 2), np.uint8)
+    per_byte = 8 // bits
+    packed = np.zeros((cols, blocks, block_size // per_byte), np.uint8)
+    zero_points = np.zeros((cols, -(-blocks // per_byte)), np.uint8)
     scales = np.zeros((cols, blocks), weight.dtype)
-    quantize_matmul_4bits(packed, np.ascontiguousarray(weight), scales, zero_points, block_size, cols, rows, False)
+    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    quantize(packed, np.ascontiguousarray(weight), scales, zero_points, block_size, cols, rows, False)
     return packed, scales, zero_points
 
 
@@ -108,7 +112,7 @@ def _read(init: TensorProto, folder: str) -> torch.Tensor:
 
 
 def quantize_int4(path: str, nodes: list[str], block_size: int, accuracy_level: int, out: Quantized,
-                  lookups: list[str] = ()) -> onnx.ModelProto:
+                  lookups: list[str] = (), eight_bit: list[str] = ()) -> onnx.ModelProto:
     """The graph at `path` with the MatMuls named in `nodes` replaced by MatMulNBits and the embedding lookups
     named in `lookups` by GatherBlockQuantized (module docstring), every external tensor written through `out`;
     peak memory about one weight and its quantized blocks.
@@ -117,27 +121,29 @@ def quantize_int4(path: str, nodes: list[str], block_size: int, accuracy_level: 
         nodes: MatMul node names whose input B is a 2-D initializer.
         block_size: weights per scale along K, a power of two >= 16.
         accuracy_level: MatMulNBits' `accuracy_level` (0: the attribute left out, as ONNX Runtime does).
+        eight_bit: MatMul node names quantized in 8 bits instead (MatMulNBits bits 8: one byte a weight, the same
+            blocks, `<W>_Q8`).
         lookups: `quantized_lookups`' Gather nodes (a table (V, H), or a tied one stored (H, V) and read through
             Gather(axis 1) and Transpose([1, 2, 0])), H a whole number of blocks.
     """
     proto = onnx.load(path, load_external_data=False)
     graph, folder = proto.graph, os.path.dirname(os.path.abspath(path))
     initializers = {init.name: init for init in graph.initializer}
-    chosen, tables = set(nodes), set(lookups)
+    chosen, tables, wide = set(nodes) | set(eight_bit), set(lookups), set(eight_bit)
     uses: dict[str, int] = {}  # weight -> quantized nodes reading it so far
 
-    def blocks(name: str, as_rows: bool) -> tuple[str, str, str]:
+    def blocks(name: str, as_rows: bool, bits: int = 4) -> tuple[str, str, str]:
         """The names of `name`'s blocks as a MatMul weight (K, N) (`as_rows`: stored (N, K), a lookup table),
         quantized and written on first use; a second use in an fp16 graph under names of its own."""
-        q, s, z = f"{name}_Q4", f"{name}_scales", f"{name}_zero_points"
+        q, s, z = f"{name}_Q{bits}", f"{name}_scales", f"{name}_zero_points"
         if q not in out.done:
             value = _read(initializers[name], folder)
             value = value.t() if as_rows else value
             if value.dtype == torch.bfloat16:  # as ONNX Runtime does: blocks of the fp32 values, bf16 scales
-                packed, scales, zero_points = quantize_blocks(value.float().contiguous().numpy(), block_size)
+                packed, scales, zero_points = quantize_blocks(value.float().contiguous().numpy(), block_size, bits)
                 scales = torch.from_numpy(scales).bfloat16()
             else:
-                packed, scales, zero_points = quantize_blocks(value.contiguous().numpy(), block_size)
+                packed, scales, zero_points = quantize_blocks(value.contiguous().numpy(), block_size, bits)
             del value
             out.put(q, packed)
             out.put(s, scales)
@@ -146,7 +152,7 @@ def quantize_int4(path: str, nodes: list[str], block_size: int, accuracy_level: 
         if uses[name] > 1 and initializers[name].data_type == TensorProto.FLOAT16:  # see the module docstring
             stem = f"{name}.use{uses[name]}"
             q, s, z = (out.alias(n, f"{stem}{suffix}").name for n, suffix in
-                       ((q, "_Q4"), (s, "_scales"), (z, "_zero_points")))
+                       ((q, f"_Q{bits}"), (s, "_scales"), (z, "_zero_points")))
         return q, s, z
 
     transposes = {n.input[0]: n for n in graph.node if n.op_type == "Transpose"}
@@ -157,13 +163,14 @@ def quantize_int4(path: str, nodes: list[str], block_size: int, accuracy_level: 
             name = node.input[1]
             rows, cols = initializers[name].dims
             assert node.op_type == "MatMul" and len(initializers[name].dims) == 2, f"{node.name}: not a 2-D MatMul"
-            inputs = blocks(name, False)
+            bits = 8 if node.name in wide else 4
+            inputs = blocks(name, False, bits)
             added += [out.done[t] for t in inputs]
-            attributes = {"K": rows, "N": cols, "bits": 4, "block_size": block_size}
+            attributes = {"K": rows, "N": cols, "bits": bits, "block_size": block_size}
             if accuracy_level:
                 attributes["accuracy_level"] = accuracy_level
             new_nodes.append(helper.make_node("MatMulNBits", [node.input[0], *inputs], [node.output[0]],
-                                              name=f"{node.name}_Q4", domain="com.microsoft", **attributes))
+                                              name=f"{node.name}_Q{bits}", domain="com.microsoft", **attributes))
         elif node.name in tables:
             name, tied = node.input[0], _axis(node) == 1
             vocab, hidden = reversed(initializers[name].dims) if tied else initializers[name].dims
