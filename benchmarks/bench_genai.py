@@ -17,7 +17,7 @@ no stop token, the same random prompt:
     xlora two-pass[ gqa]     the runtime's Generator on the X-LoRA export, scalings per token (exact X-LoRA)
     xlora frozen[ gqa]       the same, scalings frozen after the prompt (one pass per token)
     int4 two-pass / frozen   the same on the `--attention gqa` export quantized to int4 (xlora-export --quantize
-                             int4: MatMulNBits, block 32, lm_head int4, LoRA and classifier float)
+                             int4: MatMulNBits, block 32, lm_head int4, LoRA and classifier in 8 bits)
 
 " gqa": the graphs exported with `--attention gqa`; without: the portable flavour (`--attention onnx`).
 
