@@ -1,6 +1,6 @@
-"""Packed projections in the exported graphs: q/k/v and gate/up as one MatMul each (their weights stacked, their
-LoRA up-projections block-diagonal), stored once for both passes and both graphs, and the weight expressions
-that `onnx_passes.attach_weights` evaluates to get there.
+"""Packed projections in the exported graphs: q/k/v and gate/up as one base MatMul each (their weights stacked),
+stored once for both passes and both graphs, the modules' LoRA up-projections added side by side, and the weight
+expressions that `onnx_passes.attach_weights` evaluates to get there.
 
 Oracles: numpy on the stacked matrices (the pass alone), the exporter's validation against the eager model
 (tests/test_export.py, tests/test_gqa.py run it on every family), and the external-data offsets of the files.
@@ -73,19 +73,19 @@ def test_exported_projections_are_packed_and_stored_once():
     for i in range(layers):
         qkv = f"model.model.layers.{i}.self_attn.q_proj+k_proj+v_proj.base_layer.weight.T"
         gate_up = f"model.model.layers.{i}.mlp.gate_proj+up_proj.base_layer.weight.T"
-        lora = f"model.model.layers.{i}.self_attn.q_proj+k_proj+v_proj.lora_B.T"
         # one MatMul per pass (in layer 0 the passes read the same normed embeddings: the trace keeps one)
         assert 1 <= weights.count(qkv) <= 2 and weights.count(gate_up) == 2
-        assert weights.count(lora) == 1 and frozen_weights.count(lora) == 1  # the real pass only
         assert frozen_weights.count(qkv) == 1 and frozen_weights.count(gate_up) == 1
-        for name in (qkv, gate_up, lora):  # one copy of the bytes for both graphs
+        for name in (qkv, gate_up):  # one copy of the bytes for both graphs
             assert offsets[name] == frozen_offsets[name]
         assert not [w for w in weights if f"layers.{i}.self_attn.q_proj.base_layer" in w]
-    # the block-diagonal up-projection: each module's B (out_m, R_m) at its own rows and columns, zeros elsewhere
+        for module in ("q_proj", "k_proj", "v_proj"):  # each up-projection read once, by the real pass
+            assert weights.count(f"model.model.layers.{i}.self_attn.{module}.lora_B.T") == 1
+    # the stacked base weight: the modules' weights one after the other, transposed
     proto = onnx.load(main, load_external_data=True)
     arrays = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    lora_b = arrays["model.model.layers.0.self_attn.q_proj+k_proj+v_proj.lora_B.T"]  # (sum R, sum out)
     attention = xlora.xlora_utils.load_model(built(RECIPE))[0].model.model.layers[0].self_attn
     modules = (attention.q_proj, attention.k_proj, attention.v_proj)
-    expected = torch.block_diag(*[m.lora_B.detach().t() for m in modules])
-    np.testing.assert_array_equal(lora_b, expected.numpy())
+    expected = torch.cat([m.base_layer.weight.detach() for m in modules]).t()
+    np.testing.assert_array_equal(arrays["model.model.layers.0.self_attn.q_proj+k_proj+v_proj.base_layer.weight.T"],
+                                  expected.numpy())
