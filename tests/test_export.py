@@ -492,10 +492,10 @@ def test_validation_covers_every_top_k_and_releases_the_eager_model(tmp_path, mo
     seen, alive = [], []
     original_reference, original_open = export_module.eager_reference, export_module.open_graph
 
-    def recording_reference(model, top_k, steps, frozen=False, prompts=None):
+    def recording_reference(model, top_k, steps, frozen=False, prompts=None, fixed=None):
         seen.append((top_k, frozen))
         recording_reference.model = weakref.ref(model)
-        return original_reference(model, top_k, steps, frozen, prompts)
+        return original_reference(model, top_k, steps, frozen, prompts, fixed)
 
     def checking_open(path, *args, **kwargs):
         gc.collect()
