@@ -517,6 +517,10 @@ def test_tolerances_scale_with_logits_and_model_size():
     assert tolerance("fp32", C.SCALINGS, 30.0, size_factor(2, 64)) == 1e-5
     assert size_factor(22, 2048) == pytest.approx(33.7, abs=0.1)  # TinyLlama-1.1B: 3.4e-4 for the scalings
     assert tolerance("fp16", C.LOGITS, 20.0) == pytest.approx(0.1)
+    # past TinyLlama-1.1B's size the logits' floor grows with the square root of the size factor (Mistral-7B: x1.37)
+    assert tolerance("fp16", C.LOGITS, 1.0, size_factor(22, 2048)) == 5e-2
+    assert tolerance("fp16", C.LOGITS, 1.0, size_factor(32, 4096)) == pytest.approx(6.86e-2, rel=1e-2)
+    assert tolerance("fp16", C.LOGITS, 30.0, size_factor(32, 4096)) == pytest.approx(0.15)  # relative above it
 
 
 def test_greedy_token_flip_is_caught_unless_within_tolerance():
