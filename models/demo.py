@@ -412,9 +412,12 @@ def train_classifier(recipe: DemoRecipe, base_dir: str, adapters: dict[str, str]
     return losses[-1]
 
 
-def build_demo(recipe: DemoRecipe, out_dir: str, log: Callable[[str], None] = print) -> str:
+def build_demo(recipe: DemoRecipe, out_dir: str, log: Callable[[str], None] = print,
+               train_base_model: Callable[..., float] | None = None, record_name: str = "demo.json") -> str:
     """Train the whole demo checkpoint into `out_dir` (replaced, but for its model card `README.md`); returns it.
-    `out_dir/demo.json` records the recipe, the last training losses, the time taken and the torch version."""
+    `out_dir/<record_name>` records the recipe, the last training losses, the time taken and the torch version.
+    `train_base_model(recipe, base_dir, log) -> last loss` trains the base (default `train_base`); the experts and
+    the classifier are trained on it as the demo's."""
     from xlora_export.experts import follow_umask
 
     start = time.perf_counter()
@@ -425,7 +428,7 @@ def build_demo(recipe: DemoRecipe, out_dir: str, log: Callable[[str], None] = pr
     staging = os.path.join(out_dir, ".experts")
     losses = {}
     with deterministic(recipe.threads):
-        losses["base"] = train_base(recipe, base_dir, log)
+        losses["base"] = (train_base_model or train_base)(recipe, base_dir, log)
         losses["experts"] = train_experts(recipe, base_dir, staging, log)
         adapters = {task: os.path.join(staging, task) for task in TASKS}
         losses["classifier"] = train_classifier(recipe, base_dir, adapters, out_dir, log)
@@ -439,7 +442,7 @@ def build_demo(recipe: DemoRecipe, out_dir: str, log: Callable[[str], None] = pr
             json.dump(adapter, f, indent=2)
     record = {"recipe": asdict(recipe), "last_losses": {k: round(v, 4) for k, v in losses.items()},
               "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__}
-    with open(os.path.join(out_dir, "demo.json"), "w") as f:
+    with open(os.path.join(out_dir, record_name), "w") as f:
         json.dump(record, f, indent=2)
     if card is not None:
         with open(card_path, "w") as f:

@@ -14,27 +14,20 @@ next token (benchmarks/bench_speculative.py).
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import shutil
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from models.demo import (
-    TASKS,
     DemoRecipe,
     Example,
     base_example,
+    build_demo,
     build_tokenizer,
-    deterministic,
     mixture_example,
     train,
-    train_classifier,
-    train_experts,
 )
 
 
@@ -79,30 +72,5 @@ def train_related_base(recipe: RelatedRecipe, base_dir: str, log: Callable[[str]
 
 def build_related(recipe: RelatedRecipe, out_dir: str, log: Callable[[str], None] = print) -> str:
     """Train the whole checkpoint into `out_dir` (replaced); returns it. `out_dir/related.json` records the recipe,
-    the last training losses and the time taken."""
-    from xlora_export.experts import follow_umask
-
-    start = time.perf_counter()
-    shutil.rmtree(out_dir, ignore_errors=True)
-    base_dir, staging = os.path.join(out_dir, "base"), os.path.join(out_dir, ".experts")
-    losses = {}
-    with deterministic(recipe.threads):
-        losses["base"] = train_related_base(recipe, base_dir, log)
-        losses["experts"] = train_experts(recipe, base_dir, staging, log)
-        adapters = {task: os.path.join(staging, task) for task in TASKS}
-        losses["classifier"] = train_classifier(recipe, base_dir, adapters, out_dir, log)
-    shutil.rmtree(staging)
-    for task in TASKS:  # the experts name their base relative to themselves, not by this machine's path
-        path = os.path.join(out_dir, task, "adapter_config.json")
-        with open(path) as f:
-            adapter = json.load(f)
-        adapter["base_model_name_or_path"] = "../base"
-        with open(path, "w") as f:
-            json.dump(adapter, f, indent=2)
-    record = {"recipe": asdict(recipe), "last_losses": {k: round(v, 4) for k, v in losses.items()},
-              "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__}
-    with open(os.path.join(out_dir, "related.json"), "w") as f:
-        json.dump(record, f, indent=2)
-    follow_umask(out_dir)
-    log(f"built {out_dir} in {record['seconds']} s")
-    return out_dir
+    the last training losses and the time taken (`build_demo` with this recipe's base training)."""
+    return build_demo(recipe, out_dir, log, train_related_base, "related.json")

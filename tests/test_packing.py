@@ -74,7 +74,7 @@ def test_exported_projections_are_packed_and_stored_once():
         qkv = f"model.model.layers.{i}.self_attn.q_proj+k_proj+v_proj.base_layer.weight.T"
         gate_up = f"model.model.layers.{i}.mlp.gate_proj+up_proj.base_layer.weight.T"
         # one MatMul per pass (in layer 0 the passes read the same normed embeddings: the trace keeps one)
-        assert 1 <= weights.count(qkv) <= 2 and weights.count(gate_up) == 2
+        assert weights.count(qkv) in (1, 2) and weights.count(gate_up) == 2
         assert frozen_weights.count(qkv) == 1 and frozen_weights.count(gate_up) == 1
         for name in (qkv, gate_up):  # one copy of the bytes for both graphs
             assert offsets[name] == frozen_offsets[name]
