@@ -20,7 +20,9 @@ differences (`architectures.DecoderSpec`) apply at the few places marked below.
     logits = softcap(lm_head(hidden))                 (Gemma 2: final soft-capping)
 
 Masks are boolean and applied with the dtype's minimum (never -inf), so fully padded rows
-stay finite.
+stay finite. While tracing, q/k/v and gate/up run as one packed Linear each (`lora.packed_linears`),
+and an `--attention gqa` graph writes RoPE, attention and each residual add with the norm after it as
+ONNX Runtime nodes (the autograd Functions below, whose forward is this module's math).
 """
 
 from __future__ import annotations
@@ -86,8 +88,9 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: DecoderSp
     one MatMul in a graph instead of two Slices, a Neg and a Concat."""
     rot, rest = (x, None) if spec.rotary_dim == spec.head_dim else x.split(
         [spec.rotary_dim, spec.head_dim - spec.rotary_dim], dim=-1)
-    rotation = torch.from_numpy(_half_rotation(spec.rotary_dim)).to(rot.dtype)  # a new tensor per call: a constant
-    rot = rot * cos + torch.matmul(rot, rotation) * sin                        # in every trace, shared by none
+    # a fresh tensor per call (a tensor kept across calls would tie one trace's constant to the next trace)
+    rotation = torch.from_numpy(_half_rotation(spec.rotary_dim)).to(device=rot.device, dtype=rot.dtype)
+    rot = rot * cos + torch.matmul(rot, rotation) * sin
     return rot if rest is None else torch.cat((rot, rest), dim=-1)
 
 
@@ -269,7 +272,7 @@ def decoder_pass(lm: nn.Module, spec: DecoderSpec, input_ids: torch.Tensor, posi
     dims = (input_ids.shape[0], input_ids.shape[1])  # b, s
     presents = []
     layers = list(base.layers)
-    x = layers[0].input_layernorm(h) if layers else h
+    x = layers[0].input_layernorm(h)  # each later norm comes with the residual add before it (`_add_norm`)
     for i, block in enumerate(layers):
         cos, sin = rope[spec.layer_types[i]]
         a, kv = _attention(block.self_attn, spec, x, cos, sin, masks[spec.windows[i]],
@@ -280,7 +283,7 @@ def decoder_pass(lm: nn.Module, spec: DecoderSpec, input_ids: torch.Tensor, posi
         m = _mlp(block.mlp, spec, y, gates)
         h, x = _add_norm(h, block.post_feedforward_layernorm(m) if spec.sandwich_norm else m,
                          layers[i + 1].input_layernorm if i + 1 < len(layers) else base.norm, spec)
-    return x if layers else base.norm(h), presents
+    return x, presents
 
 
 def _add_norm(h: torch.Tensor, delta: torch.Tensor, norm: nn.Module, spec: DecoderSpec) -> tuple[torch.Tensor,
