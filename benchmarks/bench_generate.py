@@ -191,9 +191,16 @@ def export_base_graph(folder: str, path: str, attention: str = "onnx") -> None:
 # ----------------------------------------------------------------------------------------------- engines
 def runtime_engine(graph: str, threads: int, freeze: int | None) -> Callable[[list[int], int], Run]:
     """The runtime's streaming generator; each TokenEvent is timestamped when it is yielded."""
-    from xlora_runtime import Generator, XLoraSession
+    from xlora_runtime import XLoraSession
 
-    generator = Generator(XLoraSession(graph, threads=threads))
+    return generator_engine(XLoraSession(graph, threads=threads), freeze)
+
+
+def generator_engine(session, freeze: int | None) -> Callable[[list[int], int], Run]:
+    """`runtime_engine` on an open `XLoraSession` (two passes, or frozen after `freeze` steps)."""
+    from xlora_runtime import Generator
+
+    generator = Generator(session)
 
     def run(prompt: list[int], n: int) -> Run:
         tokens, times = [], []

@@ -47,7 +47,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_generate  # noqa: E402
-from bench_generate import ROOT, Run, machine, timings, wait_quiet  # noqa: E402
+from bench_generate import ROOT, Run, generator_engine, machine, timings, wait_quiet  # noqa: E402
 
 TARGET = 0.75  # of GenAI fp32 + LoRA's decode speed
 
@@ -121,24 +121,6 @@ def rows_engine(session, rows: int, frozen: bool = True) -> Callable[[list[int],
             total = len(prompt) + step + 1
             out = group.run(np.full((rows, 1), token), mask[:, :total], np.full((rows, 1), total - 1), top_k)
         group.release()
-        return tokens, times, t0
-
-    return run
-
-
-def generator_engine(session, freeze: int | None) -> Callable[[list[int], int], Run]:
-    """The runtime's streaming Generator on `session` (two passes, or frozen after `freeze` steps), as
-    `bench_generate.runtime_engine` times it."""
-    from xlora_runtime import Generator
-
-    generator = Generator(session)
-
-    def run(prompt: list[int], n: int) -> Run:
-        tokens, times = [], []
-        t0 = time.perf_counter()
-        for event in generator.stream(prompt, max_new_tokens=n, stop_token_ids=[], freeze_scalings_after=freeze):
-            times.append(time.perf_counter())
-            tokens.append(event.token)
         return tokens, times, t0
 
     return run

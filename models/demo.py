@@ -344,8 +344,10 @@ def train(model: torch.nn.Module, tokenizer, make_example: Callable[[random.Rand
     return losses
 
 
-def train_base(recipe: DemoRecipe, base_dir: str, log: Callable[[str], None]) -> float:
-    """Tokenizer and base model in `base_dir`; returns the last training loss."""
+def train_base(recipe: DemoRecipe, base_dir: str, log: Callable[[str], None],
+               example: Callable[[random.Random], Example] = base_example) -> float:
+    """Tokenizer and base model in `base_dir`, trained on `example`s (default: the base corpus); returns the last
+    training loss."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     vocab = max(recipe.vocab, build_tokenizer(base_dir, recipe.vocab))
@@ -357,7 +359,7 @@ def train_base(recipe: DemoRecipe, base_dir: str, log: Callable[[str], None]) ->
                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(recipe.seed)
     base = AutoModelForCausalLM.from_config(config)
-    losses = train(base, tokenizer, base_example, recipe.base_steps, recipe.base_lr, recipe.batch, recipe.seed,
+    losses = train(base, tokenizer, example, recipe.base_steps, recipe.base_lr, recipe.batch, recipe.seed,
                    log, "base")
     base.save_pretrained(base_dir)
     return losses[-1]

@@ -18,16 +18,13 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from models.demo import (
     DemoRecipe,
     Example,
     base_example,
     build_demo,
-    build_tokenizer,
     mixture_example,
-    train,
+    train_base,
 )
 
 
@@ -53,21 +50,7 @@ def related_example(rng: random.Random, answered_share: float) -> Example:
 def train_related_base(recipe: RelatedRecipe, base_dir: str, log: Callable[[str], None]) -> float:
     """Tokenizer and base model in `base_dir` (the demo's shape and tokenizer, `related_example`'s corpus); returns
     the last training loss."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    vocab = max(recipe.vocab, build_tokenizer(base_dir, recipe.vocab))
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    config = LlamaConfig(hidden_size=recipe.hidden, num_hidden_layers=recipe.layers,
-                         num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads,
-                         intermediate_size=recipe.intermediate, vocab_size=vocab,
-                         max_position_embeddings=recipe.max_positions, tie_word_embeddings=False,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(recipe.seed)
-    base = AutoModelForCausalLM.from_config(config)
-    losses = train(base, tokenizer, lambda rng: related_example(rng, recipe.answered_share), recipe.base_steps,
-                   recipe.base_lr, recipe.batch, recipe.seed, log, "base")
-    base.save_pretrained(base_dir)
-    return losses[-1]
+    return train_base(recipe, base_dir, log, lambda rng: related_example(rng, recipe.answered_share))
 
 
 def build_related(recipe: RelatedRecipe, out_dir: str, log: Callable[[str], None] = print) -> str:
